@@ -1,0 +1,270 @@
+"""The wire protocol between device agents and the edge controller.
+
+One module, importing only msgpack, shared by both sides (device agents import it
+without pulling in torch). Transport: ZeroMQ ROUTER (controller) / DEALER (device); every
+ZeroMQ message carries exactly one frame whose body is a msgpack map::
+
+    {"v": PROTOCOL_VERSION, "type": "<message type>", ...fields of that type...}
+
+Conversation of one device (D) with the controller (C)::
+
+    D -> C  hello      device id, draft model, tokenizer fingerprint, capabilities
+    C -> D  welcome    target model, limits        (or error, fatal: the device exits)
+    D -> C  start      a generation request: prompt ids, sampling parameters
+    C -> D  control    draft length and uplink share for this device (again on change)
+    D -> C  draft      round r: draft ids (+ sparse draft probabilities when sampling)
+    C -> D  verdict    round r: accepted count, committed tokens, done flag
+    ...                (draft / verdict until done; then another start, or bye)
+    D -> C  ping       C -> D  pong            (round-trip time; liveness)
+    D -> C  telemetry  measured draft speed, link quality, host state
+    D -> C  bye
+
+Handlers never see raw frames: :func:`decode` validates size, version, type and fields
+and raises :class:`ProtocolError` with a message fit to send back to the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1 << 20  # 1 MiB: far above any legal message (a 16-token sparse draft ~3 KB)
+MAX_PROMPT_TOKENS = 32_768
+MAX_DRAFT_TOKENS = 64
+MAX_TOP_K = 256  # sparse draft distribution: at most this many (id, count) pairs per position
+Q_SCALE = 1 << 16  # draft probabilities travel as integer counts; q = count / sum(counts)
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be accepted; ``code`` is machine readable, str() is for humans."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass
+class Hello(Message):
+    TYPE: ClassVar[str] = "hello"
+    device_id: str
+    draft_model: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    capabilities: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    device_id: str
+    target_model: str
+    max_new_tokens: int
+    max_draft_len: int
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Start(Message):
+    """A generation request. ``temperature == 0`` means greedy."""
+
+    TYPE: ClassVar[str] = "start"
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # target-side top-k of the processed distribution; 0 = off
+    seed: int = 0
+    draft_top_k: int = 32  # size of the sparse draft distribution uploaded per position
+
+
+@dataclass
+class Control(Message):
+    TYPE: ClassVar[str] = "control"
+    draft_len: int
+    bandwidth_share: float
+    uplink_rate_bps: float = 0.0  # rate the device paces its uploads to; 0 = unpaced
+
+
+@dataclass
+class Draft(Message):
+    """Round ``round`` of request ``request_id``.
+
+    ``tokens[i]`` is the draft token at sequence position ``position + i`` (``position`` =
+    number of tokens of prompt + committed output so far). In sampling mode ``q_ids[i]`` /
+    ``q_counts[i]`` is the sparse draft distribution that ``tokens[i]`` was sampled from:
+    ``q(id) = count / sum(counts)``; empty lists in greedy mode.
+    """
+
+    TYPE: ClassVar[str] = "draft"
+    request_id: str
+    round: int
+    position: int
+    tokens: list[int]
+    q_ids: list[list[int]] = field(default_factory=list)
+    q_counts: list[list[int]] = field(default_factory=list)
+    draft_s: float = 0.0  # wall time the device spent drafting these tokens
+
+
+@dataclass
+class Verdict(Message):
+    """``tokens`` = the accepted draft prefix + the correction or bonus token, truncated at
+    end of sequence or at max_new_tokens; ``accepted`` = how many draft tokens it holds."""
+
+    TYPE: ClassVar[str] = "verdict"
+    request_id: str
+    round: int
+    accepted: int
+    tokens: list[int]
+    done: bool
+    draft_len: int
+
+
+@dataclass
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    sent_at: float
+    payload: bytes = b""  # probe bursts pad pings to measure uplink capacity
+
+
+@dataclass
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    sent_at: float
+    received_bytes: int = 0
+
+
+@dataclass
+class Telemetry(Message):
+    TYPE: ClassVar[str] = "telemetry"
+    draft_s_per_token: float = 0.0
+    rtt_s: float = 0.0
+    uplink_bps: float = 0.0
+    host: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Error(Message):
+    """``fatal`` errors end the device's session; others reject one message only."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    fatal: bool = False
+    request_id: str = ""
+
+
+@dataclass
+class Bye(Message):
+    TYPE: ClassVar[str] = "bye"
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Welcome, Start, Control, Draft, Verdict, Ping, Pong, Telemetry, Error, Bye)
+}
+
+
+def encode(msg: Message) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "type": msg.TYPE, **dataclasses.asdict(msg)}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Parse and validate one frame; raise ProtocolError saying what is wrong."""
+    if len(frame) > max_bytes:
+        raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds {max_bytes}")
+    try:
+        body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError("malformed", f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", "frame body must be a msgpack map")
+    version = body.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version", f"protocol version {version!r} unsupported (expected {PROTOCOL_VERSION})"
+        )
+    kind = body.pop("type", None)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+    msg = _build(cls, body)
+    _check_limits(msg)
+    return msg
+
+
+_SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "bytes": bytes}
+
+
+def _build(cls: type[Message], body: dict[str, Any]) -> Message:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise ProtocolError("malformed", f"{cls.TYPE}: unknown fields {sorted(unknown)}")
+    for name, f in fields.items():
+        if name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError("malformed", f"{cls.TYPE}: missing field {name!r}")
+            continue
+        if not _conforms(body[name], str(f.type)):
+            raise ProtocolError(
+                "malformed", f"{cls.TYPE}.{name}: expected {f.type}, got {type(body[name]).__name__}"
+            )
+    return cls(**body)
+
+
+def _conforms(value: Any, annotation: str) -> bool:
+    if annotation in _SCALARS:
+        if annotation in ("int", "float") and isinstance(value, bool):
+            return False
+        if annotation == "float" and isinstance(value, float) and not math.isfinite(value):
+            return False
+        return isinstance(value, _SCALARS[annotation])
+    if annotation == "list[int]":
+        return isinstance(value, list) and all(_conforms(v, "int") for v in value)
+    if annotation == "list[list[int]]":
+        return isinstance(value, list) and all(_conforms(v, "list[int]") for v in value)
+    if annotation == "dict[str, Any]":
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    raise AssertionError(f"protocol field annotation {annotation!r} has no validator")
+
+
+def _check_limits(msg: Message) -> None:
+    def bad(text: str) -> ProtocolError:
+        return ProtocolError("invalid", f"{msg.TYPE}: {text}")
+
+    if isinstance(msg, Start):
+        if not 0 < len(msg.prompt_ids) <= MAX_PROMPT_TOKENS:
+            raise bad(f"prompt must hold 1..{MAX_PROMPT_TOKENS} tokens")
+        if msg.max_new_tokens < 1:
+            raise bad("max_new_tokens must be >= 1")
+        if msg.temperature < 0 or not 0 < msg.top_p <= 1 or msg.top_k < 0:
+            raise bad("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if not 1 <= msg.draft_top_k <= MAX_TOP_K:
+            raise bad(f"draft_top_k must be in 1..{MAX_TOP_K}")
+    elif isinstance(msg, Draft):
+        if len(msg.tokens) > MAX_DRAFT_TOKENS:
+            raise bad(f"at most {MAX_DRAFT_TOKENS} draft tokens per round")
+        if msg.q_ids or msg.q_counts:
+            if len(msg.q_ids) != len(msg.tokens) or len(msg.q_counts) != len(msg.tokens):
+                raise bad("q_ids and q_counts need one entry per draft token")
+            for token, ids, counts in zip(msg.tokens, msg.q_ids, msg.q_counts, strict=True):
+                if not 0 < len(ids) == len(counts) <= MAX_TOP_K:
+                    raise bad(f"each sparse q holds 1..{MAX_TOP_K} (id, count) pairs")
+                if len(set(ids)) != len(ids) or any(c <= 0 for c in counts):
+                    raise bad("sparse q ids must be distinct with positive counts")
+                if token not in ids:
+                    raise bad("a draft token must lie in the support of its q")
+        if msg.position < 0 or msg.round < 0:
+            raise bad("position and round must be >= 0")
