@@ -1,0 +1,140 @@
+"""The device agent's generation loop: draft, upload, apply the verdict, repeat."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from device_agent.drafter import Drafter
+from device_agent.link import ControllerLink
+from edge_controller import protocol as P
+
+log = logging.getLogger(__name__)
+
+
+class ControllerError(RuntimeError):
+    """The controller refused us (``fatal``) or one of our requests."""
+
+    def __init__(self, error: P.Error):
+        super().__init__(f"controller error [{error.code}]: {error.message}")
+        self.code = error.code
+        self.fatal = error.fatal
+
+
+@dataclass
+class GenerationStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    acceptance_rate: float = 0.0  # accepted / drafted
+    tokens_per_round: float = 0.0
+    tokens_per_s: float = 0.0  # generated tokens / wall time of the request (prefill included)
+    draft_tokens_per_s: float = 0.0  # drafted tokens / time spent drafting
+    goodput_tok_s: float = 0.0  # generated tokens / time from the first draft to the last verdict
+    draft_len: list[int] = field(default_factory=list)  # draft length used in each round
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    stats: GenerationStats
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SamplingOptions:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    draft_top_k: int = 32
+
+
+class DeviceAgent:
+    def __init__(self, drafter: Drafter, link: ControllerLink, device_id: str | None = None):
+        self.drafter = drafter
+        self.link = link
+        self.device_id = device_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.welcome: P.Welcome | None = None
+
+    def register(self) -> P.Welcome:
+        self.link.send(P.Hello(
+            self.device_id, self.drafter.model_id, self.drafter.fingerprint,
+            self.drafter.vocab_size, {"sampling": True, "max_top_k": P.MAX_TOP_K},
+        ))
+        self.welcome = self._expect(P.Welcome)
+        log.info("registered with %s (target %s)", self.link.endpoint, self.welcome.target_model)
+        return self.welcome
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingOptions | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        """Run one request to completion; ``on_tokens`` sees each round's committed tokens."""
+        sampling = sampling or SamplingOptions()
+        request_id = uuid.uuid4().hex[:12]
+        started = time.perf_counter()
+        self.link.send(P.Start(
+            request_id, prompt_ids, max_new_tokens, sampling.temperature, sampling.top_p,
+            sampling.top_k, sampling.seed, sampling.draft_top_k,
+        ))
+        draft_len = self._expect(P.Control).draft_len
+        self.drafter.begin(prompt_ids)
+        tokens: list[int] = []
+        stats = GenerationStats()
+        draft_s = 0.0
+        first_draft_at = time.perf_counter()
+        while True:
+            draft = self.drafter.draft(
+                draft_len, temperature=sampling.temperature, top_k=sampling.draft_top_k,
+                seed=sampling.seed,
+            )
+            draft_s += draft.seconds
+            self.link.send(P.Draft(
+                request_id, stats.rounds, len(prompt_ids) + len(tokens), draft.tokens,
+                draft.q_ids, draft.q_counts, draft.seconds,
+            ))
+            verdict = self._expect(P.Verdict)
+            stats.rounds += 1
+            stats.drafted += len(draft.tokens)
+            stats.accepted += verdict.accepted
+            stats.draft_len.append(len(draft.tokens))
+            self.drafter.accept(verdict.tokens)
+            tokens += verdict.tokens
+            if on_tokens is not None:
+                on_tokens(verdict.tokens)
+            draft_len = verdict.draft_len
+            if verdict.done:
+                break
+        finished = time.perf_counter()
+        stats.acceptance_rate = stats.accepted / stats.drafted if stats.drafted else 0.0
+        stats.tokens_per_round = len(tokens) / stats.rounds
+        stats.tokens_per_s = len(tokens) / (finished - started)
+        stats.draft_tokens_per_s = stats.drafted / draft_s if draft_s > 0 else 0.0
+        stats.goodput_tok_s = len(tokens) / (finished - first_draft_at)
+        text = self.drafter.detokenize(tokens).decode("utf-8", errors="replace")
+        return GenerationResult(prompt_ids, tokens, text, stats)
+
+    def close(self) -> None:
+        self.link.send(P.Bye())
+
+    def _expect(self, kind: type[P.Message]) -> P.Message:
+        """Wait for a message of ``kind``; errors raise, control updates are applied."""
+        while True:
+            msg = self.link.receive()
+            if isinstance(msg, kind):
+                return msg
+            if isinstance(msg, P.Error):
+                raise ControllerError(msg)
+            log.debug("ignoring %s while waiting for %s", msg.TYPE, kind.TYPE)

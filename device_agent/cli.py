@@ -1,0 +1,123 @@
+"""``device-agent`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_REFUSED = 1  # the controller answered with an error
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3  # no answer from the controller
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="device-agent",
+        description="Device agent of multispin-edge: drafts tokens with a small llama.cpp "
+        "model and has the edge controller verify them with the target model.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser("generate", help="generate text for one prompt",
+                         description="Generate text for one prompt with the controller's help.")
+    gen.add_argument("--controller", required=True, metavar="tcp://HOST:PORT")
+    gen.add_argument("--draft", default="q4_0",
+                     help="draft model: a name from configs/models.toml (q8_0, q5_0, q4_0, ...) "
+                     "or a path to a GGUF file (default: q4_0)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="target-side top-k; 0 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--draft-top-k", type=int, default=32,
+                     help="size of the sparse draft distribution uploaded when sampling")
+    gen.add_argument("--device-id", help="name shown on the controller (default: host-random)")
+    gen.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    gen.add_argument("--draft-pace", type=float, default=0.0, metavar="S",
+                     help="emulate a slower board: at least S seconds per drafted token")
+    gen.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds to wait for any answer from the controller")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (prompt_tokens, tokens, text, stats)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return generate(args)
+
+
+def resolve_draft(name_or_path: str) -> Path:
+    """A GGUF path as given, or the named draft from the model registry (built if needed)."""
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"draft file {path} does not exist")
+        return path
+    import models
+
+    materialized = models.ensure(include=(name_or_path,))
+    if name_or_path not in materialized.drafts:
+        known = ", ".join(sorted(materialized.drafts))
+        raise KeyError(f"unknown draft {name_or_path!r} (known: {known}, or a .gguf path)")
+    return materialized.drafts[name_or_path]
+
+
+def generate(args: argparse.Namespace) -> int:
+    from device_agent.agent import ControllerError, DeviceAgent, SamplingOptions
+    from device_agent.drafter import Drafter
+    from device_agent.link import ControllerLink, LinkTimeout
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or args.timeout <= 0:
+        print("device-agent: need --max-new-tokens >= 1, --temperature >= 0, --timeout > 0",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        drafter = Drafter(resolve_draft(args.draft), n_threads=args.threads,
+                          pace_s_per_token=args.draft_pace)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"device-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    prompt_ids = drafter.tokenize(args.prompt)
+    sampling = SamplingOptions(args.temperature, args.top_p, args.top_k, args.seed,
+                               args.draft_top_k)
+    stream = _TextStream(drafter) if not args.json else None
+    with ControllerLink(args.controller, timeout_s=args.timeout) as link:
+        agent = DeviceAgent(drafter, link, args.device_id)
+        try:
+            agent.register()
+            result = agent.generate(prompt_ids, args.max_new_tokens, sampling,
+                                    on_tokens=stream.write if stream else None)
+            agent.close()
+        except ControllerError as exc:
+            print(f"device-agent: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        except LinkTimeout as exc:
+            print(f"device-agent: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        s = result.stats
+        print(f"\n[{len(result.tokens)} tokens, {s.rounds} rounds, acceptance "
+              f"{s.acceptance_rate:.2f}, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+class _TextStream:
+    """Prints committed tokens as text, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, drafter):
+        self._drafter = drafter
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, tokens: list[int]) -> None:
+        sys.stdout.write(self._decoder.decode(self._drafter.detokenize(tokens)))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

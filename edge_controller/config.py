@@ -1,0 +1,114 @@
+"""Controller configuration: TOML parsed once into typed dataclasses, with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_controller.protocol import MAX_DRAFT_TOKENS
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ServerConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    round_deadline_s: float = 0.25
+    session_timeout_s: float = 60.0
+
+
+@dataclass
+class TargetConfig:
+    model: str = "default"
+    gguf: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class LimitsConfig:
+    max_sessions: int = 16
+    max_len: int = 2048
+    max_new_tokens: int = 1024
+
+
+@dataclass
+class ControlConfig:
+    draft_len: int = 4
+    max_draft_len: int = 16
+
+
+@dataclass
+class ControllerConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+
+    def validate(self) -> ControllerConfig:
+        checks = [
+            (self.server.round_deadline_s > 0, "server.round_deadline_s must be > 0"),
+            (self.server.session_timeout_s > 0, "server.session_timeout_s must be > 0"),
+            (self.target.dtype in ("float32", "float16", "bfloat16"),
+             "target.dtype must be float32, float16 or bfloat16"),
+            (self.target.device.split(":")[0] in ("cpu", "cuda"), "target.device must be cpu or cuda"),
+            (1 <= self.limits.max_sessions <= 4096, "limits.max_sessions must be in 1..4096"),
+            (self.limits.max_len >= 16, "limits.max_len must be >= 16"),
+            (1 <= self.limits.max_new_tokens < self.limits.max_len,
+             "limits.max_new_tokens must be in 1..max_len-1"),
+            (1 <= self.control.max_draft_len <= MAX_DRAFT_TOKENS,
+             f"control.max_draft_len must be in 1..{MAX_DRAFT_TOKENS}"),
+            (0 <= self.control.draft_len <= self.control.max_draft_len,
+             "control.draft_len must be in 0..max_draft_len"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerConfig:
+    """Read a controller TOML file (defaults when ``path`` is None).
+
+    ``overrides`` are ``section__key=value`` pairs from the command line, e.g.
+    ``server__bind="tcp://0.0.0.0:5555"``.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw.setdefault(section, {})[key] = value
+    sections = {f.name: f.type for f in dataclasses.fields(ControllerConfig)}
+    config = ControllerConfig()
+    for name, table in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section [{name}] (known: {', '.join(sections)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        setattr(config, name, _section(getattr(config, name), name, table))
+    return config.validate()
+
+
+def _section(default: Any, name: str, table: dict[str, Any]) -> Any:
+    known = {f.name: type(getattr(default, f.name)) for f in dataclasses.fields(default)}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {name}.{key} (known: {', '.join(known)})")
+        expected = known[key]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            table[key] = value
+        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+            raise ConfigError(f"{name}.{key} must be a {expected.__name__}, got {value!r}")
+    return dataclasses.replace(default, **table)

@@ -1,0 +1,316 @@
+"""The edge controller: a ZeroMQ ROUTER loop that registers devices and runs rounds.
+
+A round (DESIGN.md section 2): every generating device uploads a draft; the round closes
+when all drafts are in or ``round_deadline_s`` after its first draft (a late draft joins
+the next round, nobody waits for it); the verifier checks every draft in one batched
+forward; every device gets its verdict. The loop is single threaded: handlers run between
+polls, the round runs when it is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from edge_controller import protocol as P
+from edge_controller.config import ControllerConfig
+from edge_controller.sessions import Session, commit
+from edge_controller.verifier.engine import CapacityError, Verifier, VerifyItem, VerifyOutcome
+from edge_controller.verifier.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+NEAR_TIE_MARGIN = 1e-4  # DESIGN.md: greedy mismatches are tolerated only below this logit margin
+POLL_TICK_S = 0.05
+MAX_MESSAGES_PER_TICK = 256  # bound the work between round checks
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    fingerprint: str
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+
+class EdgeController:
+    def __init__(self, config: ControllerConfig, verifier: Verifier, target: TargetInfo):
+        self.config = config
+        self.verifier = verifier
+        self.target = target
+        self.sessions: dict[bytes, Session] = {}
+        self.endpoint: str | None = None  # the bound address, once serving
+        self._round_opened_at: float | None = None
+        self._socket: zmq.Socket | None = None
+
+    # ---- the loop --------------------------------------------------------------------
+    def serve(self, stop: threading.Event | None = None, ready: threading.Event | None = None):
+        """Bind and serve until ``stop`` is set (or KeyboardInterrupt)."""
+        stop = stop or threading.Event()
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to vanished devices raise, not vanish
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a device reconnecting with its id takes over
+        # Memory guard only: ZeroMQ drops larger frames silently, so the protocol's own
+        # (smaller) limit is checked in decode() where the device can be told.
+        sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME_BYTES)
+        sock.bind(self.config.server.bind)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._socket = sock
+        log.info("serving %s on %s", self.target.name, self.endpoint)
+        if ready is not None:
+            ready.set()
+        try:
+            while not stop.is_set():
+                if sock.poll(int(self._poll_timeout() * 1000)):
+                    for _ in range(MAX_MESSAGES_PER_TICK):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frames(frames)
+                now = time.monotonic()
+                self._purge_silent(now)
+                if self._round_due(now):
+                    self.run_round()
+        finally:
+            for session in list(self.sessions.values()):
+                self._end_request(session)
+            sock.close(0)
+            self._socket = None
+            log.info("controller stopped")
+
+    def _poll_timeout(self) -> float:
+        if self._round_opened_at is None:
+            return POLL_TICK_S
+        due = self._round_opened_at + self.config.server.round_deadline_s - time.monotonic()
+        return min(POLL_TICK_S, max(due, 0.0))
+
+    def _round_due(self, now: float) -> bool:
+        generating = [s for s in self.sessions.values() if s.generating]
+        if not any(s.pending for s in generating):
+            return False
+        all_in = all(s.pending is not None for s in generating)
+        late = now >= self._round_opened_at + self.config.server.round_deadline_s
+        return all_in or late
+
+    # ---- one round -------------------------------------------------------------------
+    def run_round(self) -> None:
+        """Verify every draft that is in, in one batched forward, and answer each device."""
+        batch = [s for s in self.sessions.values() if s.pending is not None]
+        self._round_opened_at = None
+        items = [_verify_item(s) for s in batch]
+        started = time.perf_counter()
+        outcomes = self._verify(batch, items)
+        verify_s = time.perf_counter() - started
+        log.debug("round: %d drafts, %d tokens, %.1f ms", len(items),
+                  sum(len(i.draft_tokens) + 1 for i in items), verify_s * 1e3)
+        for session, outcome in zip(batch, outcomes, strict=True):
+            if outcome is not None:
+                self._answer(session, outcome)
+
+    def _verify(self, batch: list[Session], items: list[VerifyItem]) -> list[VerifyOutcome | None]:
+        try:
+            return self.verifier.verify(items)
+        except Exception:
+            # Never let one session's bad state take the others down: retry one by one
+            # and drop only the sessions that fail on their own.
+            log.exception("batched verification failed; isolating sessions")
+        outcomes: list[VerifyOutcome | None] = []
+        for session, item in zip(batch, items, strict=True):
+            try:
+                outcomes.extend(self.verifier.verify([item]))
+            except Exception as exc:
+                log.exception("verification failed for %s", session.device_id)
+                self._fail(session, "internal", f"verification failed: {exc}")
+                outcomes.append(None)
+        return outcomes
+
+    def _answer(self, session: Session, outcome: VerifyOutcome) -> None:
+        draft, request, stats = session.pending, session.request, session.stats
+        session.pending = None
+        tokens, done = commit(
+            draft.tokens, outcome.accepted, outcome.next_token,
+            generated=stats.generated, max_new_tokens=request.max_new_tokens,
+            eos_token_ids=self.target.eos_token_ids,
+        )
+        stats.rounds += 1
+        stats.drafted += len(draft.tokens)
+        stats.accepted += outcome.accepted
+        stats.rejections += outcome.accepted < len(draft.tokens)
+        stats.generated += len(tokens)
+        stats.min_margin = min(stats.min_margin, outcome.margin)
+        if outcome.margin < NEAR_TIE_MARGIN:
+            log.warning("%s: near-tie in target logits (margin %.2e) at position %d",
+                        session.device_id, outcome.margin, draft.position)
+        session.next_round += 1
+        self._send(session, P.Verdict(request.request_id, draft.round, outcome.accepted,
+                                      tokens, done, session.draft_len))
+        if done:
+            log.info("%s: request %s done: %d tokens in %d rounds, acceptance %.2f",
+                     session.device_id, request.request_id, stats.generated, stats.rounds,
+                     stats.acceptance_estimate)
+            self._end_request(session)
+
+    # ---- messages --------------------------------------------------------------------
+    def _on_frames(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.last_seen = time.monotonic()
+        try:
+            if len(body) != 1:
+                raise P.ProtocolError("malformed", f"expected 1 frame per message, got {len(body)}")
+            msg = P.decode(body[0])
+            if isinstance(msg, P.Hello):
+                self._on_hello(identity, msg)
+            elif isinstance(msg, P.Ping):
+                self._reply(identity, P.Pong(msg.sent_at, len(body[0])))
+            elif session is None:
+                raise P.ProtocolError("not_registered", "send hello before anything else")
+            elif isinstance(msg, P.Start):
+                self._on_start(session, msg)
+            elif isinstance(msg, P.Draft):
+                self._on_draft(session, msg)
+            elif isinstance(msg, P.Telemetry):
+                log.debug("%s telemetry: %s", session.device_id, msg)
+            elif isinstance(msg, P.Bye):
+                self._end_request(session)
+                del self.sessions[identity]
+                log.info("%s left", session.device_id)
+            else:
+                raise P.ProtocolError("unexpected", f"{msg.TYPE} is not a device message")
+        except P.ProtocolError as exc:
+            fatal = exc.code in ("tokenizer_mismatch", "version")
+            log.warning("rejected message from %s: [%s] %s",
+                        session.device_id if session else identity.hex(), exc.code, exc)
+            self._reply(identity, P.Error(exc.code, str(exc), fatal=fatal))
+        except Exception as exc:  # a bug in a handler must not stop the controller
+            log.exception("handler failed")
+            if session is not None:
+                self._fail(session, "internal", f"controller error: {exc}")
+
+    def _on_hello(self, identity: bytes, msg: P.Hello) -> None:
+        if msg.tokenizer_fingerprint != self.target.fingerprint:
+            raise P.ProtocolError(
+                "tokenizer_mismatch",
+                f"draft model {msg.draft_model!r} has tokenizer fingerprint "
+                f"{msg.tokenizer_fingerprint[:16]}..., the target {self.target.name!r} has "
+                f"{self.target.fingerprint[:16]}...: their vocabularies differ, so its drafts "
+                "cannot be verified. Use a draft built from the target's tokenizer.",
+            )
+        for other in [s for s in self.sessions.values() if s.device_id == msg.device_id]:
+            log.info("%s re-registered; dropping its old session", msg.device_id)
+            self._end_request(other)
+            del self.sessions[other.identity]
+        self.sessions[identity] = Session(
+            identity, msg.device_id, msg.draft_model, time.monotonic(),
+            draft_len=self.config.control.draft_len,
+        )
+        log.info("%s registered (draft %s)", msg.device_id, msg.draft_model)
+        limits = self.config.limits
+        self._reply(identity, P.Welcome(
+            msg.device_id, self.target.name, limits.max_new_tokens,
+            self.config.control.max_draft_len, sorted(self.target.eos_token_ids),
+        ))
+
+    def _on_start(self, session: Session, msg: P.Start) -> None:
+        limits = self.config.limits
+        if session.generating:
+            raise P.ProtocolError("busy", "a request is already in flight for this device")
+        if msg.max_new_tokens > limits.max_new_tokens:
+            raise P.ProtocolError(
+                "invalid", f"max_new_tokens {msg.max_new_tokens} exceeds {limits.max_new_tokens}")
+        self._check_ids(msg.prompt_ids, "prompt")
+        need = len(msg.prompt_ids) + msg.max_new_tokens + self.config.control.max_draft_len + 1
+        if need > limits.max_len:
+            raise P.ProtocolError(
+                "too_long", f"prompt + max_new_tokens + draft needs {need} positions; "
+                f"this controller holds {limits.max_len} per session")
+        try:
+            session.slot = self.verifier.open(msg.prompt_ids)
+        except CapacityError as exc:
+            raise P.ProtocolError("capacity", str(exc)) from None
+        session.request, session.next_round, session.pending = msg, 0, None
+        session.stats = type(session.stats)()
+        log.info("%s: request %s, %d prompt tokens, up to %d new, temperature %g",
+                 session.device_id, msg.request_id, len(msg.prompt_ids), msg.max_new_tokens,
+                 msg.temperature)
+        self._send(session, P.Control(session.draft_len, 1.0))
+
+    def _on_draft(self, session: Session, msg: P.Draft) -> None:
+        request = session.request
+        if request is None or msg.request_id != request.request_id:
+            raise P.ProtocolError("stale", f"no request {msg.request_id!r} in flight")
+        if session.pending is not None or msg.round != session.next_round:
+            raise P.ProtocolError(
+                "stale", f"draft for round {msg.round}, expected round {session.next_round}")
+        expected = self.verifier.length(session.slot)
+        if msg.position != expected:
+            raise P.ProtocolError(
+                "stale", f"draft at position {msg.position}, sequence is at {expected}")
+        if len(msg.tokens) > self.config.control.max_draft_len:
+            raise P.ProtocolError(
+                "invalid", f"draft of {len(msg.tokens)} tokens exceeds max_draft_len "
+                f"{self.config.control.max_draft_len}")
+        sampling = request.temperature > 0
+        if sampling != bool(msg.q_ids) and msg.tokens:
+            raise P.ProtocolError(
+                "invalid", "sampling requests need q for every draft token; greedy ones none")
+        self._check_ids(msg.tokens, "draft")
+        for ids in msg.q_ids:
+            self._check_ids(ids, "q")
+        session.pending = msg
+        if self._round_opened_at is None:
+            self._round_opened_at = time.monotonic()
+
+    def _check_ids(self, ids: list[int], what: str) -> None:
+        vocab = self.target.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise P.ProtocolError("invalid", f"{what} token id outside the vocabulary 0..{vocab - 1}")
+
+    # ---- bookkeeping -----------------------------------------------------------------
+    def _end_request(self, session: Session) -> None:
+        if session.slot is not None:
+            self.verifier.close(session.slot)
+        session.slot, session.request, session.pending = None, None, None
+
+    def _fail(self, session: Session, code: str, message: str) -> None:
+        self._end_request(session)
+        self._send(session, P.Error(code, message, fatal=False))
+
+    def _purge_silent(self, now: float) -> None:
+        timeout = self.config.server.session_timeout_s
+        for session in [s for s in self.sessions.values() if now - s.last_seen > timeout]:
+            log.warning("%s silent for %.0f s; dropping its session", session.device_id, timeout)
+            self._end_request(session)
+            del self.sessions[session.identity]
+
+    def _send(self, session: Session, msg: P.Message) -> None:
+        if not self._reply(session.identity, msg) and session.identity in self.sessions:
+            log.warning("%s unreachable; dropping its session", session.device_id)
+            self._end_request(session)
+            del self.sessions[session.identity]
+
+    def _reply(self, identity: bytes, msg: P.Message) -> bool:
+        try:
+            self._socket.send_multipart([identity, P.encode(msg)], zmq.NOBLOCK)
+            return True
+        except (zmq.Again, zmq.ZMQError):  # peer gone (ROUTER_MANDATORY) or its queue full
+            return False
+
+
+def _verify_item(session: Session) -> VerifyItem:
+    draft, request = session.pending, session.request
+    return VerifyItem(
+        slot=session.slot,
+        draft_tokens=draft.tokens,
+        sampling=SamplingParams(request.temperature, request.top_p, request.top_k, request.seed),
+        q_ids=draft.q_ids or None,
+        q_counts=draft.q_counts or None,
+    )
