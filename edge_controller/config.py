@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from edge_controller.protocol import MAX_DRAFT_TOKENS
 
@@ -56,7 +57,8 @@ class ControllerConfig:
             (self.server.session_timeout_s > 0, "server.session_timeout_s must be > 0"),
             (self.target.dtype in ("float32", "float16", "bfloat16"),
              "target.dtype must be float32, float16 or bfloat16"),
-            (self.target.device.split(":")[0] in ("cpu", "cuda"), "target.device must be cpu or cuda"),
+            (self.target.device.split(":")[0] in ("cpu", "cuda"),
+             "target.device must be cpu or cuda"),
             (1 <= self.limits.max_sessions <= 4096, "limits.max_sessions must be in 1..4096"),
             (self.limits.max_len >= 16, "limits.max_len must be >= 16"),
             (1 <= self.limits.max_new_tokens < self.limits.max_len,

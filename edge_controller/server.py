@@ -18,7 +18,7 @@ import zmq
 
 from edge_controller import protocol as P
 from edge_controller.config import ControllerConfig
-from edge_controller.sessions import Session, commit
+from edge_controller.sessions import RequestStats, Session, commit
 from edge_controller.verifier.engine import CapacityError, Verifier, VerifyItem, VerifyOutcome
 from edge_controller.verifier.sampling import SamplingParams
 
@@ -35,6 +35,17 @@ class TargetInfo:
     fingerprint: str
     vocab_size: int
     eos_token_ids: frozenset[int]
+
+    @classmethod
+    def from_model(cls, name: str, model, tokenizer) -> TargetInfo:
+        """Describe a loaded transformers target: vocabulary, fingerprint, end of sequence."""
+        from models.fingerprint import fingerprint_hf
+
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        return cls(name, fingerprint_hf(tokenizer), len(tokenizer), frozenset(eos_ids))
 
 
 class EdgeController:
@@ -237,7 +248,7 @@ class EdgeController:
         except CapacityError as exc:
             raise P.ProtocolError("capacity", str(exc)) from None
         session.request, session.next_round, session.pending = msg, 0, None
-        session.stats = type(session.stats)()
+        session.stats = RequestStats()
         log.info("%s: request %s, %d prompt tokens, up to %d new, temperature %g",
                  session.device_id, msg.request_id, len(msg.prompt_ids), msg.max_new_tokens,
                  msg.temperature)
@@ -272,7 +283,8 @@ class EdgeController:
     def _check_ids(self, ids: list[int], what: str) -> None:
         vocab = self.target.vocab_size
         if any(not 0 <= t < vocab for t in ids):
-            raise P.ProtocolError("invalid", f"{what} token id outside the vocabulary 0..{vocab - 1}")
+            raise P.ProtocolError(
+                "invalid", f"{what} token id outside the vocabulary 0..{vocab - 1}")
 
     # ---- bookkeeping -----------------------------------------------------------------
     def _end_request(self, session: Session) -> None:

@@ -1,0 +1,67 @@
+"""``edge-controller start``: load the target, serve devices until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "start", help="serve devices: verify their drafts with the target model",
+        description="Load the target model and serve device agents until Ctrl-C.",
+    )
+    p.add_argument("--config", default=None, help="controller TOML (default: built-in defaults; "
+                   "see configs/controller.toml)")
+    p.add_argument("--bind", help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555 "
+                   "(overrides server.bind)")
+    p.add_argument("--target-gguf", help="target GGUF file (overrides target.model)")
+    p.add_argument("--draft-len", type=int, help="fixed draft length (overrides control.draft_len)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_controller.config import ConfigError, load_config
+
+    overrides = {
+        key: value for key, value in (
+            ("server__bind", args.bind), ("target__gguf", args.target_gguf),
+            ("control__draft_len", args.draft_len),
+        ) if value is not None
+    }
+    try:
+        config = load_config(args.config, **overrides)
+    except ConfigError as exc:
+        print(f"edge-controller: {exc}", file=sys.stderr)
+        return 2
+    controller = build_controller(config)
+    try:
+        controller.serve()
+    except KeyboardInterrupt:
+        log.info("interrupted")
+    return 0
+
+
+def build_controller(config):
+    """Load the configured target and return a ready (not yet serving) controller."""
+    from pathlib import Path
+
+    import torch
+
+    from edge_controller.server import EdgeController, TargetInfo
+    from edge_controller.verifier.engine import Verifier
+    from models import ensure
+    from models.target import load_target
+
+    if config.target.gguf:
+        gguf, name = Path(config.target.gguf), Path(config.target.gguf).stem
+    else:
+        gguf, name = ensure().target_gguf, config.target.model
+    model, tokenizer = load_target(gguf, dtype=config.target.dtype, device=config.target.device)
+    verifier = Verifier(
+        model, max_sessions=config.limits.max_sessions, max_len=config.limits.max_len,
+        device=torch.device(config.target.device), dtype=getattr(torch, config.target.dtype),
+    )
+    return EdgeController(config, verifier, TargetInfo.from_model(name, model, tokenizer))

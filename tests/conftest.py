@@ -1,0 +1,92 @@
+"""Shared fixtures: the default models (built once), the target, a live controller."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def default_models():
+    import models
+
+    return models.ensure()
+
+
+@pytest.fixture(scope="session")
+def target(default_models):
+    """(model, tokenizer): the fp32 target, loaded once for the whole run."""
+    import torch
+
+    from models.target import load_target
+
+    torch.manual_seed(0)
+    return load_target(default_models.target_gguf)
+
+
+@pytest.fixture(scope="session")
+def target_info(target):
+    from edge_controller.server import TargetInfo
+
+    model, tokenizer = target
+    return TargetInfo.from_model("smollm2-135m", model, tokenizer)
+
+
+@pytest.fixture
+def run_controller(target, target_info):
+    """Start a real controller (real ROUTER socket on loopback) in a thread.
+
+    Usage: ``with run_controller(**overrides) as controller: controller.endpoint``.
+    """
+
+    @contextmanager
+    def start(**overrides) -> Iterator:
+        from edge_controller.config import load_config
+        from edge_controller.server import EdgeController
+        from edge_controller.verifier.engine import Verifier
+
+        config = load_config(None, server__bind="tcp://127.0.0.1:*", **overrides)
+        verifier = Verifier(target[0], max_sessions=config.limits.max_sessions,
+                            max_len=config.limits.max_len)
+        controller = EdgeController(config, verifier, target_info)
+        stop, ready = threading.Event(), threading.Event()
+        thread = threading.Thread(target=controller.serve, args=(stop, ready), daemon=True)
+        thread.start()
+        assert ready.wait(30), "controller did not bind"
+        try:
+            yield controller
+        finally:
+            stop.set()
+            thread.join(30)
+
+    return start
+
+
+def reference_greedy(target, prompt_ids: list[int], max_new_tokens: int):
+    """The target alone: transformers ``generate``, greedy, fp32. Returns (ids, margins).
+
+    ``margins[i]`` is the top-2 logit margin where the reference chose its i-th token.
+    """
+    import torch
+
+    model, tokenizer = target
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    ids = out.sequences[0, len(prompt_ids):].tolist()
+    margins = []
+    for logits in out.logits:
+        top2 = torch.topk(logits[0].float(), 2).values
+        margins.append(float(top2[0] - top2[1]))
+    return ids, margins
