@@ -55,6 +55,8 @@ class EdgeController:
         self.target = target
         self.sessions: dict[bytes, Session] = {}
         self.endpoint: str | None = None  # the bound address, once serving
+        self.rounds_run = 0
+        self.largest_batch = 0
         self._round_opened_at: float | None = None
         self._socket: zmq.Socket | None = None
 
@@ -119,6 +121,8 @@ class EdgeController:
         started = time.perf_counter()
         outcomes = self._verify(batch, items)
         verify_s = time.perf_counter() - started
+        self.rounds_run += 1
+        self.largest_batch = max(self.largest_batch, len(items))
         log.debug("round: %d drafts, %d tokens, %.1f ms", len(items),
                   sum(len(i.draft_tokens) + 1 for i in items), verify_s * 1e3)
         for session, outcome in zip(batch, outcomes, strict=True):

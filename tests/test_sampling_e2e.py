@@ -1,0 +1,69 @@
+"""Sampling through the real drafter and the real target follows the target's distribution.
+
+For many seeds, the q4_0 llama.cpp drafter samples a 4-token draft from its top-k
+truncated distribution, and the batched verifier accepts or corrects it against the fp32
+target. The first generated token must be distributed as the target's own processed
+distribution at that position (chi-square), although the draft's distribution differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from device_agent.drafter import Drafter
+from edge_controller.verifier.engine import Verifier, VerifyItem
+from edge_controller.verifier.sampling import SamplingParams, process_logits
+
+pytestmark = pytest.mark.slow
+
+DRAWS = 480
+BATCH = 16
+PARAMS = dict(temperature=1.0, top_p=1.0, top_k=6)
+
+
+def target_first_token_distribution(model, prompt_ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids])).logits[0, -1:].float()
+    p = process_logits(logits, [SamplingParams(**PARAMS)])
+    return p[0].double().numpy()
+
+
+def test_first_tokens_follow_the_target_distribution(target, default_models):
+    model, _ = target
+    drafter = Drafter(default_models.drafts["q4_0"], n_threads=1)
+    prompt = drafter.tokenize("My favourite colour is")
+    p_target = target_first_token_distribution(model, prompt)
+    verifier = Verifier(model, max_sessions=BATCH, max_len=64)
+
+    first_tokens, accepted_first = [], 0
+    for start in range(0, DRAWS, BATCH):
+        seeds = range(start, start + BATCH)
+        items = []
+        for seed in seeds:
+            drafter.begin(prompt)
+            draft = drafter.draft(4, temperature=1.0, top_k=16, seed=seed)
+            items.append(VerifyItem(verifier.open(prompt), draft.tokens,
+                                    SamplingParams(**PARAMS, seed=seed),
+                                    draft.q_ids, draft.q_counts))
+        for item, outcome in zip(items, verifier.verify(items), strict=True):
+            first = item.draft_tokens[0] if outcome.accepted else outcome.next_token
+            accepted_first += outcome.accepted > 0
+            first_tokens.append(first)
+            verifier.close(item.slot)
+
+    support = np.flatnonzero(p_target > 0)
+    assert set(first_tokens) <= set(support.tolist()), "a token the target can never emit"
+    observed = np.array([first_tokens.count(t) for t in support])
+    expected = p_target[support] / p_target[support].sum() * DRAWS
+    keep = expected >= 5  # lump rare tokens into one bin, as chi-square needs
+    observed = np.append(observed[keep], observed[~keep].sum())
+    expected = np.append(expected[keep], expected[~keep].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    result = stats.chisquare(observed, expected)
+    assert result.pvalue > 1e-3, f"chi-square p={result.pvalue:.2e}: {observed} vs {expected}"
+    # The draft really did the work: most first tokens came from accepted drafts.
+    assert accepted_first > DRAWS // 2
