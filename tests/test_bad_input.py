@@ -16,8 +16,9 @@ import pytest
 
 from device_agent.link import ControllerLink
 from edge_controller import protocol as P
+from edge_controller.launch import AgentSpec, run_agents
 from tests.conftest import BIN
-from tests.test_e2e_greedy import agent_command, compare_to_reference, run_agents
+from tests.test_e2e_greedy import compare_to_reference
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +40,8 @@ def test_bad_frames_and_bad_devices_leave_others_untouched(
     with run_controller() as controller:
         endpoint = controller.endpoint
         good = subprocess.Popen(
-            agent_command(endpoint, default_models.drafts["q8_0"],
-                          "A recipe for bread: first, mix", "--max-new-tokens", "48"),
+            AgentSpec("good", default_models.drafts["q8_0"], "A recipe for bread: first, mix",
+                      48).command(endpoint),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         with ControllerLink(endpoint, timeout_s=60) as link:
@@ -81,10 +82,8 @@ def test_bad_frames_and_bad_devices_leave_others_untouched(
             assert isinstance(verdict, P.Verdict) and verdict.round == 0
             assert 1 <= len(verdict.tokens) <= 3
 
-        wrong = subprocess.run(
-            agent_command(endpoint, gemma, "Hello", "--max-new-tokens", "4"),
-            capture_output=True, text=True, timeout=300,
-        )
+        wrong = subprocess.run(AgentSpec("gemma", gemma, "Hello", 4).command(endpoint),
+                               capture_output=True, text=True, timeout=300)
         assert wrong.returncode == 1
         assert "tokenizer" in wrong.stderr and "vocabular" in wrong.stderr
 
@@ -106,19 +105,16 @@ def test_unreachable_controller_is_a_clear_exit(default_models):
 
 
 def test_seeded_sampling_reproduces_whoever_shares_the_batch(run_controller, default_models):
-    sampled = ("--temperature", "0.9", "--top-p", "0.95", "--seed", "1234",
-               "--max-new-tokens", "24")
-    prompt = "Once upon a time, in a small village,"
+    drafts = default_models.drafts
+    seeded = AgentSpec("seeded", drafts["q5_0"], "Once upon a time, in a small village,", 24,
+                       ("--temperature", "0.9", "--top-p", "0.95", "--seed", "1234"))
     with run_controller() as controller:
-        alone = run_agents([agent_command(controller.endpoint, default_models.drafts["q5_0"],
-                                          prompt, *sampled)])[0]
-        crowd = run_agents([
-            agent_command(controller.endpoint, default_models.drafts["q5_0"], prompt, *sampled),
-            agent_command(controller.endpoint, default_models.drafts["q4_0"],
-                          "The history of Rome", "--temperature", "1.0", "--seed", "9",
-                          "--max-new-tokens", "24"),
-            agent_command(controller.endpoint, default_models.drafts["q8_0"],
-                          "import numpy as np\n", "--max-new-tokens", "24"),
+        alone = run_agents(controller.endpoint, [seeded])[0]
+        crowd = run_agents(controller.endpoint, [
+            seeded,
+            AgentSpec("other-sampler", drafts["q4_0"], "The history of Rome", 24,
+                      ("--temperature", "1.0", "--seed", "9")),
+            AgentSpec("greedy", drafts["q8_0"], "import numpy as np\n", 24),
         ])
         assert controller.largest_batch >= 2
     assert crowd[0]["tokens"] == alone["tokens"]

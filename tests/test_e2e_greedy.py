@@ -7,12 +7,10 @@ output must equal the target alone (transformers ``generate``, fp32) token for t
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 
-from tests.conftest import BIN, reference_greedy
+from edge_controller.launch import AgentSpec, run_agents
+from tests.conftest import reference_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -23,22 +21,6 @@ DEVICES = [
     ("q5_0", "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"),
     ("q4_0", "Translate to French: The weather is lovely today, so we will walk"),
 ]
-
-
-def agent_command(endpoint: str, draft, prompt: str, *extra: str) -> list[str]:
-    return [str(BIN / "device-agent"), "generate", "--controller", endpoint,
-            "--draft", str(draft), "--prompt", prompt, "--json", "--timeout", "300", *extra]
-
-
-def run_agents(commands: list[list[str]]) -> list[dict]:
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"device agent failed ({proc.returncode}): {err}"
-        results.append(json.loads(out))
-    return results
 
 
 def compare_to_reference(target, result: dict, new_tokens: int) -> list[str]:
@@ -58,9 +40,8 @@ def test_three_devices_get_exactly_the_targets_greedy_output(
     run_controller, target, default_models
 ):
     with run_controller() as controller:
-        results = run_agents([
-            agent_command(controller.endpoint, default_models.drafts[draft], prompt,
-                          "--max-new-tokens", str(NEW_TOKENS), "--device-id", f"dev-{draft}")
+        results = run_agents(controller.endpoint, [
+            AgentSpec(f"dev-{draft}", default_models.drafts[draft], prompt, NEW_TOKENS)
             for draft, prompt in DEVICES
         ])
         largest_batch = controller.largest_batch
