@@ -139,9 +139,13 @@ class Ping(Message):
 
 @dataclass
 class Pong(Message):
+    """Echo of a ping. ``received_at`` is the controller's monotonic clock when the ping
+    arrived: differences between pongs of one probe burst give the uplink's arrival rate."""
+
     TYPE: ClassVar[str] = "pong"
     sent_at: float
     received_bytes: int = 0
+    received_at: float = 0.0
 
 
 @dataclass

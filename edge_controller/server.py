@@ -185,7 +185,7 @@ class EdgeController:
             if isinstance(msg, P.Hello):
                 self._on_hello(identity, msg)
             elif isinstance(msg, P.Ping):
-                self._reply(identity, P.Pong(msg.sent_at, len(body[0])))
+                self._reply(identity, P.Pong(msg.sent_at, len(body[0]), time.monotonic()))
             elif session is None:
                 raise P.ProtocolError("not_registered", "send hello before anything else")
             elif isinstance(msg, P.Start):
