@@ -1,0 +1,70 @@
+"""Online estimators: they converge to the truth and follow a change."""
+
+import numpy as np
+import pytest
+
+from edge_controller.control.estimators import AcceptanceEstimate, RunningMean, VerifyTimeFit
+
+
+def simulate_rounds(rng, a: float, draft_len: int, rounds: int):
+    """Accepted counts of geometric-acceptance rounds (each token accepted w.p. a)."""
+    for _ in range(rounds):
+        accepted = 0
+        while accepted < draft_len and rng.random() < a:
+            accepted += 1
+        yield accepted
+
+
+@pytest.mark.parametrize("draft_len", [1, 3, 8])
+def test_censored_acceptance_is_unbiased_where_accepted_over_drafted_is_not(draft_len):
+    rng = np.random.default_rng(0)
+    est = AcceptanceEstimate(forget=1.0)
+    accepted_total = 0
+    for n in simulate_rounds(rng, 0.8, draft_len, 4000):
+        est.update(n, draft_len)
+        accepted_total += n
+    assert est.mean == pytest.approx(0.8, abs=0.02)
+    naive = accepted_total / (4000 * draft_len)
+    if draft_len > 1:
+        assert naive < 0.75  # why the censored estimate exists
+
+
+def test_acceptance_follows_a_task_change():
+    rng = np.random.default_rng(1)
+    est = AcceptanceEstimate(forget=0.97)
+    for n in simulate_rounds(rng, 0.9, 4, 300):
+        est.update(n, 4)
+    high = est.mean
+    for n in simulate_rounds(rng, 0.4, 4, 300):
+        est.update(n, 4)
+    assert high > 0.8 and est.mean < 0.55
+
+
+def test_running_mean_starts_at_first_value_and_tracks():
+    m = RunningMean(forget=0.5)
+    assert m.value is None
+    assert m.update(10.0) == 10.0
+    for _ in range(20):
+        m.update(2.0)
+    assert m.value == pytest.approx(2.0, abs=1e-4)
+
+
+def test_verify_time_fit_recovers_an_affine_law():
+    rng = np.random.default_rng(2)
+    fit = VerifyTimeFit(forget=1.0)
+    with pytest.raises(ValueError, match="two batch sizes"):
+        fit.coefficients()
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        fit.update(n, 0.03 + 0.002 * n + rng.normal(0, 1e-3))
+    base, per_token = fit.coefficients()
+    assert base == pytest.approx(0.03, abs=2e-3)
+    assert per_token == pytest.approx(0.002, rel=0.05)
+
+
+def test_verify_time_fit_never_goes_negative():
+    fit = VerifyTimeFit(forget=1.0)
+    fit.update(1, 0.5)
+    fit.update(50, 0.1)  # noise can make time fall with size; the law must not
+    base, per_token = fit.coefficients()
+    assert per_token == 0.0 and base > 0
