@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge_controller.control.estimators import AcceptanceEstimate, RunningMean, VerifyTimeFit
+from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
 
 
 def simulate_rounds(rng, a: float, draft_len: int, rounds: int):
@@ -51,8 +51,9 @@ def test_running_mean_starts_at_first_value_and_tracks():
 
 def test_verify_time_fit_recovers_an_affine_law():
     rng = np.random.default_rng(2)
-    fit = VerifyTimeFit(forget=1.0)
-    with pytest.raises(ValueError, match="two batch sizes"):
+    fit = AffineFit(forget=1.0)
+    assert not fit.ready
+    with pytest.raises(ValueError, match="two distinct x"):
         fit.coefficients()
     for _ in range(200):
         n = int(rng.integers(1, 60))
@@ -63,7 +64,7 @@ def test_verify_time_fit_recovers_an_affine_law():
 
 
 def test_verify_time_fit_never_goes_negative():
-    fit = VerifyTimeFit(forget=1.0)
+    fit = AffineFit(forget=1.0)
     fit.update(1, 0.5)
     fit.update(50, 0.1)  # noise can make time fall with size; the law must not
     base, per_token = fit.coefficients()

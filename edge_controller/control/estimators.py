@@ -10,9 +10,10 @@ observations) so estimates follow a device whose task, board or link changes.
   With a Beta(prior) it is the posterior mean of a geometric acceptance model.
 * scalar quantities (draft time per token, round trip, bits per token): exponentially
   weighted means.
-* verification time ``T_v = base_s + per_token_s * sum_k (L_k + 1)``: weighted least
-  squares over the rounds seen (sufficient statistics with forgetting), seeded by a
-  start-up calibration on the controller's own hardware.
+* affine laws by weighted least squares (sufficient statistics with forgetting): the
+  verification time ``T_v = base_s + per_token_s * sum_k (L_k + 1)``, seeded by a start-up
+  calibration on the controller's own hardware, and a device's upload size
+  ``bits = b0 + L b``, from the draft frames it sends.
 """
 
 from __future__ import annotations
@@ -60,29 +61,33 @@ class RunningMean:
 
 
 @dataclass
-class VerifyTimeFit:
-    """Weighted least squares of ``T_v = base_s + per_token_s * n`` with n = sum (L_k + 1).
+class AffineFit:
+    """Weighted least squares of ``y = base + slope * x`` with forgetting.
 
-    Keeps the forgetting-weighted sums (S_w, S_n, S_nn, S_t, S_nt) so an update is O(1)::
+    Keeps the forgetting-weighted sums (S_w, S_x, S_xx, S_y, S_xy) so an update is O(1)::
 
-        per_token_s = (S_w S_nt - S_n S_t) / (S_w S_nn - S_n^2)
-        base_s = (S_t - per_token_s S_n) / S_w
+        slope = (S_w S_xy - S_x S_y) / (S_w S_xx - S_x^2)
+        base  = (S_y - slope S_x) / S_w
 
-    Both coefficients are clipped at >= 0 (time cannot shrink with more tokens).
+    Both coefficients are clipped at >= 0: time and size never shrink as x grows.
     """
 
     forget: float = 0.99
-    sums: np.ndarray = field(default_factory=lambda: np.zeros(5))  # S_w, S_n, S_nn, S_t, S_nt
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(5))  # S_w, S_x, S_xx, S_y, S_xy
 
-    def update(self, tokens: int, seconds: float) -> None:
-        n, t = float(tokens), float(seconds)
-        self.sums = self.forget * self.sums + np.array([1.0, n, n * n, t, n * t])
+    def update(self, x: float, y: float) -> None:
+        x, y = float(x), float(y)
+        self.sums = self.forget * self.sums + np.array([1.0, x, x * x, y, x * y])
+
+    @property
+    def ready(self) -> bool:
+        s_w, s_x, s_xx = self.sums[:3]
+        return s_w > 0 and s_w * s_xx - s_x * s_x > 1e-9 * max(s_w * s_xx, 1e-300)
 
     def coefficients(self) -> tuple[float, float]:
-        """(base_s, per_token_s); raises ValueError before two distinct batch sizes were seen."""
-        s_w, s_n, s_nn, s_t, s_nt = self.sums
-        det = s_w * s_nn - s_n * s_n
-        if s_w == 0 or det <= 1e-9 * max(s_w * s_nn, 1e-300):
-            raise ValueError("verification time needs rounds of at least two batch sizes")
-        per_token = max((s_w * s_nt - s_n * s_t) / det, 0.0)
-        return max((s_t - per_token * s_n) / s_w, 0.0), per_token
+        """(base, slope); raises ValueError until two distinct x were seen."""
+        if not self.ready:
+            raise ValueError("an affine fit needs observations at two distinct x at least")
+        s_w, s_x, s_xx, s_y, s_xy = self.sums
+        slope = max((s_w * s_xy - s_x * s_y) / (s_w * s_xx - s_x * s_x), 0.0)
+        return max((s_y - slope * s_x) / s_w, 0.0), slope
