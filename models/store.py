@@ -1,0 +1,317 @@
+"""Materialising the registry's models in the user cache: build, checksum, fingerprint.
+
+Cache directory: ``$MULTISPIN_CACHE``, else ``$XDG_CACHE_HOME/multispin-edge``, else
+``~/.cache/multispin-edge``. It holds the files we build (``<name>.gguf``: requantized or
+assembled models) and ``manifest.json``::
+
+    {"version": 1,
+     "files": {"<name>.gguf": {"sha256": ..., "recipe": {...how it was built...}}},
+     "fingerprints": {"<sha256 of a GGUF>": "tok1-..."}}
+
+Files that already exist (a local path, a file shipped in a package) are used in place.
+A built file is rebuilt, with a log line saying why, when it is missing, its sha256 no
+longer matches the manifest, or its recipe changed (e.g. the source file was replaced).
+Several processes (a controller and device agents started together, tests) may call
+:func:`ensure` at once: one exclusive ``fcntl`` lock on the cache directory serialises
+them, and every write is atomic (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from models.fingerprint import fingerprint_gguf, fingerprint_hf
+from models.registry import (
+    QTYPES,
+    AssembleSource,
+    ModelSpec,
+    PackageSource,
+    PathSource,
+    Registry,
+    RequantizeSource,
+    load_registry,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """``$MULTISPIN_CACHE``, else ``$XDG_CACHE_HOME/multispin-edge``, else ~/.cache/..."""
+    if os.environ.get("MULTISPIN_CACHE"):
+        return Path(os.environ["MULTISPIN_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "multispin-edge"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One materialised model."""
+
+    name: str  # model id from the registry
+    path: Path  # a GGUF file, or an HF model directory
+    format: str  # "gguf" or "hf"
+    sha256: str | None  # of the GGUF file; None for a directory
+    fingerprint: str  # tokenizer fingerprint (models.fingerprint)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "format": self.format,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass(frozen=True)
+class Materialized:
+    cache_dir: Path
+    target: Artifact
+    draft_models: dict[str, Artifact]  # draft key -> artifact
+
+    @property
+    def drafts(self) -> dict[str, Path]:
+        """Draft key -> GGUF path."""
+        return {key: artifact.path for key, artifact in self.draft_models.items()}
+
+    @property
+    def target_gguf(self) -> Path:
+        if self.target.format != "gguf":
+            raise ValueError(f"target {self.target.name} is an HF directory, not a GGUF file")
+        return self.target.path
+
+    def to_json(self) -> dict[str, Any]:
+        target = self.target.to_json()
+        if self.target.format == "gguf":
+            target["gguf"] = target["path"]
+        return {
+            "cache_dir": str(self.cache_dir),
+            "target": target,
+            "drafts": {key: str(path) for key, path in self.drafts.items()},
+            "draft_models": {key: a.to_json() for key, a in self.draft_models.items()},
+        }
+
+
+def ensure(
+    registry: Registry | None = None,
+    include: Iterable[str] = (),
+    *,
+    drafts: bool = True,
+    cache: Path | None = None,
+) -> Materialized:
+    """Materialise the target and the drafts (default ones plus ``include``) in the cache.
+
+    ``drafts=False`` materialises the target alone. Returns paths, checksums and tokenizer
+    fingerprints. Safe to call from several processes at once; a warm call only re-hashes
+    files.
+    """
+    registry = registry or load_registry()
+    include = list(include)
+    unknown = [key for key in include if key not in registry.drafts]
+    if unknown:
+        raise KeyError(f"no drafts {unknown} in the registry; it has {sorted(registry.drafts)}")
+    keys = [key for key, spec in registry.drafts.items() if not spec.optional or key in include]
+    keys = keys if drafts else []
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache):
+        store = _Store(cache)
+        target = store.artifact(registry.target)
+        drafts = {key: store.artifact(registry.drafts[key]) for key in keys}
+    return Materialized(cache, target, drafts)
+
+
+@contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    with (cache / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process materialising models in %s", cache)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class _Store:
+    """The cache directory while this process holds its lock."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        for stale in cache.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink()
+        self.manifest = self._read_manifest()
+        self.hashes: dict[Path, str] = {}  # sha256 per file, once per ensure
+
+    def _read_manifest(self) -> dict[str, Any]:
+        empty = {"version": MANIFEST_VERSION, "files": {}, "fingerprints": {}}
+        path = self.cache / "manifest.json"
+        if not path.exists():
+            return empty
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON: starting a new manifest", path)
+            return empty
+        if manifest.get("version") != MANIFEST_VERSION:
+            log.warning("%s has version %s: starting a new one", path, manifest.get("version"))
+            return empty
+        return manifest
+
+    def _write_manifest(self) -> None:
+        text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
+        with self._temporary("manifest.json") as tmp:
+            tmp.write_text(text)
+
+    @contextmanager
+    def _temporary(self, final_name: str) -> Iterator[Path]:
+        """A temporary path in the cache, renamed to ``final_name`` if the block succeeds."""
+        fd, name = tempfile.mkstemp(dir=self.cache, prefix=f".{final_name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            os.replace(tmp, self.cache / final_name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def sha256(self, path: Path) -> str:
+        if path not in self.hashes:
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            self.hashes[path] = digest.hexdigest()
+        return self.hashes[path]
+
+    def artifact(self, spec: ModelSpec) -> Artifact:
+        path = self.path(spec)
+        if path.is_dir():
+            return Artifact(spec.name, path, "hf", None, _check(spec, _fingerprint_hf_dir(path)))
+        sha = self.sha256(path)
+        fingerprint = self.manifest["fingerprints"].get(sha)
+        if fingerprint is None:
+            fingerprint = fingerprint_gguf(path)
+            self.manifest["fingerprints"][sha] = fingerprint
+            self._write_manifest()
+        return Artifact(spec.name, path, "gguf", sha, _check(spec, fingerprint))
+
+    def path(self, spec: ModelSpec) -> Path:
+        """The model's file (or directory), built first if needed."""
+        match spec.source:
+            case PathSource(path):
+                if not path.exists():
+                    raise FileNotFoundError(f"model {spec.name}: {path} does not exist")
+                return path
+            case PackageSource(package, file):
+                path = _package_dir(package) / file
+                if not path.is_file():
+                    raise FileNotFoundError(f"model {spec.name}: package {package} has no {file}")
+                return path
+            case AssembleSource(package):
+                _package_dir(package)  # a clear error if it is not installed
+                recipe = {"assemble": package, "version": _version(package)}
+                return self.built(spec, recipe, lambda out: _assemble(package, out))
+            case RequantizeSource(base_spec, qtype):
+                base = self.path(base_spec)
+                if base.is_dir():
+                    raise ValueError(f"model {spec.name}: can only requantize a GGUF, not {base}")
+                recipe = {"requantize": self.sha256(base), "qtype": qtype}
+                return self.built(spec, recipe, lambda out: _quantize(base, out, qtype))
+        raise TypeError(f"model {spec.name}: unknown source {spec.source!r}")
+
+    def built(self, spec: ModelSpec, recipe: dict[str, Any], build: Callable[[Path], None]) -> Path:
+        """``<name>.gguf`` in the cache, (re)built by ``build(path)`` unless it is intact."""
+        file_name = f"{spec.name}.gguf"
+        path = self.cache / file_name
+        entry = self.manifest["files"].get(file_name)
+        if not path.exists():
+            reason = "not built yet" if entry is None else "missing"
+        elif entry is None:
+            reason = "not in the manifest"
+        elif entry["recipe"] != recipe:
+            reason = "its recipe changed"
+        elif self.sha256(path) != entry["sha256"]:
+            reason = f"checksum mismatch (expected sha256 {entry['sha256'][:12]}...)"
+        else:
+            return path
+        log.log(
+            logging.INFO if entry is None else logging.WARNING, "%s: %s, building it", path, reason
+        )
+        start = time.perf_counter()
+        with self._temporary(file_name) as tmp:
+            build(tmp)
+            sha = self.sha256(tmp)
+        self.hashes[path] = sha
+        self.manifest["files"][file_name] = {"sha256": sha, "recipe": recipe}
+        self._write_manifest()
+        log.info("built %s in %.1f s (sha256 %s)", path, time.perf_counter() - start, sha[:12])
+        return path
+
+
+def _check(spec: ModelSpec, fingerprint: str) -> str:
+    if spec.fingerprint is not None and spec.fingerprint != fingerprint:
+        raise ValueError(
+            f"model {spec.name}: tokenizer fingerprint {fingerprint} differs from the one "
+            f"pinned in the registry ({spec.fingerprint})"
+        )
+    return fingerprint
+
+
+def _package_dir(package: str) -> Path:
+    """An installed package's directory, found without importing (running) the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModuleNotFoundError(f"package {package} is not installed (pip install {dist})")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _assemble(package: str, out: Path) -> None:
+    log.info("assembling %s from %s", out.name, package)
+    importlib.import_module(package).assemble(output_path=out, overwrite=True)
+
+
+def _quantize(src: Path, out: Path, qtype: str) -> None:
+    log.info("quantizing %s to %s", src.name, qtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QTYPES[qtype]
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {qtype}) failed with code {rc}")
+
+
+def _fingerprint_hf_dir(path: Path) -> str:
+    """Edge side only: the fingerprint of an HF model directory's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return fingerprint_hf(AutoTokenizer.from_pretrained(path, local_files_only=True))
