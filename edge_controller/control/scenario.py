@@ -1,0 +1,163 @@
+"""Scenario files (TOML) parsed once into typed parameters, with clear errors.
+
+[system]
+bandwidth_hz = 10e6
+bits_per_token = 17            # greedy ids; sparse or full-distribution uploads cost more
+overhead_bits = 0              # b0 per upload message (default 0)
+max_draft_len = 16             # default 16
+verify_time = { base_s = 0.025, per_token_s = 0.0004 }
+[[users]]
+name = "orin-nano-1"
+draft_s_per_token = 0.015
+acceptance = 0.8               # geometric rate, or a per-position curve [0.9, 0.8, ...]
+spectral_efficiency = 3.0      # bit/s/Hz
+delay_s = 0.01                 # default 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+from edge_controller.control.model import (
+    GeometricAcceptance,
+    PositionAcceptance,
+    SystemParams,
+    UserParams,
+    VerifyTime,
+)
+
+MAX_DRAFT_LEN_LIMIT = 64
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot describe a servable system."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    system: SystemParams
+    users: UserParams
+    description: str = ""
+
+
+def _check_keys(table: dict[str, Any], where: str, required: set[str], optional: set[str]):
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{where}: expected a table, got {type(table).__name__}")
+    unknown = set(table) - required - optional
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key(s) {sorted(unknown)}")
+    missing = required - set(table)
+    if missing:
+        raise ScenarioError(f"{where}: missing key(s) {sorted(missing)}")
+
+
+def _number(table: dict[str, Any], key: str, where: str, default: float | None = None) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ScenarioError(f"{where}.{key}: expected a finite number, got {value!r}")
+    if value < 0:
+        raise ScenarioError(f"{where}.{key} must be >= 0, got {value}")
+    return float(value)
+
+
+def _positive(table: dict[str, Any], key: str, where: str, why: str) -> float:
+    value = _number(table, key, where)
+    if value == 0:
+        raise ScenarioError(f"{where}.{key} is 0: {why}")
+    return value
+
+
+def _acceptance(value: Any, where: str) -> float | list[float]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ScenarioError(f"{where}.acceptance: empty per-position curve")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+            raise ScenarioError(f"{where}.acceptance: expected numbers in [0, 1], got {v!r}")
+    return [float(v) for v in values] if isinstance(value, list) else float(value)
+
+
+def _system(table: Any) -> SystemParams:
+    where = "system"
+    _check_keys(
+        table,
+        where,
+        {"bandwidth_hz", "bits_per_token", "verify_time"},
+        {"overhead_bits", "max_draft_len"},
+    )
+    verify = table["verify_time"]
+    _check_keys(verify, f"{where}.verify_time", {"base_s", "per_token_s"}, set())
+    max_len = table.get("max_draft_len", 16)
+    if isinstance(max_len, bool) or not isinstance(max_len, int):
+        raise ScenarioError(f"{where}.max_draft_len: expected an integer, got {max_len!r}")
+    if not 0 <= max_len <= MAX_DRAFT_LEN_LIMIT:
+        raise ScenarioError(f"{where}.max_draft_len must be in 0..{MAX_DRAFT_LEN_LIMIT}")
+    return SystemParams(
+        bandwidth_hz=_positive(table, "bandwidth_hz", where, "no share can carry an upload"),
+        bits_per_token=_number(table, "bits_per_token", where),
+        overhead_bits=_number(table, "overhead_bits", where, 0.0),
+        max_draft_len=max_len,
+        verify_time=VerifyTime(
+            _number(verify, "base_s", f"{where}.verify_time"),
+            _number(verify, "per_token_s", f"{where}.verify_time"),
+        ),
+    )
+
+
+def parse_scenario(data: dict[str, Any], name: str = "scenario") -> Scenario:
+    """Validate a decoded TOML document and build the typed scenario."""
+    _check_keys(data, name, {"system", "users"}, {"description"})
+    system = _system(data["system"])
+    rows = data["users"]
+    if not isinstance(rows, list) or not rows:
+        raise ScenarioError(f"{name}: [[users]] must list at least one device")
+    names, draft, accept, efficiency, delay = [], [], [], [], []
+    for i, row in enumerate(rows):
+        where = f"users[{i}]"
+        _check_keys(
+            row,
+            where,
+            {"name", "draft_s_per_token", "acceptance", "spectral_efficiency"},
+            {"delay_s"},
+        )
+        if not isinstance(row["name"], str) or not row["name"]:
+            raise ScenarioError(f"{where}.name: expected a non-empty string")
+        where = f"users[{i}] ({row['name']})"
+        if row["name"] in names:
+            raise ScenarioError(f"{where}: duplicate user name")
+        names.append(row["name"])
+        draft.append(_number(row, "draft_s_per_token", where))
+        accept.append(_acceptance(row["acceptance"], where))
+        efficiency.append(
+            _positive(row, "spectral_efficiency", where, "no bandwidth share can serve this user")
+        )
+        delay.append(_number(row, "delay_s", where, 0.0))
+    if all(isinstance(a, float) for a in accept):
+        acceptance = GeometricAcceptance(np.array(accept))
+    else:  # per-position curves, padded by repeating their last position
+        depth = max(system.max_draft_len, 1)
+        curves = [a if isinstance(a, list) else [a] for a in accept]
+        acceptance = PositionAcceptance(np.array([(c + c[-1:] * depth)[:depth] for c in curves]).T)
+    users = UserParams(
+        np.array(draft), acceptance, np.array(efficiency), np.array(delay), tuple(names)
+    )
+    return Scenario(name, system, users, str(data.get("description", "")))
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file; every problem raises ScenarioError."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ScenarioError(f"cannot read {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path}: invalid TOML: {err}") from None
+    return parse_scenario(data, path.stem)
