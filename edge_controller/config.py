@@ -40,8 +40,18 @@ class LimitsConfig:
 
 @dataclass
 class ControlConfig:
-    draft_len: int = 4
+    """Draft control. ``policy`` = "fixed" (``draft_len`` for all, unpaced uploads) or a
+    solver of edge_controller/control (heterogeneous, homogeneous, agnostic, ...)."""
+
+    policy: str = "heterogeneous"
+    draft_len: int = 4  # fixed policy, and every device's first rounds under the others
     max_draft_len: int = 16
+    bandwidth_hz: float = 10e6  # B: the uplink band the shares divide (FDMA)
+    spectral_efficiency: float = 3.0  # s_k of a device that reports none (bit/s/Hz)
+    bits_per_token: float = 24.0  # b and b0 until a device's own frames give a fit
+    overhead_bits: float = 800.0
+    resolve_interval_s: float = 1.0  # re-solve at most this often...
+    resolve_threshold: float = 0.1  # ...and only when an estimate moved by this fraction
 
 
 @dataclass
@@ -67,11 +77,24 @@ class ControllerConfig:
              f"control.max_draft_len must be in 1..{MAX_DRAFT_TOKENS}"),
             (0 <= self.control.draft_len <= self.control.max_draft_len,
              "control.draft_len must be in 0..max_draft_len"),
+            (self.control.policy in _policies(), f"control.policy must be one of {_policies()}"),
+            (self.control.bandwidth_hz > 0, "control.bandwidth_hz must be > 0"),
+            (self.control.spectral_efficiency > 0, "control.spectral_efficiency must be > 0"),
+            (self.control.bits_per_token > 0 and self.control.overhead_bits >= 0,
+             "control.bits_per_token must be > 0 and control.overhead_bits >= 0"),
+            (self.control.resolve_interval_s >= 0 and self.control.resolve_threshold >= 0,
+             "control.resolve_interval_s and resolve_threshold must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def _policies() -> list[str]:
+    from edge_controller.control.solvers import POLICIES
+
+    return ["fixed", *POLICIES]
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerConfig:

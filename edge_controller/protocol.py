@@ -154,6 +154,7 @@ class Telemetry(Message):
     draft_s_per_token: float = 0.0
     rtt_s: float = 0.0
     uplink_bps: float = 0.0
+    spectral_efficiency: float = 0.0  # bit/s/Hz of the device's radio; 0 = unknown
     host: dict[str, Any] = field(default_factory=dict)
 
 
@@ -222,9 +223,8 @@ def _build(cls: type[Message], body: dict[str, Any]) -> Message:
                 raise ProtocolError("malformed", f"{cls.TYPE}: missing field {name!r}")
             continue
         if not _conforms(body[name], str(f.type)):
-            raise ProtocolError(
-                "malformed", f"{cls.TYPE}.{name}: expected {f.type}, got {type(body[name]).__name__}"
-            )
+            got = type(body[name]).__name__
+            raise ProtocolError("malformed", f"{cls.TYPE}.{name}: expected {f.type}, got {got}")
     return cls(**body)
 
 

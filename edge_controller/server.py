@@ -18,6 +18,9 @@ import zmq
 
 from edge_controller import protocol as P
 from edge_controller.config import ControllerConfig
+from edge_controller.control.estimators import AffineFit
+from edge_controller.draft_control import Decision, DraftController
+from edge_controller.metrics import ControllerMetrics
 from edge_controller.sessions import RequestStats, Session, commit
 from edge_controller.verifier.engine import CapacityError, Verifier, VerifyItem, VerifyOutcome
 from edge_controller.verifier.sampling import SamplingParams
@@ -49,10 +52,13 @@ class TargetInfo:
 
 
 class EdgeController:
-    def __init__(self, config: ControllerConfig, verifier: Verifier, target: TargetInfo):
+    def __init__(self, config: ControllerConfig, verifier: Verifier, target: TargetInfo,
+                 verify_time: AffineFit | None = None):
         self.config = config
         self.verifier = verifier
         self.target = target
+        self.draft_control = DraftController(config.control, verify_time or AffineFit())
+        self.metrics = ControllerMetrics()
         self.sessions: dict[bytes, Session] = {}
         self.endpoint: str | None = None  # the bound address, once serving
         self.rounds_run = 0
@@ -91,6 +97,7 @@ class EdgeController:
                 self._purge_silent(now)
                 if self._round_due(now):
                     self.run_round()
+                self._push_decisions(self.draft_control.maybe_resolve(now))
         finally:
             for session in list(self.sessions.values()):
                 self._end_request(session)
@@ -116,18 +123,22 @@ class EdgeController:
     def run_round(self) -> None:
         """Verify every draft that is in, in one batched forward, and answer each device."""
         batch = [s for s in self.sessions.values() if s.pending is not None]
-        self._round_opened_at = None
+        opened_at, self._round_opened_at = self._round_opened_at, None
         items = [_verify_item(s) for s in batch]
+        tokens = sum(len(i.draft_tokens) + 1 for i in items)
         started = time.perf_counter()
         outcomes = self._verify(batch, items)
         verify_s = time.perf_counter() - started
+        self.draft_control.on_round(tokens, verify_s)
         self.rounds_run += 1
         self.largest_batch = max(self.largest_batch, len(items))
-        log.debug("round: %d drafts, %d tokens, %.1f ms", len(items),
-                  sum(len(i.draft_tokens) + 1 for i in items), verify_s * 1e3)
+        log.debug("round: %d drafts, %d tokens, %.1f ms", len(items), tokens, verify_s * 1e3)
         for session, outcome in zip(batch, outcomes, strict=True):
             if outcome is not None:
                 self._answer(session, outcome)
+        self.metrics.verify_s.observe(verify_s)
+        self.metrics.round_s.observe(time.monotonic() - opened_at)
+        self.metrics.batch.set(len(items))
 
     def _verify(self, batch: list[Session], items: list[VerifyItem]) -> list[VerifyOutcome | None]:
         try:
@@ -164,8 +175,14 @@ class EdgeController:
             log.warning("%s: near-tie in target logits (margin %.2e) at position %d",
                         session.device_id, outcome.margin, draft.position)
         session.next_round += 1
+        now = time.monotonic()
+        self.draft_control.on_verdict(session.device_id, outcome.accepted, len(draft.tokens),
+                                      len(tokens), now)
+        self._update_metrics(session)
+        decision = self.draft_control.decisions[session.device_id]
         self._send(session, P.Verdict(request.request_id, draft.round, outcome.accepted,
-                                      tokens, done, session.draft_len))
+                                      tokens, done, decision.draft_len))
+        session.answered_at = time.monotonic()
         if done:
             log.info("%s: request %s done: %d tokens in %d rounds, acceptance %.2f",
                      session.device_id, request.request_id, stats.generated, stats.rounds,
@@ -182,6 +199,8 @@ class EdgeController:
             if len(body) != 1:
                 raise P.ProtocolError("malformed", f"expected 1 frame per message, got {len(body)}")
             msg = P.decode(body[0])
+            if isinstance(msg, P.Draft) and session is not None:
+                session.pending_bytes = len(body[0])
             if isinstance(msg, P.Hello):
                 self._on_hello(identity, msg)
             elif isinstance(msg, P.Ping):
@@ -194,16 +213,17 @@ class EdgeController:
                 self._on_draft(session, msg)
             elif isinstance(msg, P.Telemetry):
                 log.debug("%s telemetry: %s", session.device_id, msg)
+                self.draft_control.on_telemetry(session.device_id, msg.spectral_efficiency,
+                                                msg.draft_s_per_token)
             elif isinstance(msg, P.Bye):
-                self._end_request(session)
-                del self.sessions[identity]
-                log.info("%s left", session.device_id)
+                self._drop(session, "left")
             else:
                 raise P.ProtocolError("unexpected", f"{msg.TYPE} is not a device message")
         except P.ProtocolError as exc:
             fatal = exc.code in ("tokenizer_mismatch", "version")
             log.warning("rejected message from %s: [%s] %s",
                         session.device_id if session else identity.hex(), exc.code, exc)
+            self.metrics.rejected.labels(exc.code).inc()
             self._reply(identity, P.Error(exc.code, str(exc), fatal=fatal))
         except Exception as exc:  # a bug in a handler must not stop the controller
             log.exception("handler failed")
@@ -220,13 +240,11 @@ class EdgeController:
                 "cannot be verified. Use a draft built from the target's tokenizer.",
             )
         for other in [s for s in self.sessions.values() if s.device_id == msg.device_id]:
-            log.info("%s re-registered; dropping its old session", msg.device_id)
-            self._end_request(other)
-            del self.sessions[other.identity]
-        self.sessions[identity] = Session(
-            identity, msg.device_id, msg.draft_model, time.monotonic(),
-            draft_len=self.config.control.draft_len,
-        )
+            self._drop(other, "re-registered; its old session is dropped")
+        self.sessions[identity] = Session(identity, msg.device_id, msg.draft_model,
+                                          time.monotonic())
+        self.draft_control.join(msg.device_id)
+        self.metrics.sessions.set(len(self.sessions))
         log.info("%s registered (draft %s)", msg.device_id, msg.draft_model)
         limits = self.config.limits
         self._reply(identity, P.Welcome(
@@ -256,7 +274,8 @@ class EdgeController:
         log.info("%s: request %s, %d prompt tokens, up to %d new, temperature %g",
                  session.device_id, msg.request_id, len(msg.prompt_ids), msg.max_new_tokens,
                  msg.temperature)
-        self._send(session, P.Control(session.draft_len, 1.0))
+        self._send(session, _control(self.draft_control.decisions[session.device_id]))
+        session.answered_at = time.monotonic()
 
     def _on_draft(self, session: Session, msg: P.Draft) -> None:
         request = session.request
@@ -281,8 +300,11 @@ class EdgeController:
         for ids in msg.q_ids:
             self._check_ids(ids, "q")
         session.pending = msg
+        now = time.monotonic()
+        self.draft_control.on_draft(session.device_id, len(msg.tokens), msg.draft_s,
+                                    session.pending_bytes, now - session.answered_at)
         if self._round_opened_at is None:
-            self._round_opened_at = time.monotonic()
+            self._round_opened_at = now
 
     def _check_ids(self, ids: list[int], what: str) -> None:
         vocab = self.target.vocab_size
@@ -295,6 +317,36 @@ class EdgeController:
         if session.slot is not None:
             self.verifier.close(session.slot)
         session.slot, session.request, session.pending = None, None, None
+        self.draft_control.on_request_end(session.device_id)
+
+    def _drop(self, session: Session, why: str) -> None:
+        """Forget a device: free its slot, its estimates and its metrics."""
+        log.info("%s %s", session.device_id, why)
+        self._end_request(session)
+        self.sessions.pop(session.identity, None)
+        self.draft_control.leave(session.device_id)
+        self.metrics.forget_device(session.device_id)
+        self.metrics.sessions.set(len(self.sessions))
+
+    def _push_decisions(self, changed: dict[str, Decision]) -> None:
+        for session in list(self.sessions.values()):
+            if session.device_id in changed:
+                self._send(session, _control(changed[session.device_id]))
+                self._update_metrics(session)
+        if changed:
+            self.metrics.plan_goodput.set(self.draft_control.plan_goodput_tok_s)
+
+    def _update_metrics(self, session: Session) -> None:
+        device = session.device_id
+        est = self.draft_control.devices[device]
+        decision = self.draft_control.decisions[device]
+        m = self.metrics
+        m.goodput.labels(device).set(est.goodput_tok_s)
+        m.acceptance.labels(device).set(est.acceptance.mean)
+        m.draft_len.labels(device).set(decision.draft_len)
+        m.share.labels(device).set(decision.bandwidth_share)
+        m.draft_s.labels(device).set(est.draft_s_per_token.value or 0.0)
+        m.delay.labels(device).set(est.delay_s.value or 0.0)
 
     def _fail(self, session: Session, code: str, message: str) -> None:
         self._end_request(session)
@@ -303,15 +355,11 @@ class EdgeController:
     def _purge_silent(self, now: float) -> None:
         timeout = self.config.server.session_timeout_s
         for session in [s for s in self.sessions.values() if now - s.last_seen > timeout]:
-            log.warning("%s silent for %.0f s; dropping its session", session.device_id, timeout)
-            self._end_request(session)
-            del self.sessions[session.identity]
+            self._drop(session, f"silent for {timeout:.0f} s; its session is dropped")
 
     def _send(self, session: Session, msg: P.Message) -> None:
         if not self._reply(session.identity, msg) and session.identity in self.sessions:
-            log.warning("%s unreachable; dropping its session", session.device_id)
-            self._end_request(session)
-            del self.sessions[session.identity]
+            self._drop(session, "unreachable; its session is dropped")
 
     def _reply(self, identity: bytes, msg: P.Message) -> bool:
         try:
@@ -319,6 +367,10 @@ class EdgeController:
             return True
         except (zmq.Again, zmq.ZMQError):  # peer gone (ROUTER_MANDATORY) or its queue full
             return False
+
+
+def _control(decision: Decision) -> P.Control:
+    return P.Control(decision.draft_len, decision.bandwidth_share, decision.uplink_rate_bps)
 
 
 def _verify_item(session: Session) -> VerifyItem:

@@ -37,11 +37,12 @@ class Session:
     device_id: str
     draft_model: str
     last_seen: float
-    draft_len: int
     request: Start | None = None
     slot: int | None = None  # verifier KV slot of the request in flight
     next_round: int = 0
     pending: Draft | None = None  # this round's draft, waiting for the round to close
+    pending_bytes: int = 0  # its frame size
+    answered_at: float = 0.0  # when the last verdict (or the request's control) was sent
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property

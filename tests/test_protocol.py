@@ -14,7 +14,7 @@ EXAMPLES = [
     P.Verdict("r1", 0, 1, [5, 7], False, 4),
     P.Ping(12.5, b"\0" * 10),
     P.Pong(12.5, 10, 99.0),
-    P.Telemetry(0.012, 0.004, 8e6, {"cpu_percent": 12.0}),
+    P.Telemetry(0.012, 0.004, 8e6, 2.5, {"cpu_percent": 12.0}),
     P.Error("capacity", "no free slot", fatal=False, request_id="r1"),
     P.Bye(),
 ]

@@ -1,0 +1,193 @@
+"""Live draft control: estimates per device in, draft lengths and uplink shares out.
+
+The controller feeds this class what it observes (draft frames and their timing,
+verification outcomes, round times, device telemetry); ``maybe_resolve`` re-solves the
+configured policy (edge_controller/control) when devices join or leave or an estimate
+moved, never per token, and returns the decisions that changed, for the controller to push.
+
+What each model input is estimated from (symbols of docs/system-model.md):
+
+* ``a_k``: censored acceptance from verdicts (AcceptanceEstimate);
+* ``t_k``: the device's own drafting time per token, reported in every draft;
+* ``b0, b``: an affine fit of the draft frames' size against their length, per device;
+* ``d_k``: the rest of the device's round: (draft arrival - verdict sent) - drafting -
+  paced upload. It holds the link's round trip and any queueing;
+* ``s_k``: spectral efficiency reported by the device (its radio; an emulated one in
+  trials), else ``control.spectral_efficiency``;
+* ``T_v``: an affine fit of round verification time against sum (L_k + 1), calibrated at
+  start-up on this machine and refined every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_controller.config import ControlConfig
+from edge_controller.control import SystemParams, UserParams, VerifyTime, solve
+from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
+
+log = logging.getLogger(__name__)
+
+FIXED_POLICY = "fixed"  # the configured draft_len for everyone, unpaced uploads
+
+
+@dataclass(frozen=True)
+class Decision:
+    draft_len: int
+    bandwidth_share: float
+    uplink_rate_bps: float  # beta_k B s_k; 0 = unpaced
+
+
+@dataclass
+class DeviceEstimates:
+    spectral_efficiency: float
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    draft_s_per_token: RunningMean = field(default_factory=RunningMean)
+    delay_s: RunningMean = field(default_factory=RunningMean)
+    upload_bits: AffineFit = field(default_factory=lambda: AffineFit(forget=0.95))
+    tokens_per_round: RunningMean = field(default_factory=RunningMean)
+    round_period_s: RunningMean = field(default_factory=RunningMean)
+    last_verdict_at: float | None = None
+
+    @property
+    def goodput_tok_s(self) -> float:
+        if self.tokens_per_round.value is None or not self.round_period_s.value:
+            return 0.0
+        return self.tokens_per_round.value / self.round_period_s.value
+
+    def upload_law(self, default_overhead_bits: float, default_bits: float) -> tuple[float, float]:
+        """(b0, b) of this device's uploads: fitted once two draft lengths were seen."""
+        if self.upload_bits.ready:
+            return self.upload_bits.coefficients()
+        return default_overhead_bits, default_bits
+
+
+class DraftController:
+    def __init__(self, config: ControlConfig, verify_time: AffineFit):
+        self.config = config
+        self.verify_time = verify_time
+        self.devices: dict[str, DeviceEstimates] = {}
+        self.decisions: dict[str, Decision] = {}
+        self.plan_goodput_tok_s = 0.0
+        self._solved_inputs: np.ndarray | None = None
+        self._membership_changed = True
+        self._last_solve = -np.inf
+
+    # ---- observations ----------------------------------------------------------------
+    def join(self, device_id: str) -> Decision:
+        self.devices[device_id] = DeviceEstimates(self.config.spectral_efficiency)
+        self.decisions[device_id] = self._initial_decision()
+        self._membership_changed = True
+        return self.decisions[device_id]
+
+    def leave(self, device_id: str) -> None:
+        self.devices.pop(device_id, None)
+        self.decisions.pop(device_id, None)
+        self._membership_changed = True
+
+    def on_draft(self, device_id: str, draft_len: int, draft_s: float, frame_bytes: int,
+                 gap_s: float) -> None:
+        """A draft arrived ``gap_s`` after the device's last verdict (or control) was sent."""
+        est = self.devices[device_id]
+        if draft_len > 0 and draft_s > 0:
+            est.draft_s_per_token.update(draft_s / draft_len)
+        est.upload_bits.update(draft_len, 8 * frame_bytes)
+        rate = self.decisions[device_id].uplink_rate_bps
+        upload_s = 8 * frame_bytes / rate if rate > 0 else 0.0
+        est.delay_s.update(max(gap_s - draft_s - upload_s, 0.0))
+
+    def on_verdict(self, device_id: str, accepted: int, drafted: int, committed: int,
+                   now: float) -> None:
+        est = self.devices[device_id]
+        est.acceptance.update(accepted, drafted)
+        est.tokens_per_round.update(committed)
+        if est.last_verdict_at is not None:
+            est.round_period_s.update(now - est.last_verdict_at)
+        est.last_verdict_at = now
+
+    def on_request_end(self, device_id: str) -> None:
+        """Idle time between requests is not a round period."""
+        if device_id in self.devices:
+            self.devices[device_id].last_verdict_at = None
+
+    def on_round(self, tokens: int, seconds: float) -> None:
+        self.verify_time.update(tokens, seconds)
+
+    def on_telemetry(self, device_id: str, spectral_efficiency: float,
+                     draft_s_per_token: float) -> None:
+        est = self.devices[device_id]
+        if spectral_efficiency > 0:
+            est.spectral_efficiency = spectral_efficiency
+        if draft_s_per_token > 0 and est.draft_s_per_token.value is None:
+            est.draft_s_per_token.update(draft_s_per_token)
+
+    # ---- decisions -------------------------------------------------------------------
+    def maybe_resolve(self, now: float | None = None) -> dict[str, Decision]:
+        """Re-solve if due; return the decisions that changed (device id -> decision)."""
+        now = time.monotonic() if now is None else now
+        if self.config.policy == FIXED_POLICY or not self.devices:
+            return {}
+        if now - self._last_solve < self.config.resolve_interval_s:
+            return {}
+        ids = sorted(self.devices)
+        inputs = self._inputs(ids)
+        if inputs is None:
+            return {}
+        moved = self._solved_inputs is None or self._solved_inputs.shape != inputs.shape or (
+            np.abs(inputs - self._solved_inputs) > self.config.resolve_threshold
+            * np.maximum(np.abs(self._solved_inputs), 1e-9)).any()
+        if not (moved or self._membership_changed):
+            return {}
+        self._last_solve = now
+        try:
+            plan = solve(self.config.policy, *self._problem(ids, inputs))
+        except ValueError as exc:
+            log.warning("draft control: %s; keeping the current decisions", exc)
+            return {}
+        self._solved_inputs, self._membership_changed = inputs, False
+        self.plan_goodput_tok_s = plan.goodput_tok_s
+        changed = {}
+        for i, device_id in enumerate(ids):
+            share = float(plan.bandwidth_share[i])
+            rate = share * self.config.bandwidth_hz * self.devices[device_id].spectral_efficiency
+            decision = Decision(int(plan.draft_len[i]), share, max(rate, 1.0))
+            if decision != self.decisions.get(device_id):
+                self.decisions[device_id] = changed[device_id] = decision
+        log.info("draft control (%s): predicted %.1f tok/s; %s", self.config.policy,
+                 plan.goodput_tok_s, ", ".join(
+                     f"{d}: L={self.decisions[d].draft_len} "
+                     f"share={self.decisions[d].bandwidth_share:.2f}" for d in ids))
+        return changed
+
+    def _initial_decision(self) -> Decision:
+        if self.config.policy == FIXED_POLICY:
+            return Decision(self.config.draft_len, 1.0, 0.0)
+        # Until estimates exist: the configured length, an equal share of the band.
+        share = 1.0 / max(len(self.devices), 1)
+        rate = share * self.config.bandwidth_hz * self.config.spectral_efficiency
+        return Decision(self.config.draft_len, share, rate)
+
+    def _inputs(self, ids: list[str]) -> np.ndarray | None:
+        """Per device [t, a, s, d, b0, b]; None while a device has no measurements yet."""
+        rows = []
+        for device_id in ids:
+            est = self.devices[device_id]
+            if est.draft_s_per_token.value is None or est.delay_s.value is None:
+                return None
+            b0, b = est.upload_law(self.config.overhead_bits, self.config.bits_per_token)
+            rows.append([est.draft_s_per_token.value, est.acceptance.mean,
+                         est.spectral_efficiency, est.delay_s.value, b0, b])
+        return np.array(rows)
+
+    def _problem(self, ids: list[str], inputs: np.ndarray) -> tuple[SystemParams, UserParams]:
+        base_s, per_token_s = self.verify_time.coefficients()
+        t, a, s, d, b0, b = inputs.T
+        system = SystemParams(
+            bandwidth_hz=self.config.bandwidth_hz, bits_per_token=b, overhead_bits=b0,
+            verify_time=VerifyTime(base_s, per_token_s), max_draft_len=self.config.max_draft_len,
+        )
+        return system, UserParams(t, a, s, d, names=tuple(ids))

@@ -1,0 +1,46 @@
+"""Prometheus metrics of the controller (one registry per controller instance)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "multispin"
+ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ControllerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r, d = self.registry, ["device"]
+        self.goodput = Gauge(f"{PREFIX}_device_goodput_tok_s", "committed tokens/s", d, registry=r)
+        self.acceptance = Gauge(f"{PREFIX}_device_acceptance",
+                                "censored per-token acceptance estimate", d, registry=r)
+        self.draft_len = Gauge(f"{PREFIX}_device_draft_len", "draft length in force", d,
+                               registry=r)
+        self.share = Gauge(f"{PREFIX}_device_bandwidth_share", "uplink share in force", d,
+                           registry=r)
+        self.draft_s = Gauge(f"{PREFIX}_device_draft_s_per_token", "drafting time per token", d,
+                             registry=r)
+        self.delay = Gauge(f"{PREFIX}_device_delay_s", "per-round delay estimate d_k", d,
+                           registry=r)
+        self.round_s = Histogram(f"{PREFIX}_round_seconds", "round time, first draft in to "
+                                 "verdicts out", buckets=ROUND_BUCKETS, registry=r)
+        self.verify_s = Histogram(f"{PREFIX}_verify_seconds", "batched verification time",
+                                  buckets=ROUND_BUCKETS, registry=r)
+        self.batch = Gauge(f"{PREFIX}_round_devices", "devices in the last round", registry=r)
+        self.sessions = Gauge(f"{PREFIX}_sessions", "registered devices", registry=r)
+        self.rejected = Counter(f"{PREFIX}_rejected_messages", "messages refused, by code",
+                                ["code"], registry=r)
+        self.plan_goodput = Gauge(f"{PREFIX}_plan_goodput_tok_s",
+                                  "sum goodput the current plan predicts", registry=r)
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
+
+    def forget_device(self, device_id: str) -> None:
+        for gauge in (self.goodput, self.acceptance, self.draft_len, self.share, self.draft_s,
+                      self.delay):
+            with contextlib.suppress(KeyError):  # never reported yet
+                gauge.remove(device_id)
