@@ -1,0 +1,1 @@
+"""Field trials on one host: network namespaces per device, shaped links (docs/trials.md)."""
