@@ -105,7 +105,7 @@ def _system(table: Any) -> SystemParams:
         overhead_bits=_number(table, "overhead_bits", where, 0.0),
         max_draft_len=max_len,
         verify_time=VerifyTime(
-            _number(verify, "base_s", f"{where}.verify_time"),
+            _positive(verify, "base_s", f"{where}.verify_time", "a round cannot take no time"),
             _number(verify, "per_token_s", f"{where}.verify_time"),
         ),
     )

@@ -92,10 +92,11 @@ def agnostic(system: SystemParams, users: UserParams) -> Plan:
     return _equal_share_plan("agnostic", system, users, draft_len)
 
 
-def fixed_len(
-    system: SystemParams, users: UserParams, fixed_draft_len: int = DEFAULT_FIXED_DRAFT_LEN
-) -> Plan:
-    """Equal shares, L = fixed_draft_len for every device (a common library default is 4)."""
+def fixed_len(system: SystemParams, users: UserParams, fixed_draft_len: int | None = None) -> Plan:
+    """Equal shares, one configured L for every device (default 4, a common library
+    default, capped at L_max)."""
+    if fixed_draft_len is None:
+        fixed_draft_len = min(DEFAULT_FIXED_DRAFT_LEN, system.max_draft_len)
     if not 0 <= fixed_draft_len <= system.max_draft_len:
         raise ValueError(f"fixed_draft_len {fixed_draft_len} not in 0..{system.max_draft_len}")
     draft_len = np.full(users.num_users, fixed_draft_len)
@@ -156,7 +157,7 @@ class _Tables:
 
         tau: (n,) -> (n, M, K)."""
         slack = np.asarray(tau)[:, None, None] - self.compute_s
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             share = np.where(self.upload_s > 0, self.upload_s / slack, 0.0)
         return np.where((slack > 0) | ((slack == 0) & (self.upload_s == 0)), share, np.inf)
 
