@@ -32,7 +32,7 @@ def load_target(path: str | Path, dtype: str = "float32", device: str = "cpu") -
         directory, kwargs = path.parent, {"gguf_file": path.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        directory, torch_dtype=getattr(torch, dtype), **kwargs
+        directory, dtype=getattr(torch, dtype), **kwargs
     ).to(device)
     model.eval()
     return model, tokenizer

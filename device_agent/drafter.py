@@ -1,0 +1,217 @@
+"""The device's drafter: a small GGUF model in llama.cpp behind ``begin / draft / accept``.
+
+KV cache reuse. The llama.cpp context lives across rounds. Two sequences matter: the
+*committed* one (prompt + every round's committed tokens, ``self.sequence``) and the
+*evaluated* one (what the KV cache holds: ``llm.input_ids[:llm.n_tokens]``, which also
+holds last round's draft tokens). ``draft`` truncates the cache to their longest common
+prefix, capped at ``len(sequence) - 1`` so the newest committed token is evaluated again
+and its logits are fresh, evaluates the rest of the committed sequence, then n times:
+read the newest logits, pick a draft token, evaluate it (all but the last one, which the
+next round evaluates only if it was accepted). Worked example, 5-token prompt P, L = 3::
+
+    round 1  evaluate P (5) + d1 d2 (2)                           7 evaluations
+             verdict: d1 accepted, correction c -> sequence P d1 c
+    round 2  keep P d1 (6), evaluate c (1) + e1 e2 (2)            3 = L
+             verdict: all accepted, bonus b -> sequence P d1 c e1 e2 e3 b
+    round 3  keep up to e2 (9), evaluate e3 b (2) + 2 drafts      4 = L + 1
+
+After the first round a round evaluates at most L + 1 tokens (DESIGN.md allows L + 2).
+
+Sampling (temperature > 0) is lossless only if the uploaded q is exactly what the token
+was drawn from (DESIGN.md, "Lossless sampling with a compact upload"): :func:`sparse_q`
+quantises the top-k of ``softmax(logits / temperature)`` to the wire's integer counts,
+and :func:`sample_sparse` draws from exactly ``counts / sum(counts)`` with a numpy
+generator keyed by (seed, absolute position), never through llama.cpp's sampler chain.
+A position's random numbers only ever decide draft tokens at that position, and a draft
+token that is not committed is discarded, so reusing them when a position is drafted
+again after a rejection keeps drafts independent of the verifier's coins.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from edge_controller.protocol import MAX_TOP_K, Q_SCALE
+from models.fingerprint import fingerprint_llama, llama_token_pieces
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftResult:
+    tokens: list[int]  # [L] draft token ids
+    q_ids: list[list[int]] = field(default_factory=list)  # [L][<=k] sampling mode; [] greedy
+    q_counts: list[list[int]] = field(default_factory=list)  # [L][<=k]; q = count / sum
+    seconds: float = 0.0  # wall time of draft(), incl. evaluating committed tokens
+
+
+def sparse_q(logits: np.ndarray, temperature: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The draft's sparse distribution at one position, as it travels on the wire.
+
+    logits: [V] float. Returns (ids, counts), most likely first: the top-k of
+    ``softmax(logits / temperature)``, renormalised and rounded to integer counts summing
+    to about ``Q_SCALE``; zero counts are dropped. q(id) = count / counts.sum() exactly.
+    """
+    k = min(top_k, logits.size)
+    ids = np.argpartition(logits, -k)[-k:]
+    ids = ids[np.argsort(-logits[ids], kind="stable")]
+    scaled = logits[ids].astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled[0])
+    counts = np.rint(probs / probs.sum() * Q_SCALE).astype(np.int64)
+    keep = counts > 0
+    return ids[keep], counts[keep]
+
+
+def sample_sparse(ids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one id with probability exactly count / counts.sum() (integer arithmetic)."""
+    r = rng.integers(counts.sum())
+    return int(ids[np.searchsorted(np.cumsum(counts), r, side="right")])
+
+
+def position_rng(seed: int, position: int) -> np.random.Generator:
+    """The draft's random numbers for one absolute sequence position of a seeded request."""
+    return np.random.default_rng([seed, position])
+
+
+class Drafter:
+    """A GGUF draft model with a KV cache reused across rounds.
+
+    Counters (read by telemetry): ``evaluated_tokens`` (total evaluated by llama.cpp),
+    ``last_round_evaluated``, ``rounds`` (draft calls), ``drafted_tokens``.
+    """
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int = 1,
+        pace_s_per_token: float = 0.0,
+    ):
+        gguf_path = Path(gguf_path)
+        if not gguf_path.is_file():
+            raise FileNotFoundError(f"draft model {gguf_path} does not exist")
+        self.llm = llama_cpp.Llama(
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            logits_all=False,
+            verbose=False,
+        )
+        model = self.llm.model
+        if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+            raise ValueError(
+                f"{gguf_path.name} is a recurrent/hybrid model: its cache cannot be rolled "
+                "back to an accepted prefix; drafts must be pure-attention models"
+            )
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.model_id = gguf_path.stem
+        self.n_ctx = self.llm.n_ctx()
+        self.vocab_size = self.llm.n_vocab()
+        self.fingerprint = fingerprint_llama(self.llm)
+        self.eos_token_ids = [
+            i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self.vocab, i)
+        ]
+        self.pace_s_per_token = pace_s_per_token
+        self.sequence: list[int] = []  # prompt + committed tokens
+        self.evaluated_tokens = 0
+        self.last_round_evaluated = 0
+        self.rounds = 0
+        self.drafted_tokens = 0
+        log.info(
+            "drafter %s: vocab %d, context %d, %d thread(s), fingerprint %s",
+            self.model_id,
+            self.vocab_size,
+            self.n_ctx,
+            n_threads,
+            self.fingerprint,
+        )
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``; special tokens written in it (``<|im_start|>``) are parsed."""
+        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+    def detokenize(self, ids: list[int]) -> bytes:
+        """The bytes of ``ids`` (control tokens render to nothing); safe to stream per round."""
+        return b"".join(llama_token_pieces(self.vocab, ids, special=False))
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        """Start a request. Nothing is evaluated yet: the first draft evaluates the prompt,
+        reusing whatever prefix the cache shares with it."""
+        if not 0 < len(prompt_ids) < self.n_ctx:
+            raise ValueError(f"prompt must hold 1..{self.n_ctx - 1} tokens")
+        self.sequence = list(prompt_ids)
+
+    def draft(
+        self, n: int, *, temperature: float = 0.0, top_k: int = 32, seed: int = 0
+    ) -> DraftResult:
+        """Draft ``n`` tokens after the committed sequence (greedy if temperature == 0)."""
+        started = time.perf_counter()
+        if not self.sequence:
+            raise RuntimeError("draft() before begin()")
+        if len(self.sequence) + n > self.n_ctx:
+            raise ValueError(
+                f"{len(self.sequence)} + {n} tokens exceed the context of {self.n_ctx}"
+            )
+        if temperature < 0 or not 1 <= top_k <= MAX_TOP_K:
+            raise ValueError(f"need temperature >= 0 and 1 <= top_k <= {MAX_TOP_K}")
+        evaluated_before = self.evaluated_tokens
+        result = DraftResult(tokens=[])
+        for i in range(n):
+            token_started = time.perf_counter()
+            if i == 0:
+                self._sync()
+            else:
+                self._eval(result.tokens[-1:])
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_size,)
+            )
+            if temperature == 0:
+                token = int(np.argmax(logits))
+            else:
+                ids, counts = sparse_q(logits, temperature, top_k)
+                position = len(self.sequence) + i
+                token = sample_sparse(ids, counts, position_rng(seed, position))
+                result.q_ids.append(ids.tolist())
+                result.q_counts.append(counts.tolist())
+            result.tokens.append(token)
+            spare = self.pace_s_per_token - (time.perf_counter() - token_started)
+            if spare > 0:
+                time.sleep(spare)
+        self.rounds += 1
+        self.drafted_tokens += n
+        self.last_round_evaluated = self.evaluated_tokens - evaluated_before
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def accept(self, committed: list[int]) -> None:
+        """Append the round's committed tokens (accepted drafts + correction or bonus)."""
+        self.sequence.extend(committed)
+
+    def _sync(self) -> None:
+        """Make the cache hold the committed sequence, its newest token freshly evaluated."""
+        evaluated = self.llm.input_ids[: self.llm.n_tokens]
+        shared = np.asarray(self.sequence[: len(evaluated)])
+        mismatch = np.flatnonzero(evaluated[: len(shared)] != shared)
+        keep = min(int(mismatch[0]) if mismatch.size else len(shared), len(self.sequence) - 1)
+        if keep < self.llm.n_tokens:
+            self._truncate(keep)
+        self._eval(self.sequence[keep:])
+
+    def _truncate(self, pos: int) -> None:
+        """Drop cache positions >= pos (llama-cpp-python 0.3.x)."""
+        memory = llama_cpp.llama_get_memory(self.llm.ctx)
+        if not llama_cpp.llama_memory_seq_rm(memory, -1, pos, -1):
+            raise RuntimeError(f"llama.cpp cannot roll {self.model_id} back to position {pos}")
+        self.llm.n_tokens = pos
+
+    def _eval(self, tokens: list[int]) -> None:
+        self.llm.eval(tokens)
+        self.evaluated_tokens += len(tokens)
