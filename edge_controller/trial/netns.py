@@ -22,6 +22,7 @@ process the lab spawned, by pid, stops the wire and deletes every namespace it c
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import fcntl
@@ -71,15 +72,24 @@ class LinkShape:
     down_delay_ms: float | None = None  # downlink one-way delay
 
     def __post_init__(self):
-        values = (self.delay_ms, self.jitter_ms, self.loss_pct, self.rate_mbit,
-                  self.down_delay_ms or 0.0)
+        values = (
+            self.delay_ms,
+            self.jitter_ms,
+            self.loss_pct,
+            self.rate_mbit,
+            self.down_delay_ms or 0.0,
+        )
         if min(values) < 0 or self.loss_pct > 100:
             raise ValueError(f"invalid link shape {self}: need values >= 0 and loss_pct <= 100")
 
     def wire_config(self) -> dict[str, float]:
         down = self.delay_ms if self.down_delay_ms is None else self.down_delay_ms
-        return {"up_delay_s": self.delay_ms / 1e3, "up_jitter_s": self.jitter_ms / 1e3,
-                "up_loss": self.loss_pct / 100, "down_delay_s": down / 1e3}
+        return {
+            "up_delay_s": self.delay_ms / 1e3,
+            "up_jitter_s": self.jitter_ms / 1e3,
+            "up_loss": self.loss_pct / 100,
+            "down_delay_s": down / 1e3,
+        }
 
 
 @dataclass
@@ -117,8 +127,13 @@ def check_requirements() -> None:
 class NetworkLab:
     """``with NetworkLab(["jetson", "phone"]) as lab:`` builds the namespaces and links."""
 
-    def __init__(self, devices: Sequence[str] | dict[str, LinkShape], *, prefix: str = PREFIX,
-                 wire_cpus: Sequence[int] | None = None):
+    def __init__(
+        self,
+        devices: Sequence[str] | dict[str, LinkShape],
+        *,
+        prefix: str = PREFIX,
+        wire_cpus: Sequence[int] | None = None,
+    ):
         names = list(devices)
         if not 0 < len(names) <= MAX_DEVICES or len(set(names)) != len(names):
             raise ValueError(f"need 1..{MAX_DEVICES} distinct device names")
@@ -127,8 +142,14 @@ class NetworkLab:
         self.hub_netns = f"{prefix}{os.getpid()}-hub"
         shapes = devices if isinstance(devices, dict) else {}
         self.devices = {
-            name: DeviceNet(name, k, f"{prefix}{os.getpid()}-{k}", f"msp{owner}d{k}",
-                            f"msp{owner}h{k}", shapes.get(name, LinkShape()))
+            name: DeviceNet(
+                name,
+                k,
+                f"{prefix}{os.getpid()}-{k}",
+                f"msp{owner}d{k}",
+                f"msp{owner}h{k}",
+                shapes.get(name, LinkShape()),
+            )
             for k, name in enumerate(names)
         }
         self.wire_cpus = wire_cpus
@@ -158,7 +179,11 @@ class NetworkLab:
         pairs = [f"{d.hub_iface}:{d.iface}" for d in self.devices.values()]
         self._wire = self._popen(
             [sys.executable, "-m", "edge_controller.trial.netns", "wire", *pairs],
-            self.wire_cpus, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.wire_cpus,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if self._wire_reply() != {"ready": True}:
             raise LabError("the wire process did not start")
         self._add_netns(self.hub_netns)
@@ -205,8 +230,22 @@ class NetworkLab:
         if new.rate_mbit > 0:
             rate_bytes = new.rate_mbit * 1e6 / 8
             burst = max(2 * MTU_BYTES, int(rate_bytes * 0.004))  # 4 ms of traffic at most
-            _run([*tc, "replace", "dev", dev.iface, "root", "tbf", "rate", f"{new.rate_mbit}mbit",
-                  "burst", str(burst), "latency", "200ms"])
+            _run(
+                [
+                    *tc,
+                    "replace",
+                    "dev",
+                    dev.iface,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{new.rate_mbit}mbit",
+                    "burst",
+                    str(burst),
+                    "latency",
+                    "200ms",
+                ]
+            )
         elif dev.shape.rate_mbit > 0:
             _run([*tc, "del", "dev", dev.iface, "root"])
         dev.shape = new
@@ -217,8 +256,14 @@ class NetworkLab:
         """Packets the wire forwarded and dropped on a link, per direction."""
         return self._wire_command({"link": self.devices[device].index})
 
-    def spawn(self, device: str | None, argv: Sequence[str], *, cpus: Sequence[int] | None = None,
-              **popen_kwargs) -> subprocess.Popen:
+    def spawn(
+        self,
+        device: str | None,
+        argv: Sequence[str],
+        *,
+        cpus: Sequence[int] | None = None,
+        **popen_kwargs,
+    ) -> subprocess.Popen:
         """Start ``argv`` in ``device``'s namespace (None: the hub), optionally on ``cpus``.
 
         The process gets its own session (a terminal's Ctrl-C reaches the lab, which stops
@@ -234,8 +279,9 @@ class NetworkLab:
         return f"tcp://{self.devices[device].hub_address}:{port}"
 
     # ---- internals -------------------------------------------------------------------
-    def _popen(self, argv: Sequence[str], cpus: Sequence[int] | None,
-               **popen_kwargs) -> subprocess.Popen:
+    def _popen(
+        self, argv: Sequence[str], cpus: Sequence[int] | None, **popen_kwargs
+    ) -> subprocess.Popen:
         if cpus:
             argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
         popen_kwargs.setdefault("start_new_session", True)
@@ -287,7 +333,7 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     removed = []
     listing = _run(["ip", "netns", "list"]).stdout.split()
     for netns in (name for name in listing if name.startswith(prefix)):
-        owner = netns[len(prefix):].split("-", 1)[0]
+        owner = netns[len(prefix) :].split("-", 1)[0]
         if not owner.isdigit() or _alive(int(owner)):
             continue
         _kill_netns_pids(netns)
@@ -314,10 +360,8 @@ def _alive(pid: int) -> bool:
 def _kill_netns_pids(netns: str) -> None:
     for pid in _run(["ip", "netns", "pids", netns], check=False).stdout.split():
         log.warning("killing pid %s still running in %s", pid, netns)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -426,8 +470,11 @@ def _configure(links: list[dict[str, _Direction]], command: dict) -> dict[str, i
     if shape is not None:
         link["up"].delay_s, link["up"].jitter_s = shape["up_delay_s"], shape["up_jitter_s"]
         link["up"].loss, link["down"].delay_s = shape["up_loss"], shape["down_delay_s"]
-    return {f"{name}_{what}": getattr(d, what)
-            for name, d in link.items() for what in ("forwarded", "dropped")}
+    return {
+        f"{name}_{what}": getattr(d, what)
+        for name, d in link.items()
+        for what in ("forwarded", "dropped")
+    }
 
 
 if __name__ == "__main__":
