@@ -133,6 +133,11 @@ def test_greedy_decoding_matches_transformers_generate(target, prompts):
         output += draft[: outcome.accepted] + [outcome.next_token]
         assert verifier.length(slot) == len(prompt) + len(output)
     assert output[: len(reference)] == reference
+    assert verifier.tokens(slot) == prompt + output
+
+    verifier.truncate(slot, len(prompt))  # replay from the prompt over the stale cache
+    replay = verifier.verify([VerifyItem(slot, reference[:4], GREEDY)])[0]
+    assert (replay.accepted, replay.next_token) == (4, reference[4])
 
 
 # --- batched == per session -------------------------------------------------------------

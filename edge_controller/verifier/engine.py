@@ -145,8 +145,7 @@ class Verifier:
                 f"KV cache of {self.kv_bytes / 2**30:.2f} GiB ({max_sessions} sessions x "
                 f"{max_len} tokens) does not fit on {self.device}; lower the budget"
             ) from None
-        self._length = [0] * max_sessions
-        self._pending = [0] * max_sessions
+        self._tokens: list[list[int]] = [[] for _ in range(max_sessions)]  # per slot
         self._open = [False] * max_sessions
         log.info(
             "verifier: %s on %s/%s, %d slots x %d tokens, KV %.1f MiB",
@@ -185,20 +184,31 @@ class Verifier:
             with torch.inference_mode():
                 self._forward(rows, logits=False)
         self._open[slot] = True
-        self._length[slot] = len(prompt_ids)
-        self._pending[slot] = prompt_ids[-1]
+        self._tokens[slot] = list(prompt_ids)
         log.debug("opened slot %d with a prompt of %d tokens", slot, len(prompt_ids))
         return slot
 
     def close(self, slot: int) -> None:
         self._check_slot(slot)
         self._open[slot] = False
-        log.debug("closed slot %d at length %d", slot, self._length[slot])
+        log.debug("closed slot %d at length %d", slot, len(self._tokens[slot]))
 
     def length(self, slot: int) -> int:
         """Tokens in the sequence so far (prompt + committed output); the last is pending."""
         self._check_slot(slot)
-        return self._length[slot]
+        return len(self._tokens[slot])
+
+    def tokens(self, slot: int) -> list[int]:
+        """The session's sequence: prompt + committed output, the last one pending."""
+        self._check_slot(slot)
+        return list(self._tokens[slot])
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll the session back to its first ``length`` tokens (the last becomes pending):
+        the same rollback by length that a rejection does, e.g. to replay a round."""
+        if not 1 <= length <= self.length(slot):
+            raise ValueError(f"slot {slot}: cannot truncate to {length} tokens")
+        del self._tokens[slot][length:]
 
     def room(self, slot: int) -> int:
         """The longest draft this session can still be verified with (negative: full)."""
@@ -216,13 +226,13 @@ class Verifier:
         if not items:
             return []
         self._check_items(items)
-        rows = self._rows([(it.slot, self._fed(it), self._length[it.slot] - 1) for it in items])
+        rows = self._rows_for(items)
         with torch.inference_mode():
             logits = self._forward(rows, logits=True)
             outcomes = self._decide(items, rows, logits)
         for item, outcome in zip(items, outcomes, strict=True):
-            self._length[item.slot] += outcome.accepted + 1
-            self._pending[item.slot] = outcome.next_token
+            committed = item.draft_tokens[: outcome.accepted] + [outcome.next_token]
+            self._tokens[item.slot] += committed
         return outcomes
 
     def verify_each(self, items: list[VerifyItem]) -> list[VerifyOutcome]:
@@ -233,13 +243,19 @@ class Verifier:
         """The target's logits after each of ``[pending, d_1 .. d_L]``, per item as
         ``[L + 1, V]`` float32, committing nothing (for tests and references)."""
         self._check_items(items)
-        rows = self._rows([(it.slot, self._fed(it), self._length[it.slot] - 1) for it in items])
+        rows = self._rows_for(items)
         with torch.inference_mode():
             logits = self._forward(rows, logits=True).float()
         return list(logits.split([len(it.draft_tokens) + 1 for it in items]))
 
-    def _fed(self, item: VerifyItem) -> list[int]:
-        return [self._pending[item.slot], *item.draft_tokens]
+    def _rows_for(self, items: list[VerifyItem]) -> _Rows:
+        """Each item feeds [pending, d_1 .. d_L] from the pending token's position on."""
+        return self._rows(
+            [
+                (it.slot, [self._tokens[it.slot][-1], *it.draft_tokens], self.length(it.slot) - 1)
+                for it in items
+            ]
+        )
 
     def _decide(self, items: list[VerifyItem], rows: _Rows, logits: Tensor) -> list[VerifyOutcome]:
         """Acceptance for every item, vectorised over items and positions.
@@ -267,7 +283,7 @@ class Verifier:
             p_target = process_logits(padded[index].flatten(0, 1), params)
             q_ids, q_probs = self._sparse_q([items[b] for b in sampled], width - 1)
             seed = torch.tensor([items[b].sampling.seed for b in sampled], dtype=torch.int64)
-            start = torch.tensor([self._length[items[b].slot] for b in sampled])
+            start = torch.tensor([self.length(items[b].slot) for b in sampled])
             acc, nxt = speculative_verify(
                 p_target.view(len(sampled), width, -1),
                 draft[index],
