@@ -331,7 +331,7 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     Namespaces of live labs, and names not in this scheme, are left alone.
     """
     removed = []
-    listing = _run(["ip", "netns", "list"]).stdout.split()
+    listing = [line.split()[0] for line in _run(["ip", "netns", "list"]).stdout.splitlines()]
     for netns in (name for name in listing if name.startswith(prefix)):
         owner = netns[len(prefix) :].split("-", 1)[0]
         if not owner.isdigit() or _alive(int(owner)):
