@@ -29,6 +29,8 @@ import numpy as np
 from edge_controller.config import ControlConfig
 from edge_controller.control import SystemParams, UserParams, VerifyTime, solve
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
+from edge_controller.verifier.engine import VerifyItem
+from edge_controller.verifier.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +193,27 @@ class DraftController:
             verify_time=VerifyTime(base_s, per_token_s), max_draft_len=self.config.max_draft_len,
         )
         return system, UserParams(t, a, s, d, names=tuple(ids))
+
+
+def calibrate_verify_time(verifier, vocab_size: int, fit: AffineFit, reps: int = 2) -> None:
+    """Seed the T_v fit with timed rounds on this machine: batches of 1..4 sessions with
+    drafts of 0 and 4 tokens over a short random prompt (a few seconds on a CPU)."""
+    rng = np.random.default_rng(0)
+    sessions = min(4, verifier.max_sessions)
+    log.info("calibrating verification time on this machine (%d sessions) ...", sessions)
+    slots = [verifier.open(rng.integers(0, vocab_size, 16).tolist()) for _ in range(sessions)]
+    try:
+        for draft_len in (0, 4):
+            for k in sorted({1, sessions}):
+                items = [VerifyItem(slot, rng.integers(0, vocab_size, draft_len).tolist(),
+                                    SamplingParams()) for slot in slots[:k]]
+                verifier.verify(items)  # warm-up; also moves the slots on, which is harmless
+                for _ in range(reps):
+                    started = time.perf_counter()
+                    verifier.verify(items)
+                    fit.update(k * (draft_len + 1), time.perf_counter() - started)
+    finally:
+        for slot in slots:
+            verifier.close(slot)
+    base_s, per_token_s = fit.coefficients()
+    log.info("verification time: %.1f ms + %.2f ms per token", base_s * 1e3, per_token_s * 1e3)

@@ -19,7 +19,12 @@ import zmq
 from edge_controller import protocol as P
 from edge_controller.config import ControllerConfig
 from edge_controller.control.estimators import AffineFit
-from edge_controller.draft_control import Decision, DraftController
+from edge_controller.draft_control import (
+    FIXED_POLICY,
+    Decision,
+    DraftController,
+    calibrate_verify_time,
+)
 from edge_controller.metrics import ControllerMetrics
 from edge_controller.sessions import RequestStats, Session, commit
 from edge_controller.verifier.engine import CapacityError, Verifier, VerifyItem, VerifyOutcome
@@ -70,6 +75,9 @@ class EdgeController:
     def serve(self, stop: threading.Event | None = None, ready: threading.Event | None = None):
         """Bind and serve until ``stop`` is set (or KeyboardInterrupt)."""
         stop = stop or threading.Event()
+        if self.config.control.policy != FIXED_POLICY and not self.draft_control.verify_time.ready:
+            calibrate_verify_time(self.verifier, self.target.vocab_size,
+                                  self.draft_control.verify_time)
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -331,8 +339,8 @@ class EdgeController:
     def _push_decisions(self, changed: dict[str, Decision]) -> None:
         for session in list(self.sessions.values()):
             if session.device_id in changed:
-                self._send(session, _control(changed[session.device_id]))
                 self._update_metrics(session)
+                self._send(session, _control(changed[session.device_id]))
         if changed:
             self.metrics.plan_goodput.set(self.draft_control.plan_goodput_tok_s)
 

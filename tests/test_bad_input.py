@@ -108,7 +108,9 @@ def test_seeded_sampling_reproduces_whoever_shares_the_batch(run_controller, def
     drafts = default_models.drafts
     seeded = AgentSpec("seeded", drafts["q5_0"], "Once upon a time, in a small village,", 24,
                        ("--temperature", "0.9", "--top-p", "0.95", "--seed", "1234"))
-    with run_controller() as controller:
+    # The fixed policy: with live control a device's draft lengths (and so which random
+    # numbers decide its tokens) depend on its batch-mates' estimates (docs/verifier.md).
+    with run_controller(control__policy="fixed") as controller:
         alone = run_agents(controller.endpoint, [seeded])[0]
         crowd = run_agents(controller.endpoint, [
             seeded,
