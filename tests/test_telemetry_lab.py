@@ -1,0 +1,104 @@
+"""Telemetry against ground truth the test controls: shaped links in a NetworkLab.
+
+A ping reflector (answering exactly like the controller) runs in the hub namespace; the
+probe runs in the device namespace as ``python -m device_agent.telemetry probe`` and
+prints one JSON report per measurement, stamped with the (host-wide) monotonic clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge_controller.trial.netns import LinkShape, NetworkLab
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the network lab needs root")
+
+PY = sys.executable
+PORT = 5555
+RTT_TOL_S = 0.015
+RATE_TOL = 0.25
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with NetworkLab(["dev"]) as lab:
+        reflector = lab.spawn(
+            None,
+            [
+                PY,
+                "-m",
+                "device_agent.telemetry",
+                "reflect",
+                "--bind",
+                f"tcp://*:{PORT}",
+                "--duration",
+                "120",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert reflector.stdout.readline().strip()  # bound
+        yield lab
+
+
+def probe(lab: NetworkLab, *args: str) -> subprocess.Popen:
+    return lab.spawn(
+        "dev",
+        [
+            PY,
+            "-m",
+            "device_agent.telemetry",
+            "probe",
+            "--controller",
+            lab.endpoint("dev", PORT),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def next_report(proc: subprocess.Popen, timeout_s: float = 15.0) -> dict:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    line = proc.stdout.readline() if ready else ""
+    assert line, f"no report from the probe (exit {proc.poll()})"
+    return json.loads(line)
+
+
+def test_reported_rtt_follows_the_link_delay(lab):
+    lab.set_link("dev", LinkShape(delay_ms=40))
+    report = next_report(probe(lab, "--rtt-count", "5", "--burst-count", "0"))
+    assert report["rtt_s"] == pytest.approx(0.080, abs=RTT_TOL_S)
+
+
+def test_reported_uplink_follows_the_tbf_rate(lab):
+    lab.set_link("dev", LinkShape(delay_ms=2, rate_mbit=8))
+    report = next_report(probe(lab, "--rtt-count", "1"))
+    assert report["uplink_bps"] == pytest.approx(8e6, rel=RATE_TOL)
+    assert report["rtt_s"] == pytest.approx(0.004, abs=RTT_TOL_S)
+
+
+def test_link_worsens_mid_run_and_the_reports_follow(lab):
+    lab.set_link("dev", LinkShape(delay_ms=10, rate_mbit=8))
+    proc = probe(lab, "--rtt-count", "3", "--every", "0.2", "--duration", "20")
+    for _ in range(2):
+        report = next_report(proc)
+        assert report["rtt_s"] == pytest.approx(0.020, abs=RTT_TOL_S)
+        assert report["uplink_bps"] == pytest.approx(8e6, rel=RATE_TOL)
+    lab.set_link("dev", delay_ms=60, rate_mbit=2)
+    changed_at = time.monotonic()
+    after = []
+    while len(after) < 2:
+        report = next_report(proc)
+        if report["started_at"] > changed_at:  # a report that began before may mix both
+            after.append(report)
+    for report in after:
+        assert report["rtt_s"] == pytest.approx(0.120, abs=RTT_TOL_S)
+        assert report["uplink_bps"] == pytest.approx(2e6, rel=RATE_TOL)
