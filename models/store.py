@@ -6,7 +6,7 @@ assembled models) and ``manifest.json``::
 
     {"version": 1,
      "files": {"<name>.gguf": {"sha256": ..., "recipe": {...how it was built...}}},
-     "fingerprints": {"<sha256 of a GGUF>": "tok1-..."}}
+     "fingerprints": {"tok1:<sha256 of a GGUF>": "tok1-..."}}
 
 Files that already exist (a local path, a file shipped in a package) are used in place.
 A built file is rebuilt, with a log line saying why, when it is missing, its sha256 no
@@ -37,7 +37,7 @@ from typing import Any
 
 import llama_cpp
 
-from models.fingerprint import fingerprint_gguf, fingerprint_hf
+from models.fingerprint import FINGERPRINT_VERSION, fingerprint_gguf, fingerprint_hf
 from models.registry import (
     QTYPES,
     AssembleSource,
@@ -210,10 +210,11 @@ class _Store:
         if path.is_dir():
             return Artifact(spec.name, path, "hf", None, _check(spec, _fingerprint_hf_dir(path)))
         sha = self.sha256(path)
-        fingerprint = self.manifest["fingerprints"].get(sha)
+        key = f"{FINGERPRINT_VERSION}:{sha}"
+        fingerprint = self.manifest["fingerprints"].get(key)
         if fingerprint is None:
             fingerprint = fingerprint_gguf(path)
-            self.manifest["fingerprints"][sha] = fingerprint
+            self.manifest["fingerprints"][key] = fingerprint
             self._write_manifest()
         return Artifact(spec.name, path, "gguf", sha, _check(spec, fingerprint))
 
