@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import statistics
 import subprocess
 import sys
 import time
@@ -72,6 +73,12 @@ def next_report(proc: subprocess.Popen, timeout_s: float = 15.0) -> dict:
     return json.loads(line)
 
 
+def median_report(reports: list[dict]) -> dict:
+    """Per-field median: the figure a controller would smooth to; CPU-busy hosts (shared
+    with model tests) can stall one process for a burst, which one sample would show."""
+    return {key: statistics.median(r[key] for r in reports) for key in ("rtt_s", "uplink_bps")}
+
+
 def test_reported_rtt_follows_the_link_delay(lab):
     lab.set_link("dev", LinkShape(delay_ms=40))
     report = next_report(probe(lab, "--rtt-count", "5", "--burst-count", "0"))
@@ -80,25 +87,26 @@ def test_reported_rtt_follows_the_link_delay(lab):
 
 def test_reported_uplink_follows_the_tbf_rate(lab):
     lab.set_link("dev", LinkShape(delay_ms=2, rate_mbit=8))
-    report = next_report(probe(lab, "--rtt-count", "1"))
+    proc = probe(lab, "--rtt-count", "3", "--duration", "10")
+    report = median_report([next_report(proc) for _ in range(3)])
+    proc.kill()
     assert report["uplink_bps"] == pytest.approx(8e6, rel=RATE_TOL)
     assert report["rtt_s"] == pytest.approx(0.004, abs=RTT_TOL_S)
 
 
 def test_link_worsens_mid_run_and_the_reports_follow(lab):
     lab.set_link("dev", LinkShape(delay_ms=10, rate_mbit=8))
-    proc = probe(lab, "--rtt-count", "3", "--every", "0.2", "--duration", "20")
-    for _ in range(2):
-        report = next_report(proc)
-        assert report["rtt_s"] == pytest.approx(0.020, abs=RTT_TOL_S)
-        assert report["uplink_bps"] == pytest.approx(8e6, rel=RATE_TOL)
+    proc = probe(lab, "--rtt-count", "3", "--every", "0.1", "--duration", "30")
+    before = median_report([next_report(proc) for _ in range(3)])
     lab.set_link("dev", delay_ms=60, rate_mbit=2)
     changed_at = time.monotonic()
     after = []
-    while len(after) < 2:
+    while len(after) < 3:
         report = next_report(proc)
         if report["started_at"] > changed_at:  # a report that began before may mix both
             after.append(report)
-    for report in after:
-        assert report["rtt_s"] == pytest.approx(0.120, abs=RTT_TOL_S)
-        assert report["uplink_bps"] == pytest.approx(2e6, rel=RATE_TOL)
+    proc.kill()
+    assert before["rtt_s"] == pytest.approx(0.020, abs=RTT_TOL_S)
+    assert before["uplink_bps"] == pytest.approx(8e6, rel=RATE_TOL)
+    assert median_report(after)["rtt_s"] == pytest.approx(0.120, abs=RTT_TOL_S)
+    assert median_report(after)["uplink_bps"] == pytest.approx(2e6, rel=RATE_TOL)

@@ -50,6 +50,7 @@ COMMAND_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 WIRE_QUEUE_PACKETS = 1000  # per direction and link, like netem's default limit
 MTU_BYTES = 1500
+WIRE_RT_PRIORITY = 10  # SCHED_FIFO; the wire sleeps in select() between packets
 
 _TUNSETIFF = 0x400454CA
 _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
@@ -434,6 +435,10 @@ def run_wire(pairs: Sequence[tuple[str, str]], seed: int = 0) -> None:
     link k (``shape`` optional); every command is answered with link k's counters.
     """
     rng = random.Random(seed)
+    try:  # the wire stands for hardware: trial processes must not starve it of CPU
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(WIRE_RT_PRIORITY))
+    except OSError as exc:
+        log.warning("wire runs without real-time priority (%s): CPU load may add delay", exc)
     links = []
     for hub_name, device_name in pairs:
         hub, device = _open_tun(hub_name), _open_tun(device_name)
