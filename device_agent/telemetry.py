@@ -254,7 +254,10 @@ def reflect(
             if not sock.poll(int(min(remaining, 0.1) * 1000)):
                 continue
             identity, *body = sock.recv_multipart()
-            msg = P.decode(body[0]) if len(body) == 1 else None
+            try:
+                msg = P.decode(body[0]) if len(body) == 1 else None
+            except P.ProtocolError:
+                continue
             if isinstance(msg, P.Ping):
                 pong = P.Pong(msg.sent_at, len(body[0]), time.monotonic())
                 sock.send_multipart([identity, P.encode(pong)])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -173,6 +174,20 @@ def test_signal_tears_the_lab_down(sig):
     assert proc.returncode != 0
     assert not {hub, device} & netns_names()
     assert not os.path.exists(f"/proc/{child}")
+
+
+def test_a_killed_lab_takes_its_processes_along_and_leaves_namespaces_for_cleanup():
+    proc = subprocess.Popen([PY, "-c", LAB_SCRIPT], stdout=subprocess.PIPE, text=True)
+    hub, device, child = json.loads(proc.stdout.readline())
+    proc.kill()  # no teardown runs
+    proc.wait(10)
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child}")  # it died with the lab's process
+    assert {hub, device} <= netns_names()
+    assert {hub, device} <= set(cleanup_stale())
+    assert not {hub, device} & netns_names()
 
 
 def test_cleanup_stale_removes_only_namespaces_of_dead_owners():

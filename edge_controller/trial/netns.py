@@ -230,23 +230,9 @@ class NetworkLab:
         tc = ["tc", "-n", dev.netns, "qdisc"]
         if new.rate_mbit > 0:
             rate_bytes = new.rate_mbit * 1e6 / 8
-            burst = max(2 * MTU_BYTES, int(rate_bytes * 0.004))  # 4 ms of traffic at most
-            _run(
-                [
-                    *tc,
-                    "replace",
-                    "dev",
-                    dev.iface,
-                    "root",
-                    "tbf",
-                    "rate",
-                    f"{new.rate_mbit}mbit",
-                    "burst",
-                    str(burst),
-                    "latency",
-                    "200ms",
-                ]
-            )
+            burst = max(2 * MTU_BYTES, int(rate_bytes * 0.004))  # ~4 ms, two packets at least
+            tbf = f"tbf rate {new.rate_mbit}mbit burst {burst} latency 200ms".split()
+            _run([*tc, "replace", "dev", dev.iface, "root", *tbf])
         elif dev.shape.rate_mbit > 0:
             _run([*tc, "del", "dev", dev.iface, "root"])
         dev.shape = new
