@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         materialized = ensure(registry, args.include)
     except (RegistryError, KeyError, FileNotFoundError, ModuleNotFoundError, ValueError) as exc:
-        print(f"python -m models: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError quotes its str
+        print(f"python -m models: {message}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(materialized.to_json(), indent=2))

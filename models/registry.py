@@ -105,11 +105,6 @@ class ModelSpec:
     fingerprint: str | None = None  # expected tokenizer fingerprint, checked by ensure
     optional: bool = False  # drafts: built only when asked for
 
-    @property
-    def built(self) -> bool:
-        """True if the model is a file we build in the cache (not one that exists already)."""
-        return isinstance(self.source, AssembleSource | RequantizeSource)
-
 
 @dataclass(frozen=True)
 class Registry:
@@ -118,6 +113,7 @@ class Registry:
     path: Path | None = None  # the file it was read from
 
     def default_drafts(self) -> list[str]:
+        """The draft keys ``ensure`` materialises unless asked for more."""
         return [key for key, spec in self.drafts.items() if not spec.optional]
 
 

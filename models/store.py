@@ -129,8 +129,8 @@ def ensure(
     unknown = [key for key in include if key not in registry.drafts]
     if unknown:
         raise KeyError(f"no drafts {unknown} in the registry; it has {sorted(registry.drafts)}")
-    keys = [key for key, spec in registry.drafts.items() if not spec.optional or key in include]
-    keys = keys if drafts else []
+    keys = registry.default_drafts() + [k for k in include if registry.drafts[k].optional]
+    keys = list(dict.fromkeys(keys)) if drafts else []
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache):
