@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from device_agent.drafter import Drafter
 from device_agent.link import ControllerLink
+from device_agent.telemetry import LinkProbe, LinkReport, host_state
 from edge_controller import protocol as P
 
 log = logging.getLogger(__name__)
@@ -58,21 +59,61 @@ class SamplingOptions:
     draft_top_k: int = 32
 
 
+@dataclass
+class TelemetryOptions:
+    spectral_efficiency: float = 0.0  # bit/s/Hz of this device's radio; 0 = unknown
+    interval_s: float = 5.0  # host state and draft speed, this often during a request
+    probe_bursts: int = 0  # uplink capacity probe at registration: pings of probe_bytes
+    probe_bytes: int = 16 * 1024
+
+
 class DeviceAgent:
-    def __init__(self, drafter: Drafter, link: ControllerLink, device_id: str | None = None):
+    def __init__(self, drafter: Drafter, link: ControllerLink, device_id: str | None = None,
+                 telemetry: TelemetryOptions | None = None):
         self.drafter = drafter
         self.link = link
         self.device_id = device_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.telemetry = telemetry or TelemetryOptions()
         self.welcome: P.Welcome | None = None
+        self.control: P.Control | None = None  # the controller's latest decision for us
+        self.link_report: LinkReport | None = None
+        self._held: list[P.Message] = []  # messages that arrived during a link probe
+        self._draft_s = self._drafted = 0.0  # totals over this agent's life: its speed
+        self._telemetry_sent_at = -float("inf")
 
     def register(self) -> P.Welcome:
+        """Hello -> welcome, then measure the link and send the first telemetry."""
         self.link.send(P.Hello(
             self.device_id, self.drafter.model_id, self.drafter.fingerprint,
             self.drafter.vocab_size, {"sampling": True, "max_top_k": P.MAX_TOP_K},
         ))
         self.welcome = self._expect(P.Welcome)
         log.info("registered with %s (target %s)", self.link.endpoint, self.welcome.target_model)
+        self.measure_link()
         return self.welcome
+
+    def measure_link(self) -> LinkReport:
+        """Round trip (and uplink capacity if configured) by pings; then telemetry.
+
+        Run between requests: pongs are told apart from other messages, which are held."""
+        probe = LinkProbe(self.link)
+        opts = self.telemetry
+        self.link_report = probe.measure(rtt_count=3, burst_bytes=opts.probe_bytes,
+                                         burst_count=opts.probe_bursts)
+        self._held += probe.held
+        self.send_telemetry()
+        return self.link_report
+
+    def send_telemetry(self) -> None:
+        report = self.link_report
+        self.link.send(P.Telemetry(
+            draft_s_per_token=self._draft_s / self._drafted if self._drafted else 0.0,
+            rtt_s=report.rtt_s if report else 0.0,
+            uplink_bps=report.uplink_bps if report else 0.0,
+            spectral_efficiency=self.telemetry.spectral_efficiency,
+            host=host_state().to_dict(),
+        ))
+        self._telemetry_sent_at = time.monotonic()
 
     def generate(
         self,
@@ -101,6 +142,8 @@ class DeviceAgent:
                 seed=sampling.seed,
             )
             draft_s += draft.seconds
+            self._draft_s += draft.seconds
+            self._drafted += len(draft.tokens)
             self.link.send(P.Draft(
                 request_id, stats.rounds, len(prompt_ids) + len(tokens), draft.tokens,
                 draft.q_ids, draft.q_counts, draft.seconds,
@@ -117,6 +160,8 @@ class DeviceAgent:
             draft_len = verdict.draft_len
             if verdict.done:
                 break
+            if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
+                self.send_telemetry()
         finished = time.perf_counter()
         stats.acceptance_rate = stats.accepted / stats.drafted if stats.drafted else 0.0
         stats.tokens_per_round = len(tokens) / stats.rounds
@@ -132,9 +177,20 @@ class DeviceAgent:
     def _expect(self, kind: type[P.Message]) -> P.Message:
         """Wait for a message of ``kind``; errors raise, control updates are applied."""
         while True:
-            msg = self.link.receive()
+            msg = self._held.pop(0) if self._held else self.link.receive()
+            if isinstance(msg, P.Control):
+                self._apply(msg)
             if isinstance(msg, kind):
                 return msg
             if isinstance(msg, P.Error):
                 raise ControllerError(msg)
-            log.debug("ignoring %s while waiting for %s", msg.TYPE, kind.TYPE)
+            if not isinstance(msg, P.Control):
+                log.debug("ignoring %s while waiting for %s", msg.TYPE, kind.TYPE)
+
+    def _apply(self, control: P.Control) -> None:
+        """The controller's decision: draft length (from the next verdict on) and the
+        uplink rate our share of the band buys, which the pacer enforces."""
+        self.control = control
+        self.link.pacer.set_rate(control.uplink_rate_bps)
+        log.info("control: draft length %d, share %.3f, uplink %.0f bit/s", control.draft_len,
+                 control.bandwidth_share, control.uplink_rate_bps)

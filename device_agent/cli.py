@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                      "or a path to a GGUF file (default: q4_0)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--requests", type=int, default=1,
+                     help="generate for the prompt this many times in one session (trials)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="target-side top-k; 0 = off")
@@ -40,10 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     gen.add_argument("--draft-pace", type=float, default=0.0, metavar="S",
                      help="emulate a slower board: at least S seconds per drafted token")
+    gen.add_argument("--spectral-efficiency", type=float, default=0.0, metavar="BIT_S_HZ",
+                     help="this device's uplink spectral efficiency (its radio, or an emulated "
+                     "one), reported to the controller's draft control; 0 = unknown")
+    gen.add_argument("--probe-uplink", type=int, default=0, metavar="N",
+                     help="measure uplink capacity at registration with N padded pings")
     gen.add_argument("--timeout", type=float, default=60.0,
                      help="seconds to wait for any answer from the controller")
     gen.add_argument("--json", action="store_true",
-                     help="print one JSON object (prompt_tokens, tokens, text, stats)")
+                     help="print one JSON object per request (prompt_tokens, tokens, text, "
+                     "stats), one per line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,13 +75,18 @@ def resolve_draft(name_or_path: str) -> Path:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from device_agent.agent import ControllerError, DeviceAgent, SamplingOptions
+    from device_agent.agent import (
+        ControllerError,
+        DeviceAgent,
+        SamplingOptions,
+        TelemetryOptions,
+    )
     from device_agent.drafter import Drafter
     from device_agent.link import ControllerLink, LinkTimeout
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or args.timeout <= 0:
-        print("device-agent: need --max-new-tokens >= 1, --temperature >= 0, --timeout > 0",
-              file=sys.stderr)
+    if min(args.max_new_tokens, args.requests) < 1 or args.temperature < 0 or args.timeout <= 0:
+        print("device-agent: need --max-new-tokens >= 1, --requests >= 1, --temperature >= 0 "
+              "and --timeout > 0", file=sys.stderr)
         return EXIT_USAGE
     try:
         drafter = Drafter(resolve_draft(args.draft), n_threads=args.threads,
@@ -86,11 +99,15 @@ def generate(args: argparse.Namespace) -> int:
                                args.draft_top_k)
     stream = _TextStream(drafter) if not args.json else None
     with ControllerLink(args.controller, timeout_s=args.timeout) as link:
-        agent = DeviceAgent(drafter, link, args.device_id)
+        telemetry = TelemetryOptions(args.spectral_efficiency, probe_bursts=args.probe_uplink)
+        agent = DeviceAgent(drafter, link, args.device_id, telemetry)
         try:
             agent.register()
-            result = agent.generate(prompt_ids, args.max_new_tokens, sampling,
-                                    on_tokens=stream.write if stream else None)
+            for _ in range(args.requests):
+                result = agent.generate(prompt_ids, args.max_new_tokens, sampling,
+                                        on_tokens=stream.write if stream else None)
+                if args.json:
+                    print(json.dumps(result.to_json()), flush=True)
             agent.close()
         except ControllerError as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
@@ -98,9 +115,7 @@ def generate(args: argparse.Namespace) -> int:
         except LinkTimeout as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
-    if args.json:
-        print(json.dumps(result.to_json()))
-    else:
+    if not args.json:
         s = result.stats
         print(f"\n[{len(result.tokens)} tokens, {s.rounds} rounds, acceptance "
               f"{s.acceptance_rate:.2f}, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)

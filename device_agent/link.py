@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zmq
 
+from device_agent.pacer import UplinkPacer
 from edge_controller import protocol as P
 
 
@@ -12,9 +13,11 @@ class LinkTimeout(TimeoutError):
 
 
 class ControllerLink:
-    def __init__(self, endpoint: str, *, identity: bytes | None = None, timeout_s: float = 60.0):
+    def __init__(self, endpoint: str, *, identity: bytes | None = None, timeout_s: float = 60.0,
+                 pacer: UplinkPacer | None = None):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.pacer = pacer or UplinkPacer()  # unpaced until the controller sets a rate
         self._socket = zmq.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         if identity is not None:
@@ -23,7 +26,11 @@ class ControllerLink:
         self.sent_bytes = 0
 
     def send(self, msg: P.Message) -> int:
+        """Send one message. Uploads are paced to this device's share of the band; pings
+        are not (probe bursts must measure the link, not the pacer)."""
         frame = P.encode(msg)
+        if not isinstance(msg, P.Ping):
+            self.pacer.wait(len(frame))
         self._socket.send(frame)
         self.sent_bytes += len(frame)
         return len(frame)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from edge_controller.protocol import MAX_DRAFT_TOKENS
 
@@ -21,6 +20,8 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     round_deadline_s: float = 0.25
     session_timeout_s: float = 60.0
+    metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:PORT; 0 = off
+    timeline: str = ""  # append one JSON line per round and per plan here (trials, plots)
 
 
 @dataclass

@@ -127,6 +127,19 @@ class DraftController:
         if draft_s_per_token > 0 and est.draft_s_per_token.value is None:
             est.draft_s_per_token.update(draft_s_per_token)
 
+    def snapshot(self) -> dict[str, dict[str, float | None]]:
+        """Every device's current estimates of the model inputs (status, timelines)."""
+        return {
+            device_id: {
+                "acceptance": est.acceptance.mean,
+                "draft_s_per_token": est.draft_s_per_token.value,
+                "delay_s": est.delay_s.value,
+                "spectral_efficiency": est.spectral_efficiency,
+                "goodput_tok_s": est.goodput_tok_s,
+            }
+            for device_id, est in self.devices.items()
+        }
+
     # ---- decisions -------------------------------------------------------------------
     def maybe_resolve(self, now: float | None = None) -> dict[str, Decision]:
         """Re-solve if due; return the decisions that changed (device id -> decision)."""

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +30,16 @@ class AgentSpec:
     prompt: str
     max_new_tokens: int = 48
     extra: Sequence[str] = field(default_factory=tuple)  # e.g. ("--temperature", "0.8")
+    requests: int = 1
 
     def command(self, endpoint: str) -> list[str]:
         return [str(BIN / "device-agent"), "generate", "--controller", endpoint,
                 "--device-id", self.device_id, "--draft", str(self.draft),
                 "--prompt", self.prompt, "--max-new-tokens", str(self.max_new_tokens),
-                "--json", *self.extra]
+                "--requests", str(self.requests), "--json", *self.extra]
+
+
+Spawn = Callable[..., subprocess.Popen]  # (argv, **popen_kwargs) -> a started process
 
 
 class AgentFailed(RuntimeError):
@@ -50,16 +54,17 @@ def free_endpoint() -> str:
 
 @contextmanager
 def controller_process(
-    log_path: Path, *args: str, endpoint: str | None = None, ready_timeout_s: float = 300.0
+    log_path: Path, *args: str, endpoint: str | None = None, ready_timeout_s: float = 300.0,
+    spawn: Spawn = subprocess.Popen,
 ) -> Iterator[str]:
-    """Run ``edge-controller start`` until the block ends (then Ctrl-C it); yield its endpoint."""
+    """Run ``edge-controller start`` until the block ends (then Ctrl-C it); yield its endpoint.
+
+    ``spawn`` starts the process (e.g. inside a network namespace of a trial lab)."""
     endpoint = endpoint or free_endpoint()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "edge-controller"), "start", "--bind", endpoint, *args],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+        proc = spawn([str(BIN / "edge-controller"), "start", "--bind", endpoint, *args],
+                     stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + ready_timeout_s
         while "serving" not in log_path.read_text():
@@ -80,11 +85,20 @@ def controller_process(
 
 
 def run_agents(
-    endpoint: str, specs: Sequence[AgentSpec], timeout_s: float = 900.0
-) -> list[dict]:
-    """Run the agents at the same time; return their JSON results in order."""
-    procs = [subprocess.Popen(spec.command(endpoint), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for spec in specs]
+    endpoint: str | Callable[[AgentSpec], str],
+    specs: Sequence[AgentSpec],
+    timeout_s: float = 900.0,
+    spawn: Callable[[AgentSpec], Spawn] = lambda spec: subprocess.Popen,
+) -> list[list[dict]]:
+    """Run the agents at the same time; return each one's JSON results (one per request).
+
+    ``endpoint`` may depend on the agent (in a trial lab each device dials its own link),
+    and so may ``spawn`` (the agent's namespace and CPUs)."""
+    procs = [
+        spawn(spec)(spec.command(endpoint(spec) if callable(endpoint) else endpoint),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for spec in specs
+    ]
     results = []
     try:
         for spec, proc in zip(specs, procs, strict=True):
@@ -92,7 +106,7 @@ def run_agents(
             if proc.returncode != 0:
                 raise AgentFailed(f"{spec.device_id}: device agent exited {proc.returncode}: "
                                   f"{err.strip()}")
-            results.append(json.loads(out))
+            results.append([json.loads(line) for line in out.splitlines() if line.strip()])
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -9,6 +9,7 @@ polls, the round runs when it is due.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -70,6 +71,8 @@ class EdgeController:
         self.largest_batch = 0
         self._round_opened_at: float | None = None
         self._socket: zmq.Socket | None = None
+        self._timeline = None  # open file of server.timeline while serving
+        self._started = time.monotonic()
 
     # ---- the loop --------------------------------------------------------------------
     def serve(self, stop: threading.Event | None = None, ready: threading.Event | None = None):
@@ -89,6 +92,10 @@ class EdgeController:
         sock.bind(self.config.server.bind)
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = sock
+        if self.config.server.metrics_port:
+            self.metrics.serve(self.config.server.metrics_port)
+        if self.config.server.timeline:
+            self._timeline = open(self.config.server.timeline, "a", buffering=1)  # noqa: SIM115
         log.info("serving %s on %s", self.target.name, self.endpoint)
         if ready is not None:
             ready.set()
@@ -111,6 +118,8 @@ class EdgeController:
                 self._end_request(session)
             sock.close(0)
             self._socket = None
+            if self._timeline is not None:
+                self._timeline.close()
             log.info("controller stopped")
 
     def _poll_timeout(self) -> float:
@@ -144,6 +153,13 @@ class EdgeController:
         for session, outcome in zip(batch, outcomes, strict=True):
             if outcome is not None:
                 self._answer(session, outcome)
+        self._record(verify_s=verify_s, devices=[
+            {"device": s.device_id, "draft_len": len(i.draft_tokens),
+             "accepted": o.accepted if o else None,
+             "share": self.draft_control.decisions[s.device_id].bandwidth_share
+             if s.device_id in self.draft_control.decisions else None}
+            for s, i, o in zip(batch, items, outcomes, strict=True)
+        ])
         self.metrics.verify_s.observe(verify_s)
         self.metrics.round_s.observe(time.monotonic() - opened_at)
         self.metrics.batch.set(len(items))
@@ -343,6 +359,14 @@ class EdgeController:
                 self._send(session, _control(changed[session.device_id]))
         if changed:
             self.metrics.plan_goodput.set(self.draft_control.plan_goodput_tok_s)
+            self._record(plan={d: vars(c) for d, c in changed.items()},
+                         predicted_goodput_tok_s=self.draft_control.plan_goodput_tok_s,
+                         estimates=self.draft_control.snapshot())
+
+    def _record(self, **event) -> None:
+        if self._timeline is not None:
+            event["t"] = round(time.monotonic() - self._started, 4)
+            self._timeline.write(json.dumps(event) + "\n")
 
     def _update_metrics(self, session: Session) -> None:
         device = session.device_id

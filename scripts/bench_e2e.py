@@ -73,7 +73,7 @@ def main() -> int:
     with controller_process(args.out / "controller.log", "--config",
                             str(ROOT / "configs" / "controller.toml"),
                             "--draft-len", str(args.draft_len)) as endpoint:
-        results = run_agents(endpoint, specs)
+        results = [runs[0] for runs in run_agents(endpoint, specs)]
     baseline = target_alone([r["prompt_tokens"] for r in results], args.max_new_tokens)
 
     rows = []

@@ -44,7 +44,7 @@ def main() -> int:
                       ("--temperature", str(args.temperature), "--seed", str(args.seed)))
             for name, draft, prompt in DEVICES
         ]
-        results = run_agents(ep, specs)
+        results = [runs[0] for runs in run_agents(ep, specs)]
     print_table(specs, results)
     return 0
 

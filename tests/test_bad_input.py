@@ -55,12 +55,12 @@ def test_bad_frames_and_bad_devices_leave_others_untouched(
             expect_error(link, "unknown_type")
             link.send_raw([P.encode(P.Bye()), P.encode(P.Bye())])
             expect_error(link, "malformed")
-            link.send(P.Welcome("me", "x", 1, 1))
-            expect_error(link, "unexpected")
 
             vocab = target_info.vocab_size
             link.send(P.Hello("raw-device", "handmade", target_info.fingerprint, vocab))
             assert isinstance(link.receive(), P.Welcome)
+            link.send(P.Welcome("me", "x", 1, 1))
+            expect_error(link, "unexpected")
             link.send(P.Start("r1", [1, vocab + 5], 8))
             expect_error(link, "invalid")
             link.send(P.Start("r1", [1, 2, 3], 10**6))
@@ -111,7 +111,7 @@ def test_seeded_sampling_reproduces_whoever_shares_the_batch(run_controller, def
     # The fixed policy: with live control a device's draft lengths (and so which random
     # numbers decide its tokens) depend on its batch-mates' estimates (docs/verifier.md).
     with run_controller(control__policy="fixed") as controller:
-        alone = run_agents(controller.endpoint, [seeded])[0]
+        alone = run_agents(controller.endpoint, [seeded])[0][0]
         crowd = run_agents(controller.endpoint, [
             seeded,
             AgentSpec("other-sampler", drafts["q4_0"], "The history of Rome", 24,
@@ -119,5 +119,5 @@ def test_seeded_sampling_reproduces_whoever_shares_the_batch(run_controller, def
             AgentSpec("greedy", drafts["q8_0"], "import numpy as np\n", 24),
         ])
         assert controller.largest_batch >= 2
-    assert crowd[0]["tokens"] == alone["tokens"]
-    assert crowd[0]["stats"]["drafted"] > 0
+    assert crowd[0][0]["tokens"] == alone["tokens"]
+    assert crowd[0][0]["stats"]["drafted"] > 0

@@ -3,11 +3,11 @@
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 
 from edge_controller.cli import main
 from edge_controller.control.model import PositionAcceptance

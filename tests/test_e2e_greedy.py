@@ -40,10 +40,10 @@ def test_three_devices_get_exactly_the_targets_greedy_output(
     run_controller, target, default_models
 ):
     with run_controller() as controller:
-        results = run_agents(controller.endpoint, [
+        results = [runs[0] for runs in run_agents(controller.endpoint, [
             AgentSpec(f"dev-{draft}", default_models.drafts[draft], prompt, NEW_TOKENS)
             for draft, prompt in DEVICES
-        ])
+        ])]
         largest_batch = controller.largest_batch
     assert largest_batch >= 2, "the devices never shared a verification round"
     ties = []

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("start", "plan")
+COMMANDS = ("start", "plan", "status")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bind", help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555 "
                    "(overrides server.bind)")
     p.add_argument("--target-gguf", help="target GGUF file (overrides target.model)")
-    p.add_argument("--draft-len", type=int, help="fixed draft length (overrides control.draft_len)")
+    p.add_argument("--draft-len", type=int, help="first / fixed draft length "
+                   "(overrides control.draft_len)")
+    p.add_argument("--policy", help="draft control policy (overrides control.policy): fixed, "
+                   "heterogeneous, homogeneous, agnostic, equal-best-L, fixed-L, per-user-L")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on "
+                   "127.0.0.1:PORT (overrides server.metrics_port)")
+    p.add_argument("--timeline", help="append a JSON line per round and per plan to this file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         key: value for key, value in (
             ("server__bind", args.bind), ("target__gguf", args.target_gguf),
-            ("control__draft_len", args.draft_len),
+            ("control__draft_len", args.draft_len), ("control__policy", args.policy),
+            ("server__metrics_port", args.metrics_port), ("server__timeline", args.timeline),
         ) if value is not None
     }
     try:

@@ -17,12 +17,12 @@ delay_s = 0.01                 # default 0
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from edge_controller.control.model import (
     GeometricAcceptance,
