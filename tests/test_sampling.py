@@ -58,29 +58,48 @@ def test_keyed_uniform_accepts_seeds_beyond_int64():
 # --- logits processing -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(temperature=1.0),
-        SamplingParams(temperature=0.7, top_k=20),
-        SamplingParams(temperature=1.3, top_p=0.9),
-        SamplingParams(temperature=0.8, top_k=50, top_p=0.8),
-        SamplingParams(temperature=0.5, top_k=1),
-    ],
-)
-def test_process_logits_matches_transformers_warpers(params):
-    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3
+WARPER_CASES = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=20),
+    SamplingParams(temperature=1.3, top_p=0.9),
+    SamplingParams(temperature=0.8, top_k=50, top_p=0.8),
+    SamplingParams(temperature=0.5, top_k=1),
+]
+
+
+def hf_warped(logits, params):
     scores = TemperatureLogitsWarper(params.temperature)(None, logits.clone())
     if params.top_k:
         scores = TopKLogitsWarper(params.top_k)(None, scores)
     if params.top_p < 1:
         scores = TopPLogitsWarper(params.top_p)(None, scores)
-    expected = scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("params", WARPER_CASES)
+@pytest.mark.parametrize(
+    "vocab, scale, candidate_mass",
+    [(300, 3.0, (1.0, 1.0)), (5000, 8.0, (0.95, 1.0)), (5000, 0.3, (0.0, 0.8))],
+    ids=["small-vocab", "peaked-partial-sort", "flat-full-sort"],
+)
+def test_process_logits_matches_transformers_warpers(params, vocab, scale, candidate_mass):
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(1)) * scale
+    # the mass of the top 1024 tokens decides whether top-p can skip the full sort
+    mass = (logits / params.temperature).softmax(-1).topk(min(vocab, 1024)).values.sum(-1)
+    assert candidate_mass[0] - 1e-6 <= mass.min() and mass.max() <= candidate_mass[1] + 1e-6
+    expected = hf_warped(logits, params)
 
     p_target = process_logits(logits, params)
 
     torch.testing.assert_close(p_target, expected, rtol=1e-5, atol=1e-7)
     assert torch.equal(p_target > 0, expected > 0)
+
+
+def test_top_k_keeps_ties_at_the_kth_value():
+    logits = torch.tensor([[4.0, 3.0, 3.0, 3.0, 1.0]])
+    p_target = process_logits(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (p_target > 0).tolist() == [[True, True, True, True, False]]
+    torch.testing.assert_close(p_target, hf_warped(logits, SamplingParams(1.0, top_k=2)))
 
 
 def test_process_logits_mixes_greedy_and_sampling_rows():

@@ -37,6 +37,7 @@ STREAM_ACCEPT = 0  # the uniform that accepts or rejects the draft token at a po
 STREAM_SAMPLE = 1  # the uniform that samples the target's own token at a position
 
 _MASK64 = (1 << 64) - 1
+TRUNCATION_CANDIDATES = 1024  # top-k/top-p look at this many top tokens before a full sort
 
 
 def _signed(c: int) -> int:
@@ -97,11 +98,8 @@ def keyed_uniform(seed: Tensor | int, position: Tensor | int, stream: Tensor | i
 
 
 def _params_tensors(
-    params: SamplingParams | Sequence[SamplingParams], n: int, device: torch.device
+    rows: list[SamplingParams], device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
-    rows = [params] * n if isinstance(params, SamplingParams) else list(params)
-    if len(rows) != n:
-        raise ValueError(f"need one SamplingParams per row: {len(rows)} for {n} rows")
     temperature = torch.tensor([p.temperature for p in rows], dtype=torch.float32, device=device)
     top_k = torch.tensor([p.top_k for p in rows], dtype=torch.int64, device=device)
     top_p = torch.tensor([p.top_p for p in rows], dtype=torch.float32, device=device)
@@ -115,25 +113,68 @@ def process_logits(
     """The distribution the target-alone reference samples from, row by row.
 
     transformers' warper order: temperature, then top-k (ties at the k-th value kept), then
-    top-p (the smallest set of highest-probability tokens whose mass exceeds top_p; the top
+    top-p (drop the tokens whose higher-ranked tokens already hold top_p of the mass; the top
     token always kept). Greedy rows (temperature 0) get a one-hot at the argmax.
     """
-    n, vocab = logits.shape
-    temperature, top_k, top_p = _params_tensors(params, n, logits.device)
-    greedy = temperature == 0
-    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
-    ascending, order = scaled.sort(dim=-1)
-    kth_from_top = (vocab - top_k.clamp(1, vocab))[:, None]
-    threshold = ascending.gather(1, kth_from_top)
-    threshold = torch.where(top_k[:, None] > 0, threshold, -torch.inf)
-    ascending = ascending.masked_fill(ascending < threshold, -torch.inf)
-    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= (1 - top_p)[:, None]
-    drop[:, -1] = False
-    ascending = ascending.masked_fill(drop, -torch.inf)
-    p_target = torch.empty_like(scaled).scatter_(1, order, ascending.softmax(dim=-1))
-    one_hot = torch.zeros_like(p_target).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.where(greedy[:, None], one_hot, p_target)
+    n, _ = logits.shape
+    rows = [params] * n if isinstance(params, SamplingParams) else list(params)
+    if len(rows) != n:
+        raise ValueError(f"need one SamplingParams per row: {len(rows)} for {n} rows")
+    temperature, top_k, top_p = _params_tensors(rows, logits.device)
+    scaled = logits.float() / torch.where(temperature == 0, 1.0, temperature)[:, None]
+    p_target = torch.empty_like(scaled)
+    kinds = [
+        "greedy" if p.greedy else "cut" if p.top_k > 0 or p.top_p < 1 else "plain" for p in rows
+    ]
+    for kind in set(kinds):
+        index = torch.tensor([i for i, k in enumerate(kinds) if k == kind], device=logits.device)
+        if kind == "greedy":
+            top = scaled[index].argmax(dim=-1, keepdim=True)
+            p_target[index] = torch.zeros_like(scaled[index]).scatter_(1, top, 1.0)
+        elif kind == "cut":
+            p_target[index] = _truncated(scaled[index], top_k[index], top_p[index])
+        else:
+            p_target[index] = scaled[index].softmax(dim=-1)
+    return p_target
+
+
+def _truncated(
+    scaled: Tensor,  # [M, V] float32 logits after temperature
+    top_k: Tensor,  # [M] int64, 0 = off
+    top_p: Tensor,  # [M] float32 in (0, 1]
+) -> Tensor:  # [M, V] float32
+    """Top-k then top-p, computed on the top TRUNCATION_CANDIDATES tokens (a partial sort)
+    when those provably contain every kept token, else on a full sort of the vocabulary."""
+    vocab = scaled.shape[-1]
+    width = min(vocab, max(TRUNCATION_CANDIDATES, int(top_k.max()) + 1))
+    ids, probs, exact = _candidates(scaled, top_k, top_p, width)
+    if not exact:
+        ids, probs, _ = _candidates(scaled, top_k, top_p, vocab)
+    probs = probs * (probs.cumsum(dim=-1) - probs < top_p[:, None])  # top-p on the mass above
+    return torch.zeros_like(scaled).scatter_(1, ids, probs / probs.sum(dim=-1, keepdim=True))
+
+
+def _candidates(
+    scaled: Tensor,  # [M, V]
+    top_k: Tensor,  # [M]
+    top_p: Tensor,  # [M]
+    width: int,
+) -> tuple[Tensor, Tensor, bool]:  # ids [M, W], probs after top-k [M, W] (descending), exact
+    if width < scaled.shape[-1]:
+        values, ids = scaled.topk(width, dim=-1)
+    else:
+        values, ids = scaled.sort(dim=-1, descending=True)
+    limited = top_k > 0
+    kth = values.gather(1, (top_k.clamp(1, width) - 1)[:, None])
+    kept = ~limited[:, None] | (values >= kth)
+    log_total = values.masked_fill(~kept, -torch.inf).logsumexp(dim=-1)
+    if not bool(limited.all()):
+        log_total = torch.where(limited, log_total, scaled.logsumexp(dim=-1))
+    probs = (values - log_total[:, None]).exp() * kept
+    # exact when no kept token lies outside: top-k rows have no tie running past the
+    # candidates; the others' candidates hold at least top_p (the rest is then dropped)
+    inside = torch.where(limited, values[:, -1] < kth[:, 0], probs.sum(dim=-1) >= top_p)
+    return ids, probs, width == scaled.shape[-1] or bool(inside.all())
 
 
 def sample_inverse_cdf(
