@@ -52,10 +52,42 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per request (prompt_tokens, tokens, text, "
                      "stats), one per line")
+    bench = sub.add_parser("bench", help="measure this board's drafting speed, alone",
+                           description="Draft greedily with the draft model, no controller, "
+                           "and print tokens/s (the speed telemetry reports in a session).")
+    bench.add_argument("--draft", default="q4_0", help="registry name or GGUF path")
+    bench.add_argument("--tokens", type=int, default=64, help="tokens to draft (default 64)")
+    bench.add_argument("--threads", type=int, default=1)
+    bench.add_argument("--draft-pace", type=float, default=0.0, metavar="S")
+    bench.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return generate(args)
+    return generate(args) if args.command == "generate" else bench_draft(args)
+
+
+def bench_draft(args: argparse.Namespace) -> int:
+    from device_agent.drafter import Drafter
+
+    if args.tokens < 1:
+        print("device-agent: --tokens must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        drafter = Drafter(resolve_draft(args.draft), n_threads=args.threads,
+                          pace_s_per_token=args.draft_pace)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"device-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    drafter.begin(drafter.tokenize("The history of the bicycle begins"))
+    drafter.draft(4)  # warm-up
+    result = drafter.draft(args.tokens)
+    rate = len(result.tokens) / result.seconds
+    if args.json:
+        print(json.dumps({"draft": args.draft, "tokens": len(result.tokens),
+                          "seconds": result.seconds, "draft_tokens_per_s": rate}))
+    else:
+        print(f"{args.draft}: {rate:.1f} draft tokens/s ({len(result.tokens)} tokens)")
+    return 0
 
 
 def resolve_draft(name_or_path: str) -> Path:

@@ -1,0 +1,113 @@
+"""Trial reports: report.json, report.md and plots from a trial's results and timelines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    plot_goodput(report, out / "goodput.png")
+    for policy in report["policies"]:
+        timeline = out / policy / "timeline.jsonl"
+        if timeline.exists():
+            plot_timeline(policy, timeline, out / f"timeline-{policy}.png")
+
+
+def gains(report: dict) -> dict[str, float]:
+    """Measured and predicted gain of heterogeneous over agnostic, where both ran."""
+    policies = report["policies"]
+    if not {"heterogeneous", "agnostic"} <= set(policies):
+        return {}
+    het, agn = policies["heterogeneous"], policies["agnostic"]
+    out = {"measured": het["goodput_tok_s"] / agn["goodput_tok_s"] - 1}
+    if het["predicted_goodput_tok_s"] and agn["predicted_goodput_tok_s"]:
+        out["predicted"] = het["predicted_goodput_tok_s"] / agn["predicted_goodput_tok_s"] - 1
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Trial `{report['trial']}`", "", report.get("description", ""), "",
+             f"Uplink band B = {report['bandwidth_hz'] / 1e6:g} MHz.", "",
+             "| policy | measured goodput (tok/s) | predicted (tok/s) | measured / predicted | "
+             "rounds |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, p in report["policies"].items():
+        pred = p["predicted_goodput_tok_s"]
+        cells = f"{pred:.2f} | {p['goodput_tok_s'] / pred:.2f}" if pred else "- | -"
+        lines.append(f"| {name} | {p['goodput_tok_s']:.2f} | {cells} | {p['rounds']} |")
+    g = gains(report)
+    if g:
+        lines += ["", f"Heterogeneous over agnostic: measured {g['measured']:+.1%}"
+                  + (f", predicted {g['predicted']:+.1%}." if "predicted" in g else ".")]
+    for name, p in report["policies"].items():
+        lines += ["", f"## {name}", "", "| device | draft | tokens | goodput tok/s | acceptance |"
+                  " mean L | mean share | draft tok/s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for u in p["users"]:
+            lines.append(f"| {u['name']} | {u['draft']} | {u['tokens']} | "
+                         f"{u['goodput_tok_s']:.2f} | {u['acceptance_rate']:.2f} | "
+                         f"{u['mean_draft_len']:.1f} | {u['mean_share']:.3f} | "
+                         f"{u['draft_tokens_per_s']:.1f} |")
+    lines += ["", "## Interference", "",
+              "Draft speed of each drafter alone on its cores vs during the trial (the "
+              "verifier and the other drafters share the host):", "",
+              "| device | alone tok/s | in trial tok/s | slowdown |",
+              "| --- | ---: | ---: | ---: |"]
+    for name, row in report["interference"].items():
+        lines.append(f"| {name} | {row['alone_tok_s']:.1f} | {row['in_trial_tok_s']:.1f} | "
+                     f"{row['slowdown']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_goodput(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["policies"])
+    measured = [report["policies"][n]["goodput_tok_s"] for n in names]
+    predicted = [report["policies"][n]["predicted_goodput_tok_s"] or 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], measured, 0.4, label="measured")
+    ax.bar([i + 0.2 for i in x], predicted, 0.4, label="predicted (last plan)")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("sum goodput (tok/s)")
+    ax.set_title(f"trial {report['trial']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timeline(policy: str, timeline: Path, path: Path) -> None:
+    """Per device: draft length and share per round, and the acceptance estimate per plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = [json.loads(line) for line in timeline.read_text().splitlines()]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 6), sharex=True)
+    devices = sorted({d["device"] for e in events if "devices" in e for d in e["devices"]})
+    for device in devices:
+        rounds = [(e["t"], d) for e in events if "devices" in e for d in e["devices"]
+                  if d["device"] == device]
+        axes[0].step([t for t, _ in rounds], [d["draft_len"] for _, d in rounds],
+                     where="post", label=device)
+        axes[1].step([t for t, _ in rounds], [d["share"] or 0.0 for _, d in rounds],
+                     where="post", label=device)
+        plans = [(e["t"], e["estimates"][device]["acceptance"]) for e in events
+                 if "estimates" in e and device in e["estimates"]]
+        axes[2].plot([t for t, _ in plans], [a for _, a in plans], marker=".", label=device)
+    for ax, label in zip(axes, ("draft length", "uplink share", "acceptance est."), strict=True):
+        ax.set_ylabel(label)
+    axes[-1].set_xlabel("seconds since the controller started")
+    axes[0].legend(fontsize="small", ncol=2)
+    axes[0].set_title(f"policy {policy}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

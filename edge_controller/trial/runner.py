@@ -1,0 +1,123 @@
+"""Field trials: real controller and device agents over shaped links, one policy at a time.
+
+For each policy of the trial file, on the same workload: the controller starts in the
+lab's hub namespace (pinned to the verifier's CPUs) with that policy; every device agent
+starts in its own namespace (pinned to the drafters' CPUs), generates ``requests`` times
+and reports its results; the controller's timeline records every round and every plan.
+Measured goodput per device = its tokens / the wall time of its requests; the prediction
+is what the controller's last plan said. Before the policies, each drafter's speed alone
+is measured, so the interference of the verifier and the other drafters can be reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+from edge_controller.launch import BIN, AgentSpec, controller_process, run_agents
+from edge_controller.trial.netns import LinkShape, NetworkLab, check_requirements
+from edge_controller.trial.spec import TrialDevice, TrialSpec
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_PORT = 5555  # inside the hub namespace: nothing else listens there
+
+
+def run_trial(spec: TrialSpec, out: Path, on_policy=None) -> dict:
+    """Run every policy of ``spec``; write ``out/<policy>/`` logs and return the report dict."""
+    check_requirements()
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = {d.name: LinkShape(d.delay_ms, d.jitter_ms, d.loss_pct, d.rate_mbit)
+              for d in spec.devices}
+    report: dict = {"trial": spec.name, "description": spec.description,
+                    "bandwidth_hz": spec.bandwidth_hz, "policies": {}}
+    with NetworkLab(shapes, wire_cpus=spec.drafter_cpus) as lab:
+        alone = {d.name: _draft_speed_alone(lab, spec, d) for d in spec.devices}
+        for policy in spec.policies:
+            log.info("trial %s: policy %s", spec.name, policy)
+            report["policies"][policy] = run_policy(lab, spec, policy, out / policy)
+            if on_policy is not None:
+                on_policy(policy)
+    report["interference"] = _interference(spec, alone, report["policies"])
+    return report
+
+
+def run_policy(lab: NetworkLab, spec: TrialSpec, policy: str, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    timeline = out / "timeline.jsonl"
+    timeline.unlink(missing_ok=True)
+    config = out / "controller.toml"
+    config.write_text(
+        f"[server]\nround_deadline_s = {spec.round_deadline_s}\ntimeline = \"{timeline}\"\n"
+        f"[control]\npolicy = \"{policy}\"\nbandwidth_hz = {spec.bandwidth_hz}\n"
+    )
+    specs = [_agent(spec, d, i) for i, d in enumerate(spec.devices)]
+    hub = lambda argv, **kw: lab.spawn(None, argv, cpus=spec.verifier_cpus, **kw)  # noqa: E731
+    with controller_process(out / "controller.log", "--config", str(config),
+                            endpoint=f"tcp://0.0.0.0:{CONTROLLER_PORT}", spawn=hub):
+        results = run_agents(
+            lambda a: lab.endpoint(a.device_id, CONTROLLER_PORT), specs,
+            spawn=lambda a: lambda argv, **kw: lab.spawn(a.device_id, argv,
+                                                          cpus=spec.drafter_cpus, **kw),
+        )
+    (out / "agents.json").write_text(json.dumps(results))
+    events = [json.loads(line) for line in timeline.read_text().splitlines()]
+    plans = [e for e in events if "plan" in e]
+    users = [_user_summary(d, runs, events) for d, runs in zip(spec.devices, results, strict=True)]
+    return {
+        "goodput_tok_s": sum(u["goodput_tok_s"] for u in users),
+        "predicted_goodput_tok_s": plans[-1]["predicted_goodput_tok_s"] if plans else None,
+        "rounds": sum(1 for e in events if "devices" in e),
+        "users": users,
+    }
+
+
+def _agent(spec: TrialSpec, device: TrialDevice, index: int) -> AgentSpec:
+    extra = ("--draft-pace", str(device.draft_pace_s),
+             "--spectral-efficiency", str(device.spectral_efficiency),
+             "--temperature", str(spec.temperature), "--seed", str(index),
+             "--draft-top-k", str(spec.draft_top_k), "--timeout", "300")
+    return AgentSpec(device.name, device.draft, device.prompt, spec.max_new_tokens, extra,
+                     spec.requests)
+
+
+def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict]) -> dict:
+    tokens = sum(len(r["tokens"]) for r in runs)
+    seconds = sum(len(r["tokens"]) / r["stats"]["tokens_per_s"] for r in runs)
+    drafted = sum(r["stats"]["drafted"] for r in runs)
+    accepted = sum(r["stats"]["accepted"] for r in runs)
+    rounds = [d for e in events if "devices" in e for d in e["devices"]
+              if d["device"] == device.name]
+    return {
+        "name": device.name, "draft": device.draft, "tokens": tokens,
+        "goodput_tok_s": tokens / seconds,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_draft_len": sum(d["draft_len"] for d in rounds) / max(len(rounds), 1),
+        "mean_share": sum(d["share"] or 0.0 for d in rounds) / max(len(rounds), 1),
+        "draft_tokens_per_s": sum(r["stats"]["draft_tokens_per_s"] for r in runs) / len(runs),
+    }
+
+
+def _draft_speed_alone(lab: NetworkLab, spec: TrialSpec, device: TrialDevice) -> float:
+    """Draft tokens/s of this device's drafter with nothing else running, on its CPUs."""
+    proc = lab.spawn(device.name, [str(BIN / "device-agent"), "bench", "--draft", device.draft,
+                                   "--draft-pace", str(device.draft_pace_s), "--json"],
+                     cpus=spec.drafter_cpus, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{device.name}: draft benchmark failed ({proc.returncode})")
+    return json.loads(out)["draft_tokens_per_s"]
+
+
+def _interference(spec: TrialSpec, alone: dict[str, float], policies: dict) -> dict:
+    """Draft speed in the trial relative to alone: what sharing the host cost each drafter."""
+    rows = {}
+    for d in spec.devices:
+        during = [u["draft_tokens_per_s"] for p in policies.values() for u in p["users"]
+                  if u["name"] == d.name]
+        mean = sum(during) / len(during)
+        rows[d.name] = {"alone_tok_s": alone[d.name], "in_trial_tok_s": mean,
+                        "slowdown": alone[d.name] / mean if mean else float("inf")}
+    return rows
