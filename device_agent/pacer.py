@@ -2,12 +2,13 @@
 
 FDMA gives device k the rate ``beta_k B s_k`` (its share of the band times its spectral
 efficiency); on a shared physical link the agent emulates that by pacing its uploads with
-a token bucket at that rate. The bucket holds at most ``burst_bytes`` (one message, e.g.
-the largest frame the agent sends per round), so a stream of small messages is paced
-too: after the first burst each message waits for its own bytes' worth of time.
+a token bucket at that rate. A message goes once the bucket holds all of its bytes; idle
+time fills the bucket up to ``burst_bytes`` at most (no more than one message).
 
-A message larger than the bucket waits for a full bucket, then goes and leaves the bucket
-in debt, so the long-run rate stays ``rate_bps`` whatever the message sizes.
+The default depth is 0: every message then waits its own bytes' time on the air, however
+long the device was idle before, which is what the system model's upload term
+``(b0 + L b) / (beta B s)`` says an FDMA channel costs (docs/system-model.md). A deeper
+bucket lets that much credit from idle time pass at once.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ class UplinkPacer:
     def __init__(
         self,
         rate_bps: float | None = None,
-        burst_bytes: int = 64 * 1024,
+        burst_bytes: int = 0,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        if burst_bytes < 1:
-            raise ValueError("burst_bytes must be >= 1")
+        if burst_bytes < 0:
+            raise ValueError("burst_bytes must be >= 0")
         self.burst_bytes = burst_bytes
         self._clock, self._sleep = clock, sleep
         self.rate_bps = 0.0
-        self._tokens = float(burst_bytes)  # bytes that may go now; negative = debt
+        self._tokens = float(burst_bytes)  # credit in bytes, 0..burst_bytes
         self._updated = clock()
         self.set_rate(rate_bps)
 
@@ -54,13 +55,12 @@ class UplinkPacer:
         if not self.paced:
             return 0.0
         started = self._clock()
-        need = min(nbytes, self.burst_bytes)
         self._refill()
-        if self._tokens < need:
-            ready_at = self._updated + (need - self._tokens) * 8 / self.rate_bps
+        if self._tokens < nbytes:
+            ready_at = self._updated + (nbytes - self._tokens) * 8 / self.rate_bps
             while (now := self._clock()) < ready_at:
                 self._sleep(ready_at - now)
-            self._refill()
+            self._tokens, self._updated = float(nbytes), ready_at  # earned exactly by then
         self._tokens -= nbytes
         return self._clock() - started
 

@@ -53,12 +53,21 @@ def test_small_messages_are_paced_after_one_burst():
     assert clock.now == pytest.approx(10.0)
 
 
-def test_message_larger_than_the_bucket_waits_for_a_full_bucket_and_leaves_debt():
+def test_message_larger_than_the_bucket_waits_for_all_its_bytes():
     pacer, clock = make_pacer(8000, 1000)
     pacer.wait(1000)
-    assert pacer.wait(3000) == pytest.approx(1.0)  # the bucket refills to 1000, then goes
-    assert pacer.wait(1000) == pytest.approx(3.0)  # 2000 bytes of debt + its own 1000
+    assert pacer.wait(3000) == pytest.approx(3.0)
+    assert pacer.wait(1000) == pytest.approx(1.0)
     assert clock.now == pytest.approx(4.0)  # 5000 bytes: the first 1000 free, 4000 at 1000 B/s
+
+
+def test_default_depth_charges_every_message_its_time_on_air_even_after_idle():
+    clock = FakeClock()
+    pacer = UplinkPacer(8000, clock=clock, sleep=clock.sleep)  # 1000 bytes/s, no burst
+    assert pacer.wait(500) == pytest.approx(0.5)
+    clock.now += 60.0  # a long idle: an FDMA channel still takes 0.5 s for 500 bytes
+    assert pacer.wait(500) == pytest.approx(0.5)
+    assert pacer.wait(250) == pytest.approx(0.25)
 
 
 def test_idle_time_refills_only_up_to_the_burst():
@@ -89,12 +98,12 @@ def test_long_run_rate_matches_for_random_message_sizes():
     sizes = [rng.randint(1, 3 * burst) for _ in range(2000)]
     for size in sizes:
         pacer.wait(size)
-    # The last message goes once its share of bucket is in; everything before it is paid.
-    paid = sum(sizes[:-1]) - burst + min(sizes[-1], burst)
+    # Every byte is paid at the rate but the first bucket's worth of credit.
+    paid = sum(sizes) - burst
     assert clock.now == pytest.approx(paid * 8 / rate_bps, rel=1e-9)
 
 
-@pytest.mark.parametrize("bad", [{"rate_bps": -1.0}, {"burst_bytes": 0}])
+@pytest.mark.parametrize("bad", [{"rate_bps": -1.0}, {"burst_bytes": -1}])
 def test_rejects_invalid_settings(bad):
     with pytest.raises(ValueError):
         UplinkPacer(**{"rate_bps": 1e6, "burst_bytes": 1000, **bad})
