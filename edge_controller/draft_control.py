@@ -129,16 +129,19 @@ class DraftController:
 
     def snapshot(self) -> dict[str, dict[str, float | None]]:
         """Every device's current estimates of the model inputs (status, timelines)."""
-        return {
-            device_id: {
+        snapshot = {}
+        for device_id, est in self.devices.items():
+            b0, b = est.upload_law(self.config.overhead_bits, self.config.bits_per_token)
+            snapshot[device_id] = {
                 "acceptance": est.acceptance.mean,
                 "draft_s_per_token": est.draft_s_per_token.value,
                 "delay_s": est.delay_s.value,
                 "spectral_efficiency": est.spectral_efficiency,
+                "overhead_bits": b0,
+                "bits_per_token": b,
                 "goodput_tok_s": est.goodput_tok_s,
             }
-            for device_id, est in self.devices.items()
-        }
+        return snapshot
 
     # ---- decisions -------------------------------------------------------------------
     def maybe_resolve(self, now: float | None = None) -> dict[str, Decision]:

@@ -361,7 +361,8 @@ class EdgeController:
             self.metrics.plan_goodput.set(self.draft_control.plan_goodput_tok_s)
             self._record(plan={d: vars(c) for d, c in changed.items()},
                          predicted_goodput_tok_s=self.draft_control.plan_goodput_tok_s,
-                         estimates=self.draft_control.snapshot())
+                         estimates=self.draft_control.snapshot(),
+                         verify_time=self.draft_control.verify_time.coefficients())
 
     def _record(self, **event) -> None:
         if self._timeline is not None:
