@@ -152,9 +152,10 @@ class DraftController:
         if now - self._last_solve < self.config.resolve_interval_s:
             return {}
         ids = sorted(self.devices)
-        inputs = self._inputs(ids)
-        if inputs is None:
-            return {}
+        snapshot = self.snapshot()
+        if any(snapshot[d][k] is None for d in ids for k in MODEL_INPUTS):
+            return {}  # a device without measurements yet
+        inputs = np.array([[snapshot[d][k] for k in MODEL_INPUTS] for d in ids])
         moved = self._solved_inputs is None or self._solved_inputs.shape != inputs.shape or (
             np.abs(inputs - self._solved_inputs) > self.config.resolve_threshold
             * np.maximum(np.abs(self._solved_inputs), 1e-9)).any()
@@ -162,7 +163,9 @@ class DraftController:
             return {}
         self._last_solve = now
         try:
-            plan = solve(self.config.policy, *self._problem(ids, inputs))
+            problem = problem_from_snapshot(snapshot, self.verify_time.coefficients(),
+                                            self.config.bandwidth_hz, self.config.max_draft_len)
+            plan = solve(self.config.policy, *problem)
         except ValueError as exc:
             log.warning("draft control: %s; keeping the current decisions", exc)
             return {}
@@ -189,26 +192,24 @@ class DraftController:
         rate = share * self.config.bandwidth_hz * self.config.spectral_efficiency
         return Decision(self.config.draft_len, share, rate)
 
-    def _inputs(self, ids: list[str]) -> np.ndarray | None:
-        """Per device [t, a, s, d, b0, b]; None while a device has no measurements yet."""
-        rows = []
-        for device_id in ids:
-            est = self.devices[device_id]
-            if est.draft_s_per_token.value is None or est.delay_s.value is None:
-                return None
-            b0, b = est.upload_law(self.config.overhead_bits, self.config.bits_per_token)
-            rows.append([est.draft_s_per_token.value, est.acceptance.mean,
-                         est.spectral_efficiency, est.delay_s.value, b0, b])
-        return np.array(rows)
 
-    def _problem(self, ids: list[str], inputs: np.ndarray) -> tuple[SystemParams, UserParams]:
-        base_s, per_token_s = self.verify_time.coefficients()
-        t, a, s, d, b0, b = inputs.T
-        system = SystemParams(
-            bandwidth_hz=self.config.bandwidth_hz, bits_per_token=b, overhead_bits=b0,
-            verify_time=VerifyTime(base_s, per_token_s), max_draft_len=self.config.max_draft_len,
-        )
-        return system, UserParams(t, a, s, d, names=tuple(ids))
+MODEL_INPUTS = ("draft_s_per_token", "acceptance", "spectral_efficiency", "delay_s",
+                "overhead_bits", "bits_per_token")
+
+
+def problem_from_snapshot(
+    estimates: dict[str, dict], verify_time: tuple[float, float], bandwidth_hz: float,
+    max_draft_len: int = 16,
+) -> tuple[SystemParams, UserParams]:
+    """The solvers' inputs from per-device estimates (``DraftController.snapshot()``, or a
+    timeline's plan event), devices in sorted order."""
+    ids = sorted(estimates)
+    t, a, s, d, b0, b = np.array([[estimates[i][k] for k in MODEL_INPUTS] for i in ids]).T
+    system = SystemParams(
+        bandwidth_hz=bandwidth_hz, bits_per_token=b, overhead_bits=b0,
+        verify_time=VerifyTime(*verify_time), max_draft_len=max_draft_len,
+    )
+    return system, UserParams(t, a, s, d, names=tuple(ids))
 
 
 def calibrate_verify_time(verifier, vocab_size: int, fit: AffineFit, reps: int = 2) -> None:

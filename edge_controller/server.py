@@ -150,12 +150,11 @@ class EdgeController:
         self.rounds_run += 1
         self.largest_batch = max(self.largest_batch, len(items))
         log.debug("round: %d drafts, %d tokens, %.1f ms", len(items), tokens, verify_s * 1e3)
-        for session, outcome in zip(batch, outcomes, strict=True):
-            if outcome is not None:
-                self._answer(session, outcome)
+        committed = {s.device_id: self._answer(s, o)
+                     for s, o in zip(batch, outcomes, strict=True) if o is not None}
         self._record(verify_s=verify_s, devices=[
             {"device": s.device_id, "draft_len": len(i.draft_tokens),
-             "accepted": o.accepted if o else None,
+             "accepted": o.accepted if o else None, "committed": committed.get(s.device_id, 0),
              "share": self.draft_control.decisions[s.device_id].bandwidth_share
              if s.device_id in self.draft_control.decisions else None}
             for s, i, o in zip(batch, items, outcomes, strict=True)
@@ -181,7 +180,8 @@ class EdgeController:
                 outcomes.append(None)
         return outcomes
 
-    def _answer(self, session: Session, outcome: VerifyOutcome) -> None:
+    def _answer(self, session: Session, outcome: VerifyOutcome) -> int:
+        """Commit a verified draft, send the verdict; return how many tokens it committed."""
         draft, request, stats = session.pending, session.request, session.stats
         session.pending = None
         tokens, done = commit(
@@ -212,6 +212,7 @@ class EdgeController:
                      session.device_id, request.request_id, stats.generated, stats.rounds,
                      stats.acceptance_estimate)
             self._end_request(session)
+        return len(tokens)
 
     # ---- messages --------------------------------------------------------------------
     def _on_frames(self, frames: list[bytes]) -> None:

@@ -11,11 +11,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from edge_controller.control import SystemParams, UserParams, VerifyTime, solve
+from edge_controller.control import solve
+from edge_controller.draft_control import problem_from_snapshot
 from edge_controller.launch import BIN, AgentSpec, controller_process, run_agents
+from edge_controller.trial.runner import replay_decisions
 from tests.test_e2e_greedy import compare_to_reference
 
 pytestmark = [
@@ -44,32 +45,11 @@ def test_ci_trial_runs_every_policy_and_reports(tmp_path):
     assert f"msp-{proc.pid}-" not in namespaces, "the trial left network namespaces behind"
 
 
-def replay_decisions(events: list[dict]) -> list[tuple[int, dict, dict]]:
-    """(event index, decisions in force, estimates) after every plan event."""
-    decisions: dict[str, dict] = {}
-    out = []
-    for i, event in enumerate(events):
-        if "plan" in event:
-            decisions = {**decisions, **event["plan"]}
-            out.append((i, dict(decisions), event))
-    return out
-
-
-def model_plan(event: dict, bandwidth_hz: float, policy: str, devices: list[str],
-               delay_override: dict[str, float] | None = None):
-    """Solve the policy from the estimates a plan event recorded (optionally one delay moved)."""
-    est = [event["estimates"][d] for d in devices]
-    delay = [(delay_override or {}).get(d, e["delay_s"]) for d, e in zip(devices, est,
-                                                                         strict=True)]
-    system = SystemParams(
-        bandwidth_hz=bandwidth_hz, verify_time=VerifyTime(*event["verify_time"]),
-        bits_per_token=np.array([e["bits_per_token"] for e in est]),
-        overhead_bits=np.array([e["overhead_bits"] for e in est]),
-    )
-    users = UserParams(np.array([e["draft_s_per_token"] for e in est]),
-                       np.array([e["acceptance"] for e in est]),
-                       np.array([e["spectral_efficiency"] for e in est]), np.array(delay))
-    return solve(policy, system, users)
+def model_plan(event: dict, bandwidth_hz: float, policy: str, **delays: float):
+    """Solve the policy from the estimates a plan event recorded (optionally delays moved)."""
+    estimates = {d: {**e, "delay_s": delays.get(d, e["delay_s"])}
+                 for d, e in event["estimates"].items()}
+    return solve(policy, *problem_from_snapshot(estimates, event["verify_time"], bandwidth_hz))
 
 
 def test_worse_link_mid_run_moves_shares_as_the_model_says(tmp_path, target, default_models):
@@ -123,9 +103,9 @@ def test_worse_link_mid_run_moves_shares_as_the_model_says(tmp_path, target, def
     assert d_after - d_before > 0.2  # ~290 ms more round trip (145 ms each way)
 
     # What the model says: the same estimates with only fading's delay moved.
-    model_before = model_plan(before[2], bandwidth, policy, devices)
-    model_after = model_plan(before[2], bandwidth, policy, devices, {"fading": d_after})
-    share = devices.index("fading")
+    model_before = model_plan(before[2], bandwidth, policy)
+    model_after = model_plan(before[2], bandwidth, policy, fading=d_after)
+    share = sorted(devices).index("fading")
     model_move = model_after.bandwidth_share[share] - model_before.bandwidth_share[share]
     live_move = (after[1]["fading"]["bandwidth_share"] - before[1]["fading"]["bandwidth_share"])
     assert model_move > 0  # homogeneous compensates the weaker link...

@@ -31,12 +31,18 @@ def gains(report: dict) -> dict[str, float]:
 def markdown(report: dict) -> str:
     lines = [f"# Trial `{report['trial']}`", "", report.get("description", ""), "",
              f"Uplink band B = {report['bandwidth_hz'] / 1e6:g} MHz.", "",
-             "| policy | measured goodput (tok/s) | predicted (tok/s) | measured / predicted | "
-             "rounds |", "| --- | ---: | ---: | ---: | ---: |"]
+             "Goodput is the sum over devices while all of them were generating (the model's "
+             "G), from the controller's timeline; predicted is what the controller's plans "
+             "said (time-weighted), simulated the simulator on the last plan's estimates.", "",
+             "| policy | measured (tok/s) | predicted (tok/s) | measured / predicted | "
+             "simulated (tok/s) | window (s) | rounds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, p in report["policies"].items():
-        pred = p["predicted_goodput_tok_s"]
+        pred, sim = p["predicted_goodput_tok_s"], p["simulated_goodput_tok_s"]
         cells = f"{pred:.2f} | {p['goodput_tok_s'] / pred:.2f}" if pred else "- | -"
-        lines.append(f"| {name} | {p['goodput_tok_s']:.2f} | {cells} | {p['rounds']} |")
+        lines.append(f"| {name} | {p['goodput_tok_s']:.2f} | {cells} | "
+                     f"{f'{sim:.2f}' if sim else '-'} | {p['window_s'] or 0:.1f} | "
+                     f"{p['rounds']} |")
     g = gains(report)
     if g:
         lines += ["", f"Heterogeneous over agnostic: measured {g['measured']:+.1%}"

@@ -64,14 +64,74 @@ def run_policy(lab: NetworkLab, spec: TrialSpec, policy: str, out: Path) -> dict
         )
     (out / "agents.json").write_text(json.dumps(results))
     events = [json.loads(line) for line in timeline.read_text().splitlines()]
-    plans = [e for e in events if "plan" in e]
     users = [_user_summary(d, runs, events) for d, runs in zip(spec.devices, results, strict=True)]
+    steady = steady_state(events, [d.name for d in spec.devices], spec.bandwidth_hz, policy)
     return {
-        "goodput_tok_s": sum(u["goodput_tok_s"] for u in users),
-        "predicted_goodput_tok_s": plans[-1]["predicted_goodput_tok_s"] if plans else None,
+        "goodput_tok_s": steady.get("measured_tok_s", sum(u["goodput_tok_s"] for u in users)),
+        "predicted_goodput_tok_s": steady.get("predicted_tok_s"),
+        "simulated_goodput_tok_s": steady.get("simulated_tok_s"),
+        "window_s": steady.get("window_s"),
         "rounds": sum(1 for e in events if "devices" in e),
         "users": users,
     }
+
+
+def replay_decisions(events: list[dict]) -> list[tuple[int, dict, dict]]:
+    """(event index, every device's decision in force, the plan event) after each plan."""
+    decisions: dict[str, dict] = {}
+    out = []
+    for i, event in enumerate(events):
+        if "plan" in event:
+            decisions = {**decisions, **event["plan"]}
+            out.append((i, dict(decisions), event))
+    return out
+
+
+def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
+                 policy: str) -> dict:
+    """Goodput while every device was generating, measured and as the model predicts it.
+
+    The window runs from the first round by which every device had been in a round to the
+    first device's last round. Measured: committed tokens of the rounds in it / its length
+    (prefills and gaps between requests included). Predicted: the plans in force, weighted
+    by time, where every device took part in the plan. Simulated: the simulator run on the
+    last such plan with the estimates it was made from.
+    """
+    from edge_controller.control import evaluate
+    from edge_controller.control.simulator import simulate
+    from edge_controller.draft_control import problem_from_snapshot
+
+    rounds = [e for e in events if "devices" in e]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for event in rounds:
+        for d in event["devices"]:
+            first.setdefault(d["device"], event["t"])
+            last[d["device"]] = event["t"]
+    if set(first) != set(devices):
+        return {}
+    start, end = max(first.values()), min(last.values())
+    window = [e for e in rounds if start < e["t"] <= end]
+    if end <= start or not window:
+        return {}
+    result = {"window_s": end - start, "measured_tok_s": sum(
+        d["committed"] for e in window for d in e["devices"]) / (end - start)}
+    plans = [(event["t"], decisions, event) for _, decisions, event in replay_decisions(events)
+             if set(event["estimates"]) == set(devices) and event["t"] <= end]
+    if not plans:
+        return result
+    weighted = 0.0
+    for (t, _, event), t_next in zip(plans, [p[0] for p in plans[1:]] + [end], strict=True):
+        weighted += event["predicted_goodput_tok_s"] * max(min(t_next, end) - max(t, start), 0)
+    _, decisions, event = plans[-1]
+    result["predicted_tok_s"] = (weighted / (end - start) if weighted
+                                 else event["predicted_goodput_tok_s"])
+    system, users = problem_from_snapshot(event["estimates"], event["verify_time"], bandwidth_hz)
+    ids = sorted(devices)
+    plan = evaluate(policy, system, users, [decisions[i]["draft_len"] for i in ids],
+                    [decisions[i]["bandwidth_share"] for i in ids])
+    result["simulated_tok_s"] = simulate(system, users, plan, rounds=2000).goodput_tok_s
+    return result
 
 
 def _agent(spec: TrialSpec, device: TrialDevice, index: int) -> AgentSpec:
