@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,6 @@ class TrialSpec:
     verifier_cpus: tuple[int, ...] = (0,)
     drafter_cpus: tuple[int, ...] = (1,)
     round_deadline_s: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def max_paced_rate_bps(self) -> float:
-        return self.bandwidth_hz * max(d.spectral_efficiency for d in self.devices)
 
 
 def load_trial(path: str | Path) -> TrialSpec:
@@ -58,7 +53,7 @@ def load_trial(path: str | Path) -> TrialSpec:
     devices = raw.pop("devices", None)
     if not isinstance(devices, list) or not devices:
         raise TrialError(f"{path}: needs at least one [[devices]] table")
-    top = _typed(TrialSpec, raw, "trial", skip=("devices", "extra", "name"))
+    top = _typed(TrialSpec, raw, "trial", skip=("devices", "name"))
     spec = TrialSpec(
         name=str(raw.get("name", path.stem)),
         devices=tuple(TrialDevice(**_typed(TrialDevice, d, f"devices[{i}]"))
