@@ -26,14 +26,10 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10 (JetPack 6 boards)
-    import tomli as tomllib
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "configs" / "models.toml"
 TARGET = "target"  # the key under which requantize references the target
