@@ -95,6 +95,19 @@ def test_process_logits_matches_transformers_warpers(params, vocab, scale, candi
     assert torch.equal(p_target > 0, expected > 0)
 
 
+def test_process_logits_mixes_partial_and_full_sort_rows():
+    scale = torch.tensor([8.0, 0.3, 8.0, 0.3])[:, None]  # peaked and flat rows in one call
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(2)) * scale
+    params = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(0.7, top_p=0.95)] * 2
+    pairs = zip(logits, params, strict=True)
+    expected = torch.stack([hf_warped(row[None], p)[0] for row, p in pairs])
+
+    p_target = process_logits(logits, params)
+
+    torch.testing.assert_close(p_target, expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(p_target > 0, expected > 0)
+
+
 def test_top_k_keeps_ties_at_the_kth_value():
     logits = torch.tensor([[4.0, 3.0, 3.0, 3.0, 1.0]])
     p_target = process_logits(logits, SamplingParams(temperature=1.0, top_k=2))

@@ -144,24 +144,27 @@ def _truncated(
     top_p: Tensor,  # [M] float32 in (0, 1]
 ) -> Tensor:  # [M, V] float32
     """Top-k then top-p, computed on the top TRUNCATION_CANDIDATES tokens (a partial sort)
-    when those provably contain every kept token, else on a full sort of the vocabulary."""
+    for the rows where those provably contain every kept token, on a full sort elsewhere."""
     vocab = scaled.shape[-1]
     width = min(vocab, max(TRUNCATION_CANDIDATES, int(top_k.max()) + 1))
-    ids, probs, exact = _candidates(scaled, top_k, top_p, width)
-    if not exact:
-        ids, probs, _ = _candidates(scaled, top_k, top_p, vocab)
-    probs = probs * (probs.cumsum(dim=-1) - probs < top_p[:, None])  # top-p on the mass above
-    return torch.zeros_like(scaled).scatter_(1, ids, probs / probs.sum(dim=-1, keepdim=True))
+    p_target, inside = _truncated_within(scaled, top_k, top_p, width)
+    if not bool(inside.all()):
+        rest = (~inside).nonzero().squeeze(1)
+        p_target[rest] = _truncated_within(scaled[rest], top_k[rest], top_p[rest], vocab)[0]
+    return p_target
 
 
-def _candidates(
+def _truncated_within(
     scaled: Tensor,  # [M, V]
     top_k: Tensor,  # [M]
     top_p: Tensor,  # [M]
     width: int,
-) -> tuple[Tensor, Tensor, bool]:  # ids [M, W], probs after top-k [M, W] (descending), exact
+) -> tuple[Tensor, Tensor]:  # p_target [M, V], exact [M] bool
+    """Top-k and top-p among the ``width`` highest logits; ``exact`` marks the rows where no
+    kept token lies outside them: top-k rows whose ties at the k-th value do not run past
+    the candidates, other rows whose candidates hold at least top_p (the rest is dropped)."""
     if width < scaled.shape[-1]:
-        values, ids = scaled.topk(width, dim=-1)
+        values, ids = scaled.topk(width, dim=-1)  # descending
     else:
         values, ids = scaled.sort(dim=-1, descending=True)
     limited = top_k > 0
@@ -171,10 +174,10 @@ def _candidates(
     if not bool(limited.all()):
         log_total = torch.where(limited, log_total, scaled.logsumexp(dim=-1))
     probs = (values - log_total[:, None]).exp() * kept
-    # exact when no kept token lies outside: top-k rows have no tie running past the
-    # candidates; the others' candidates hold at least top_p (the rest is then dropped)
-    inside = torch.where(limited, values[:, -1] < kth[:, 0], probs.sum(dim=-1) >= top_p)
-    return ids, probs, width == scaled.shape[-1] or bool(inside.all())
+    exact = torch.where(limited, values[:, -1] < kth[:, 0], probs.sum(dim=-1) >= top_p)
+    probs = probs * (probs.cumsum(dim=-1) - probs < top_p[:, None])  # top-p on the mass above
+    p_target = torch.zeros_like(scaled).scatter_(1, ids, probs / probs.sum(-1, keepdim=True))
+    return p_target, exact | (width == scaled.shape[-1])
 
 
 def sample_inverse_cdf(
