@@ -2,6 +2,7 @@
 
 import importlib.util
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,8 @@ def test_batched_equals_per_session_over_random_sessions(target, prompts):
             s["seq"] += item.draft_tokens[: g.accepted] + [g.next_token]
             assert verifier.length(s["a"]) == verifier.length(s["b"]) == len(s["seq"])
     print(f"compared {compared} session-rounds, accepted {accepted}, near ties {near_ties}")
+    if near_ties:
+        warnings.warn(f"batched != per-session at near ties: {near_ties}", stacklevel=1)
     assert compared >= n_sessions * rounds - len(near_ties) * rounds
     assert min(accepted.values()) >= 10  # the drafts were good enough to exercise acceptance
 
