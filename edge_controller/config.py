@@ -53,6 +53,7 @@ class ControlConfig:
     overhead_bits: float = 800.0
     resolve_interval_s: float = 1.0  # re-solve at most this often...
     resolve_threshold: float = 0.1  # ...and only when an estimate moved by this fraction
+    verify_time_file: str = ""  # T_v fit of scripts/bench_verify.py --sweep; "" = calibrate
 
 
 @dataclass

@@ -25,6 +25,7 @@ from edge_controller.draft_control import (
     Decision,
     DraftController,
     calibrate_verify_time,
+    seed_verify_time,
 )
 from edge_controller.metrics import ControllerMetrics
 from edge_controller.sessions import RequestStats, Session, commit
@@ -78,9 +79,13 @@ class EdgeController:
     def serve(self, stop: threading.Event | None = None, ready: threading.Event | None = None):
         """Bind and serve until ``stop`` is set (or KeyboardInterrupt)."""
         stop = stop or threading.Event()
-        if self.config.control.policy != FIXED_POLICY and not self.draft_control.verify_time.ready:
-            calibrate_verify_time(self.verifier, self.target.vocab_size,
-                                  self.draft_control.verify_time)
+        fit = self.draft_control.verify_time
+        if self.config.control.policy != FIXED_POLICY and not fit.ready:
+            if self.config.control.verify_time_file:
+                seed_verify_time(fit, self.config.control.verify_time_file,
+                                 context=self.config.limits.max_len // 4)
+            else:
+                calibrate_verify_time(self.verifier, self.target.vocab_size, fit)
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)

@@ -69,3 +69,21 @@ def test_verify_time_fit_never_goes_negative():
     fit.update(50, 0.1)  # noise can make time fall with size; the law must not
     base, per_token = fit.coefficients()
     assert per_token == 0.0 and base > 0
+
+
+def test_verify_time_seeded_from_a_bench_file(tmp_path):
+    import json
+
+    from edge_controller.draft_control import seed_verify_time
+
+    path = tmp_path / "verify_cost.json"
+    path.write_text(json.dumps({
+        "format": "multispin-verify-cost/1", "form": "packed",
+        "coef": {"base_s": 0.1, "per_token_s": 0.006, "per_token_ctx_s": 1e-6},
+    }))
+    fit = AffineFit()
+    seed_verify_time(fit, str(path), context=500)
+    base, per_token = fit.coefficients()
+    # packed form at context 500: 0.1 + (0.006 + 500e-6) * n
+    assert base == pytest.approx(0.1, rel=1e-6)
+    assert per_token == pytest.approx(0.0065, rel=1e-6)
