@@ -67,16 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_draft(args: argparse.Namespace) -> int:
-    from device_agent.drafter import Drafter
-
     if args.tokens < 1:
         print("device-agent: --tokens must be >= 1", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        drafter = Drafter(resolve_draft(args.draft), n_threads=args.threads,
-                          pace_s_per_token=args.draft_pace)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"device-agent: {exc}", file=sys.stderr)
+    drafter = load_drafter(args)
+    if drafter is None:
         return EXIT_USAGE
     drafter.begin(drafter.tokenize("The history of the bicycle begins"))
     drafter.draft(4)  # warm-up
@@ -106,6 +101,18 @@ def resolve_draft(name_or_path: str) -> Path:
     return materialized.drafts[name_or_path]
 
 
+def load_drafter(args: argparse.Namespace):
+    """The drafter named by --draft, or None after printing why it cannot be loaded."""
+    from device_agent.drafter import Drafter
+
+    try:
+        return Drafter(resolve_draft(args.draft), n_threads=args.threads,
+                       pace_s_per_token=args.draft_pace)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"device-agent: {exc}", file=sys.stderr)
+        return None
+
+
 def generate(args: argparse.Namespace) -> int:
     from device_agent.agent import (
         ControllerError,
@@ -113,18 +120,14 @@ def generate(args: argparse.Namespace) -> int:
         SamplingOptions,
         TelemetryOptions,
     )
-    from device_agent.drafter import Drafter
     from device_agent.link import ControllerLink, LinkTimeout
 
     if min(args.max_new_tokens, args.requests) < 1 or args.temperature < 0 or args.timeout <= 0:
         print("device-agent: need --max-new-tokens >= 1, --requests >= 1, --temperature >= 0 "
               "and --timeout > 0", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        drafter = Drafter(resolve_draft(args.draft), n_threads=args.threads,
-                          pace_s_per_token=args.draft_pace)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"device-agent: {exc}", file=sys.stderr)
+    drafter = load_drafter(args)
+    if drafter is None:
         return EXIT_USAGE
     prompt_ids = drafter.tokenize(args.prompt)
     sampling = SamplingOptions(args.temperature, args.top_p, args.top_k, args.seed,
