@@ -109,7 +109,8 @@ def load_drafter(args: argparse.Namespace):
         return Drafter(resolve_draft(args.draft), n_threads=args.threads,
                        pace_s_per_token=args.draft_pace)
     except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"device-agent: {exc}", file=sys.stderr)
+        reason = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError quotes its str
+        print(f"device-agent: {reason}", file=sys.stderr)
         return None
 
 
