@@ -74,6 +74,7 @@ class DraftController:
         self.verify_time = verify_time
         self.devices: dict[str, DeviceEstimates] = {}
         self.decisions: dict[str, Decision] = {}
+        self.active: set[str] = set()  # devices with a request in flight: the round's members
         self.plan_goodput_tok_s = 0.0
         self._solved_inputs: np.ndarray | None = None
         self._membership_changed = True
@@ -89,15 +90,25 @@ class DraftController:
     def leave(self, device_id: str) -> None:
         self.devices.pop(device_id, None)
         self.decisions.pop(device_id, None)
+        self.active.discard(device_id)
+        self._membership_changed = True
+
+    def on_request_start(self, device_id: str) -> None:
+        self.active.add(device_id)
         self._membership_changed = True
 
     def on_draft(self, device_id: str, draft_len: int, draft_s: float, frame_bytes: int,
-                 gap_s: float) -> None:
-        """A draft arrived ``gap_s`` after the device's last verdict (or control) was sent."""
+                 gap_s: float, first_round: bool = False) -> None:
+        """A draft arrived ``gap_s`` after the device's last verdict (or control) was sent.
+
+        A request's first draft also paid for evaluating the prompt on the device: it tells
+        the upload size, not the drafting speed or the delay."""
         est = self.devices[device_id]
+        est.upload_bits.update(draft_len, 8 * frame_bytes)
+        if first_round:
+            return
         if draft_len > 0 and draft_s > 0:
             est.draft_s_per_token.update(draft_s / draft_len)
-        est.upload_bits.update(draft_len, 8 * frame_bytes)
         rate = self.decisions[device_id].uplink_rate_bps
         upload_s = 8 * frame_bytes / rate if rate > 0 else 0.0
         est.delay_s.update(max(gap_s - draft_s - upload_s, 0.0))
@@ -112,9 +123,12 @@ class DraftController:
         est.last_verdict_at = now
 
     def on_request_end(self, device_id: str) -> None:
-        """Idle time between requests is not a round period."""
+        """The device leaves the rounds; idle time between requests is not a round period."""
         if device_id in self.devices:
             self.devices[device_id].last_verdict_at = None
+        if device_id in self.active:
+            self.active.discard(device_id)
+            self._membership_changed = True
 
     def on_round(self, tokens: int, seconds: float) -> None:
         self.verify_time.update(tokens, seconds)
@@ -151,10 +165,13 @@ class DraftController:
             return {}
         if now - self._last_solve < self.config.resolve_interval_s:
             return {}
-        ids = sorted(self.devices)
-        snapshot = self.snapshot()
-        if any(snapshot[d][k] is None for d in ids for k in MODEL_INPUTS):
-            return {}  # a device without measurements yet
+        # The round's members with measurements; a device still on its first draft keeps
+        # its initial decision until it has some, without holding up everyone else's plan.
+        snapshot = {d: e for d, e in self.snapshot().items() if d in self.active
+                    and all(e[k] is not None for k in MODEL_INPUTS)}
+        ids = sorted(snapshot)
+        if not ids:
+            return {}
         inputs = np.array([[snapshot[d][k] for k in MODEL_INPUTS] for d in ids])
         moved = self._solved_inputs is None or self._solved_inputs.shape != inputs.shape or (
             np.abs(inputs - self._solved_inputs) > self.config.resolve_threshold
@@ -174,8 +191,10 @@ class DraftController:
         changed = {}
         for i, device_id in enumerate(ids):
             share = float(plan.bandwidth_share[i])
+            # A zero share only happens when the model charges the upload nothing; the
+            # device then goes unpaced (rate 0) rather than at a crawl.
             rate = share * self.config.bandwidth_hz * self.devices[device_id].spectral_efficiency
-            decision = Decision(int(plan.draft_len[i]), share, max(rate, 1.0))
+            decision = Decision(int(plan.draft_len[i]), share, rate)
             if decision != self.decisions.get(device_id):
                 self.decisions[device_id] = changed[device_id] = decision
         log.info("draft control (%s): predicted %.1f tok/s; %s", self.config.policy,

@@ -37,6 +37,8 @@ MAX_FRAME_BYTES = 1 << 20  # 1 MiB: far above any legal message (a 16-token spar
 MAX_PROMPT_TOKENS = 32_768
 MAX_DRAFT_TOKENS = 64
 MAX_TOP_K = 256  # sparse draft distribution: at most this many (id, count) pairs per position
+MIN_TEMPERATURE = 1e-3  # below this (but above 0) softmax under/overflows: use 0 (greedy)
+MAX_SEED = 2**63  # seeds are keyed into 64-bit signed integers on the verifier
 Q_SCALE = 1 << 16  # draft probabilities travel as integer counts; q = count / sum(counts)
 
 
@@ -253,8 +255,12 @@ def _check_limits(msg: Message) -> None:
             raise bad(f"prompt must hold 1..{MAX_PROMPT_TOKENS} tokens")
         if msg.max_new_tokens < 1:
             raise bad("max_new_tokens must be >= 1")
-        if msg.temperature < 0 or not 0 < msg.top_p <= 1 or msg.top_k < 0:
-            raise bad("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if not (msg.temperature == 0 or MIN_TEMPERATURE <= msg.temperature <= 100):
+            raise bad(f"temperature must be 0 (greedy) or in {MIN_TEMPERATURE:g}..100")
+        if not 0 < msg.top_p <= 1 or msg.top_k < 0:
+            raise bad("need 0 < top_p <= 1 and top_k >= 0")
+        if not 0 <= msg.seed < MAX_SEED:
+            raise bad("seed must be in 0..2**63-1")
         if not 1 <= msg.draft_top_k <= MAX_TOP_K:
             raise bad(f"draft_top_k must be in 1..{MAX_TOP_K}")
     elif isinstance(msg, Draft):
@@ -272,3 +278,16 @@ def _check_limits(msg: Message) -> None:
                     raise bad("a draft token must lie in the support of its q")
         if msg.position < 0 or msg.round < 0:
             raise bad("position and round must be >= 0")
+        if not 0 <= msg.draft_s <= 3600:
+            raise bad("draft_s must be in 0..3600 seconds")
+    elif isinstance(msg, Telemetry):
+        for name, high in (("draft_s_per_token", 60.0), ("rtt_s", 60.0), ("uplink_bps", 1e12),
+                           ("spectral_efficiency", 50.0)):
+            if not 0 <= getattr(msg, name) <= high:
+                raise bad(f"{name} must be in 0..{high:g}")
+    elif isinstance(msg, Control):
+        if not (0 <= msg.draft_len <= MAX_DRAFT_TOKENS and 0 <= msg.bandwidth_share <= 1
+                and msg.uplink_rate_bps >= 0):
+            raise bad("need 0 <= draft_len <= 64, 0 <= bandwidth_share <= 1, uplink_rate_bps >= 0")
+    elif isinstance(msg, Hello) and msg.vocab_size < 1:
+        raise bad("vocab_size must be >= 1")

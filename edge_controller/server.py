@@ -86,25 +86,24 @@ class EdgeController:
                                  context=self.config.limits.max_len // 4)
             else:
                 calibrate_verify_time(self.verifier, self.target.vocab_size, fit)
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to vanished devices raise, not vanish
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a device reconnecting with its id takes over
         # Memory guard only: ZeroMQ drops larger frames silently, so the protocol's own
         # (smaller) limit is checked in decode() where the device can be told.
         sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME_BYTES)
-        sock.bind(self.config.server.bind)
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = sock
-        if self.config.server.metrics_port:
-            self.metrics.serve(self.config.server.metrics_port)
-        if self.config.server.timeline:
-            self._timeline = open(self.config.server.timeline, "a", buffering=1)  # noqa: SIM115
-        log.info("serving %s on %s", self.target.name, self.endpoint)
-        if ready is not None:
-            ready.set()
         try:
+            sock.bind(self.config.server.bind)
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.config.server.metrics_port:
+                self.metrics.serve(self.config.server.metrics_port)
+            if self.config.server.timeline:
+                self._timeline = open(self.config.server.timeline, "a", buffering=1)  # noqa: SIM115
+            log.info("serving %s on %s", self.target.name, self.endpoint)
+            if ready is not None:
+                ready.set()
             while not stop.is_set():
                 if sock.poll(int(self._poll_timeout() * 1000)):
                     for _ in range(MAX_MESSAGES_PER_TICK):
@@ -117,7 +116,7 @@ class EdgeController:
                 self._purge_silent(now)
                 if self._round_due(now):
                     self.run_round()
-                self._push_decisions(self.draft_control.maybe_resolve(now))
+                self._replan(now)
         finally:
             for session in list(self.sessions.values()):
                 self._end_request(session)
@@ -269,7 +268,9 @@ class EdgeController:
                 f"{self.target.fingerprint[:16]}...: their vocabularies differ, so its drafts "
                 "cannot be verified. Use a draft built from the target's tokenizer.",
             )
-        for other in [s for s in self.sessions.values() if s.device_id == msg.device_id]:
+        same = [s for s in self.sessions.values()
+                if s.device_id == msg.device_id or s.identity == identity]
+        for other in same:
             self._drop(other, "re-registered; its old session is dropped")
         self.sessions[identity] = Session(identity, msg.device_id, msg.draft_model,
                                           time.monotonic())
@@ -304,6 +305,7 @@ class EdgeController:
         log.info("%s: request %s, %d prompt tokens, up to %d new, temperature %g",
                  session.device_id, msg.request_id, len(msg.prompt_ids), msg.max_new_tokens,
                  msg.temperature)
+        self.draft_control.on_request_start(session.device_id)
         self._send(session, _control(self.draft_control.decisions[session.device_id]))
         session.answered_at = time.monotonic()
 
@@ -332,7 +334,8 @@ class EdgeController:
         session.pending = msg
         now = time.monotonic()
         self.draft_control.on_draft(session.device_id, len(msg.tokens), msg.draft_s,
-                                    session.pending_bytes, now - session.answered_at)
+                                    session.pending_bytes, now - session.answered_at,
+                                    first_round=msg.round == 0)
         if self._round_opened_at is None:
             self._round_opened_at = now
 
@@ -348,6 +351,8 @@ class EdgeController:
             self.verifier.close(session.slot)
         session.slot, session.request, session.pending = None, None, None
         self.draft_control.on_request_end(session.device_id)
+        if not any(s.pending for s in self.sessions.values()):
+            self._round_opened_at = None  # the round it opened has nobody left in it
 
     def _drop(self, session: Session, why: str) -> None:
         """Forget a device: free its slot, its estimates and its metrics."""
@@ -357,6 +362,14 @@ class EdgeController:
         self.draft_control.leave(session.device_id)
         self.metrics.forget_device(session.device_id)
         self.metrics.sessions.set(len(self.sessions))
+
+    def _replan(self, now: float) -> None:
+        try:
+            changed = self.draft_control.maybe_resolve(now)
+        except Exception:  # a solver failure must not stop serving: keep the decisions
+            log.exception("draft control failed; keeping the current decisions")
+            return
+        self._push_decisions(changed)
 
     def _push_decisions(self, changed: dict[str, Decision]) -> None:
         for session in list(self.sessions.values()):

@@ -54,6 +54,17 @@ def _frame(**body):
                 q_ids=[[1, 1]], q_counts=[[1, 1]]), "invalid"),  # repeated ids
         (_frame(type="draft", request_id="r", round=0, position=1, tokens=[1],
                 q_ids=[[1]], q_counts=[[0]]), "invalid"),  # zero count
+        (_frame(type="draft", request_id="r", round=0, position=1, tokens=[1],
+                draft_s=-1.0), "invalid"),
+        (_frame(type="start", request_id="r", prompt_ids=[1], max_new_tokens=4,
+                seed=2**63), "invalid"),  # would overflow the verifier's int64 keys
+        (_frame(type="start", request_id="r", prompt_ids=[1], max_new_tokens=4,
+                temperature=1e-45), "invalid"),  # softmax would be NaN
+        (_frame(type="telemetry", spectral_efficiency=1e308), "invalid"),
+        (_frame(type="telemetry", rtt_s=-0.5), "invalid"),
+        (_frame(type="control", draft_len=4, bandwidth_share=1.5), "invalid"),
+        (_frame(type="hello", device_id="d", draft_model="m", tokenizer_fingerprint="f",
+                vocab_size=0), "invalid"),
     ],
 )
 def test_bad_frames_are_refused_with_a_code(frame, code):

@@ -43,11 +43,19 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"edge-controller: {exc}", file=sys.stderr)
         return 2
-    controller = build_controller(config)
+    import zmq
+
+    from edge_controller.verifier.engine import CapacityError
+
     try:
+        controller = build_controller(config)
         controller.serve()
     except KeyboardInterrupt:
         log.info("interrupted")
+    except (CapacityError, zmq.ZMQError, OSError) as exc:
+        # The KV budget does not fit, the address or metrics port is taken, a file is missing.
+        print(f"edge-controller: cannot serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,73 @@
+"""Controller bookkeeping over real sockets: slots are never leaked, and live draft control
+is never frozen by one device."""
+
+from __future__ import annotations
+
+import pytest
+
+from device_agent.link import ControllerLink
+from edge_controller import protocol as P
+from edge_controller.config import ControlConfig
+from edge_controller.control.estimators import AffineFit
+from edge_controller.draft_control import DraftController
+
+pytestmark = pytest.mark.slow
+
+
+def hello(link: ControllerLink, device_id: str, target_info) -> None:
+    link.send(P.Hello(device_id, "handmade", target_info.fingerprint, target_info.vocab_size))
+    assert isinstance(link.receive(), P.Welcome)
+
+
+def test_re_registering_from_the_same_socket_frees_the_old_session(run_controller, target_info):
+    with run_controller(control__policy="fixed", limits__max_sessions=1) as controller, \
+            ControllerLink(controller.endpoint, timeout_s=60) as link:
+        hello(link, "first-name", target_info)
+        link.send(P.Start("r1", [1, 2, 3], 8))
+        assert isinstance(link.receive(), P.Control)  # holds the only KV slot
+        hello(link, "second-name", target_info)  # same socket, new name
+        link.send(P.Start("r2", [1, 2, 3], 8))
+        reply = link.receive()
+        assert isinstance(reply, P.Control), f"the old slot leaked: {reply}"
+        assert [s.device_id for s in controller.sessions.values()] == ["second-name"]
+        assert set(controller.draft_control.devices) == {"second-name"}
+
+
+def test_a_device_that_left_mid_round_does_not_close_the_next_round_early(
+    run_controller, target_info
+):
+    with run_controller(control__policy="fixed") as controller, \
+            ControllerLink(controller.endpoint, timeout_s=60) as a:
+        hello(a, "a", target_info)
+        a.send(P.Start("r", [1, 2, 3], 8))
+        a.receive()
+        with ControllerLink(controller.endpoint, timeout_s=60) as b:
+            hello(b, "b", target_info)
+            b.send(P.Start("r", [1, 2, 3], 8))
+            b.receive()
+            b.send(P.Draft("r", 0, 3, [42]))  # b's draft opens a round that waits for a
+            b.send(P.Bye())  # b leaves before the round closes
+            b.send(P.Ping(0.0))
+            assert isinstance(b.receive(), P.Pong)  # the controller has handled the bye
+        assert controller._round_opened_at is None
+
+
+def estimates_for(dc: DraftController, device: str) -> None:
+    for _ in range(3):
+        dc.on_draft(device, 4, 0.08, 60, gap_s=0.15)
+        dc.on_verdict(device, 3, 4, 4, now=0.0)
+
+
+def test_draft_control_plans_without_a_device_that_has_no_measurements():
+    fit = AffineFit()
+    fit.update(1, 0.05)
+    fit.update(20, 0.25)
+    dc = DraftController(ControlConfig(policy="heterogeneous", resolve_interval_s=0), fit)
+    joined = {device: dc.join(device) for device in ("measured", "new", "idle")}
+    dc.on_request_start("measured")
+    estimates_for(dc, "measured")
+    dc.on_request_start("new")  # in a request, but not one draft measured yet
+    estimates_for(dc, "idle")  # measured earlier, no request in flight now
+    changed = dc.maybe_resolve(now=10.0)
+    assert set(changed) == {"measured"}
+    assert dc.decisions["new"] == joined["new"]  # kept until it has measurements
