@@ -172,6 +172,8 @@ class DeviceAgent:
         return GenerationResult(prompt_ids, tokens, text, stats)
 
     def close(self) -> None:
+        """Say goodbye (never blocks: unpaced, and ZeroMQ queues it)."""
+        self.link.pacer.set_rate(0)
         self.link.send(P.Bye())
 
     def _expect(self, kind: type[P.Message]) -> P.Message:

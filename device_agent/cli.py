@@ -144,13 +144,14 @@ def generate(args: argparse.Namespace) -> int:
                                         on_tokens=stream.write if stream else None)
                 if args.json:
                     print(json.dumps(result.to_json()), flush=True)
-            agent.close()
         except ControllerError as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
             return EXIT_REFUSED
         except LinkTimeout as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
+        finally:
+            agent.close()  # bye: the controller frees our slot now, not after a timeout
     if not args.json:
         s = result.stats
         print(f"\n[{len(result.tokens)} tokens, {s.rounds} rounds, acceptance "

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,11 @@ def run_agents(
     ]
     results = []
     try:
-        for spec, proc in zip(specs, procs, strict=True):
-            out, err = proc.communicate(timeout=timeout_s)
+        # Drain every agent's pipes at once: one waiting on a full stderr pipe while we
+        # read another would never finish.
+        with ThreadPoolExecutor(len(procs)) as pool:
+            outputs = list(pool.map(lambda p: p.communicate(timeout=timeout_s), procs))
+        for spec, proc, (out, err) in zip(specs, procs, outputs, strict=True):
             if proc.returncode != 0:
                 raise AgentFailed(f"{spec.device_id}: device agent exited {proc.returncode}: "
                                   f"{err.strip()}")

@@ -234,6 +234,8 @@ class EdgeController:
                 self._on_hello(identity, msg)
             elif isinstance(msg, P.Ping):
                 self._reply(identity, P.Pong(msg.sent_at, len(body[0]), time.monotonic()))
+            elif session is None and isinstance(msg, P.Bye):
+                return  # a refused or already dropped device saying goodbye: nothing to free
             elif session is None:
                 raise P.ProtocolError("not_registered", "send hello before anything else")
             elif isinstance(msg, P.Start):

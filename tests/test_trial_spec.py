@@ -23,6 +23,7 @@ def test_shipped_trials_load(path):
     ("text", "needle"),
     [
         ("policies = ['heterogeneous']", "needs at least one"),
+        (f"policies = []\n{DEVICE}", "at least one policy"),
         (f"policies = ['best']\n{DEVICE}", "policies"),
         (f"bandwidth_hz = 0\n{DEVICE}", "bandwidth_hz"),
         (f"requests = 0\n{DEVICE}", "requests"),

@@ -26,23 +26,25 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from edge_controller.launch import AgentFailed
     from edge_controller.trial.netns import LabError
     from edge_controller.trial.report import gains, write_report
     from edge_controller.trial.runner import run_trial
-    from edge_controller.trial.spec import TrialError, load_trial
+    from edge_controller.trial.spec import TrialError, load_trial, validate
 
     try:
         spec = load_trial(args.trial)
         if args.policies:
             spec = dataclasses.replace(spec, policies=tuple(args.policies.split(",")))
+            validate(spec)
     except TrialError as exc:
         print(f"edge-controller: {exc}", file=sys.stderr)
         return 2
     with tqdm(total=len(spec.policies), desc=f"trial {spec.name}", unit="policy") as bar:
         try:
             report = run_trial(spec, args.out, on_policy=lambda _: bar.update())
-        except LabError as exc:
-            print(f"edge-controller: {exc}", file=sys.stderr)
+        except (LabError, AgentFailed, RuntimeError) as exc:  # the lab is cleaned up by then
+            print(f"edge-controller: trial failed: {exc} (logs in {args.out})", file=sys.stderr)
             return 1
     write_report(report, args.out)
     for name, p in report["policies"].items():

@@ -49,9 +49,10 @@ def run_policy(lab: NetworkLab, spec: TrialSpec, policy: str, out: Path) -> dict
     timeline = out / "timeline.jsonl"
     timeline.unlink(missing_ok=True)
     config = out / "controller.toml"
-    config.write_text(
-        f"[server]\nround_deadline_s = {spec.round_deadline_s}\ntimeline = \"{timeline}\"\n"
-        f"[control]\npolicy = \"{policy}\"\nbandwidth_hz = {spec.bandwidth_hz}\n"
+    config.write_text(  # JSON strings are valid TOML basic strings: paths quoted safely
+        f"[server]\nround_deadline_s = {spec.round_deadline_s}\n"
+        f"timeline = {json.dumps(str(timeline))}\n"
+        f"[control]\npolicy = {json.dumps(policy)}\nbandwidth_hz = {spec.bandwidth_hz}\n"
     )
     specs = [_agent(spec, d, i) for i, d in enumerate(spec.devices)]
     hub = lambda argv, **kw: lab.spawn(None, argv, cpus=spec.verifier_cpus, **kw)  # noqa: E731

@@ -60,7 +60,7 @@ def load_trial(path: str | Path) -> TrialSpec:
                       for i, d in enumerate(devices)),
         **top,
     )
-    _validate(spec)
+    validate(spec)
     return spec
 
 
@@ -87,7 +87,8 @@ def _typed(cls, table: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -
     return out
 
 
-def _validate(spec: TrialSpec) -> None:
+def validate(spec: TrialSpec) -> None:
+    """Raise TrialError naming the first value that cannot run."""
     from edge_controller.control.solvers import POLICIES
 
     names = [d.name for d in spec.devices]
@@ -95,6 +96,7 @@ def _validate(spec: TrialSpec) -> None:
         (len(set(names)) == len(names), "device names must be distinct"),
         (all(n.replace("-", "").isalnum() and len(n) <= 32 for n in names),
          "device names: letters, digits and '-', at most 32 characters"),
+        (len(spec.policies) > 0, "policies must name at least one policy"),
         (set(spec.policies) <= {"fixed", *POLICIES},
          f"policies must be among fixed, {', '.join(POLICIES)}"),
         (spec.bandwidth_hz > 0, "bandwidth_hz must be > 0"),
