@@ -14,8 +14,9 @@ What each model input is estimated from (symbols of docs/system-model.md):
   paced upload. It holds the link's round trip and any queueing;
 * ``s_k``: spectral efficiency reported by the device (its radio; an emulated one in
   trials), else ``control.spectral_efficiency``;
-* ``T_v``: an affine fit of round verification time against sum (L_k + 1), calibrated at
-  start-up on this machine and refined every round.
+* ``T_v``: an affine fit of round verification time against sum (L_k + 1), seeded from
+  ``control.verify_time_file`` or a start-up calibration on this machine, refined every
+  round.
 """
 
 from __future__ import annotations

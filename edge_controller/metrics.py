@@ -25,6 +25,10 @@ class ControllerMetrics:
                              registry=r)
         self.delay = Gauge(f"{PREFIX}_device_delay_s", "per-round delay estimate d_k", d,
                            registry=r)
+        self.rtt = Gauge(f"{PREFIX}_device_rtt_s", "round trip the device measured by pings",
+                         d, registry=r)
+        self.uplink = Gauge(f"{PREFIX}_device_uplink_bps", "uplink capacity the device probed "
+                            "(0 = not probed)", d, registry=r)
         self.round_s = Histogram(f"{PREFIX}_round_seconds", "round time, first draft in to "
                                  "verdicts out", buckets=ROUND_BUCKETS, registry=r)
         self.verify_s = Histogram(f"{PREFIX}_verify_seconds", "batched verification time",
@@ -41,6 +45,6 @@ class ControllerMetrics:
 
     def forget_device(self, device_id: str) -> None:
         for gauge in (self.goodput, self.acceptance, self.draft_len, self.share, self.draft_s,
-                      self.delay):
+                      self.delay, self.rtt, self.uplink):
             with contextlib.suppress(KeyError):  # never reported yet
                 gauge.remove(device_id)

@@ -212,9 +212,9 @@ class EdgeController:
                                       tokens, done, decision.draft_len))
         session.answered_at = time.monotonic()
         if done:
-            log.info("%s: request %s done: %d tokens in %d rounds, acceptance %.2f",
-                     session.device_id, request.request_id, stats.generated, stats.rounds,
-                     stats.acceptance_estimate)
+            log.info("%s: request %s done: %d tokens in %d rounds, acceptance %.2f, "
+                     "smallest top-2 logit margin %.2e", session.device_id, request.request_id,
+                     stats.generated, stats.rounds, stats.acceptance_estimate, stats.min_margin)
             self._end_request(session)
         return len(tokens)
 
@@ -246,6 +246,8 @@ class EdgeController:
                 log.debug("%s telemetry: %s", session.device_id, msg)
                 self.draft_control.on_telemetry(session.device_id, msg.spectral_efficiency,
                                                 msg.draft_s_per_token)
+                self.metrics.rtt.labels(session.device_id).set(msg.rtt_s)
+                self.metrics.uplink.labels(session.device_id).set(msg.uplink_bps)
             elif isinstance(msg, P.Bye):
                 self._drop(session, "left")
             else:

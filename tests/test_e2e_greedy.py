@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 
 from edge_controller.launch import AgentSpec, run_agents
+from edge_controller.server import NEAR_TIE_MARGIN
 from tests.conftest import reference_greedy
 
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 48
-NEAR_TIE = 1e-4  # DESIGN.md: a mismatch is tolerated only where the target's top-2 margin is below
 DEVICES = [
     ("q8_0", "The three most important inventions of the last century are"),
     ("q5_0", "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"),
@@ -29,7 +29,7 @@ def compare_to_reference(target, result: dict, new_tokens: int) -> list[str]:
     got = result["tokens"]
     for i, (a, b) in enumerate(zip(got, ref, strict=False)):
         if a != b:
-            assert margins[i] < NEAR_TIE, (
+            assert margins[i] < NEAR_TIE_MARGIN, (
                 f"token {i}: system {a} != target {b} with top-2 margin {margins[i]:.3g}")
             return [f"near-tie mismatch at token {i} (margin {margins[i]:.2e})"]
     assert got == ref

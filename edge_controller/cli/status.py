@@ -14,9 +14,10 @@ COLUMNS = [  # (metric suffix, header, format)
     ("acceptance", "accept", "{:>6.2f}"),
     ("draft_s_per_token", "draft ms/tok", "{:>12.1f}"),
     ("delay_s", "delay ms", "{:>8.1f}"),
+    ("rtt_s", "rtt ms", "{:>6.1f}"),
     ("goodput_tok_s", "goodput tok/s", "{:>13.2f}"),
 ]
-SCALE = {"draft_s_per_token": 1e3, "delay_s": 1e3}
+SCALE = {"draft_s_per_token": 1e3, "delay_s": 1e3, "rtt_s": 1e3}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -42,11 +42,6 @@ class AcceptanceEstimate:
         a = self.prior_accepted + self.accepted
         return a / (a + self.prior_rejections + self.rejections)
 
-    @property
-    def evidence(self) -> float:
-        """Effective number of Bernoulli observations behind the estimate."""
-        return self.accepted + self.rejections
-
 
 @dataclass
 class RunningMean:
