@@ -191,7 +191,7 @@ class DraftController:
         self.plan_goodput_tok_s = plan.goodput_tok_s
         changed = {}
         for i, device_id in enumerate(ids):
-            share = float(plan.bandwidth_share[i])
+            share = min(max(float(plan.bandwidth_share[i]), 0.0), 1.0)  # solver float noise
             # A zero share only happens when the model charges the upload nothing; the
             # device then goes unpaced (rate 0) rather than at a crawl.
             rate = share * self.config.bandwidth_hz * self.devices[device_id].spectral_efficiency

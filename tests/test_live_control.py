@@ -53,10 +53,13 @@ def model_plan(event: dict, bandwidth_hz: float, policy: str, **delays: float):
     return solve(policy, *problem_from_snapshot(estimates, event["verify_time"], bandwidth_hz))
 
 
-def test_worse_link_mid_run_moves_shares_as_the_model_says(tmp_path, target, default_models):
+@pytest.mark.parametrize("policy", ["homogeneous", "heterogeneous"])
+def test_worse_link_mid_run_moves_decisions_as_the_model_says(
+    tmp_path, target, default_models, policy
+):
     from edge_controller.trial.netns import LinkShape, NetworkLab
 
-    policy, bandwidth = "homogeneous", 2e5
+    bandwidth = 2e5
     devices = ["steady", "fading"]
     config = tmp_path / "controller.toml"
     timeline = tmp_path / "timeline.jsonl"
@@ -74,14 +77,22 @@ def test_worse_link_mid_run_moves_shares_as_the_model_says(tmp_path, target, def
         with controller_process(tmp_path / "controller.log", "--config", str(config),
                                 endpoint="tcp://0.0.0.0:5555", spawn=hub):
             results: list = []
-            runner = threading.Thread(target=lambda: results.extend(run_agents(
-                lambda a: lab.endpoint(a.device_id, 5555), specs,
-                spawn=lambda a: lambda argv, **kw: lab.spawn(a.device_id, argv, cpus=[1], **kw),
-            )))
+            failures: list = []
+
+            def agents() -> None:
+                try:
+                    results.extend(run_agents(
+                        lambda a: lab.endpoint(a.device_id, 5555), specs,
+                        spawn=lambda a: lambda argv, **kw: lab.spawn(a.device_id, argv,
+                                                                      cpus=[1], **kw)))
+                except Exception as exc:  # surfaced below, not lost in the thread
+                    failures.append(exc)
+
+            runner = threading.Thread(target=agents)
             runner.start()
             # Let the controller settle on a plan with both devices, then degrade one link.
             deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and runner.is_alive():
                 events = [json.loads(x) for x in timeline.read_text().splitlines()] \
                     if timeline.exists() else []
                 both = [p for p in replay_decisions(events) if set(p[1]) == set(devices)]
@@ -89,8 +100,9 @@ def test_worse_link_mid_run_moves_shares_as_the_model_says(tmp_path, target, def
                     break
                 time.sleep(0.5)
             changed_at = len(timeline.read_text().splitlines())
-            lab.set_link("fading", delay_ms=150)
+            lab.set_link("fading", delay_ms=150)  # +145 ms each way
             runner.join(900)
+    assert not failures, failures
     assert len(results) == 2, "device agents did not finish"
 
     events = [json.loads(x) for x in timeline.read_text().splitlines()]
@@ -101,16 +113,29 @@ def test_worse_link_mid_run_moves_shares_as_the_model_says(tmp_path, target, def
     after = after[-1]
     d_before = before[2]["estimates"]["fading"]["delay_s"]
     d_after = after[2]["estimates"]["fading"]["delay_s"]
-    assert d_after - d_before > 0.2  # ~290 ms more round trip (145 ms each way)
+    # +290 ms of round trip; the running mean (forgetting 0.9) holds half of a step
+    # change after 7 rounds.
+    assert d_after - d_before > 0.145
 
-    # What the model says: the same estimates with only fading's delay moved.
+    # What the model says: the same estimates with only fading's delay moved. Every move it
+    # calls large (2+ tokens of draft; 0.1+ of the band), the live controller makes too.
+    # Heterogeneous plans are indifferent to how tiny uploads split the band (many shares
+    # give the same goodput, and the solver's pick swings between them), so there only the
+    # draft lengths are the model's prediction; homogeneous shares compensate the weak link.
     model_before = model_plan(before[2], bandwidth, policy)
     model_after = model_plan(before[2], bandwidth, policy, fading=d_after)
-    share = sorted(devices).index("fading")
-    model_move = model_after.bandwidth_share[share] - model_before.bandwidth_share[share]
-    live_move = (after[1]["fading"]["bandwidth_share"] - before[1]["fading"]["bandwidth_share"])
-    assert model_move > 0  # homogeneous compensates the weaker link...
-    assert live_move > 0  # ...and so did the live controller
+    checked = [("draft_len", 2)] + ([("bandwidth_share", 0.1)] if policy == "homogeneous" else [])
+    large = 0
+    for i, device in enumerate(sorted(devices)):
+        for key, big in checked:
+            model_move = getattr(model_after, key)[i] - getattr(model_before, key)[i]
+            live_move = after[1][device][key] - before[1][device][key]
+            if abs(model_move) >= big:
+                large += 1
+                assert live_move * model_move > 0, (
+                    f"{policy}: model moves {device}.{key} by {model_move:+.3g}, "
+                    f"the controller by {live_move:+.3g}")
+    assert large >= 1, "the model saw no large move: the test shows nothing"
 
     for runs in results:
         for run in runs:
