@@ -123,19 +123,34 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerC
             raise ConfigError(f"unknown config section [{name}] (known: {', '.join(sections)})")
         if not isinstance(table, dict):
             raise ConfigError(f"[{name}] must be a table")
-        setattr(config, name, _section(getattr(config, name), name, table))
+        section = getattr(config, name)
+        defaults = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+        setattr(config, name, dataclasses.replace(section, **checked_table(defaults, table, name)))
     return config.validate()
 
 
-def _section(default: Any, name: str, table: dict[str, Any]) -> Any:
-    known = {f.name: type(getattr(default, f.name)) for f in dataclasses.fields(default)}
+def checked_table(
+    defaults: dict[str, Any], table: Any, where: str, error: type[Exception] = ConfigError
+) -> dict[str, Any]:
+    """``table``'s values checked against ``defaults`` (key -> default value, or
+    ``dataclasses.MISSING`` for a required key of any type). Unknown keys and wrong types
+    raise ``error`` naming the key; integers are taken for floats, lists for tuples."""
+    if not isinstance(table, dict):
+        raise error(f"{where} must be a table")
+    out = {}
     for key, value in table.items():
-        if key not in known:
-            raise ConfigError(f"unknown key {name}.{key} (known: {', '.join(known)})")
-        expected = known[key]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        if key not in defaults:
+            raise error(f"unknown key {where}.{key} (known: {', '.join(defaults)})")
+        default = defaults[key]
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-            table[key] = value
-        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
-            raise ConfigError(f"{name}.{key} must be a {expected.__name__}, got {value!r}")
-    return dataclasses.replace(default, **table)
+        if default is not dataclasses.MISSING and (
+            not isinstance(value, type(default))
+            or isinstance(value, bool) != isinstance(default, bool)
+        ):
+            kind = "list" if isinstance(default, tuple) else type(default).__name__
+            raise error(f"{where}.{key} must be a {kind}, got {value!r}")
+        out[key] = value
+    return out

@@ -28,6 +28,8 @@ def test_shipped_trials_load(path):
         (f"bandwidth_hz = 0\n{DEVICE}", "bandwidth_hz"),
         (f"requests = 0\n{DEVICE}", "requests"),
         (f"colour = 'red'\n{DEVICE}", "trial.colour"),
+        (f"requests = true\n{DEVICE}", "trial.requests must be a int"),
+        (f"verifier_cpus = 0\n{DEVICE}", "trial.verifier_cpus must be a list"),
         (f"{DEVICE}delay_ms = -5\n", "must be >= 0"),
         (f"{DEVICE}loss_pct = 100\n", "loss_pct"),
         (f"{DEVICE}spectral_efficiency = 'high'\n", "spectral_efficiency"),

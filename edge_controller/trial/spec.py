@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_controller.config import checked_table
+
 
 class TrialError(ValueError):
     """A trial file that cannot be run; the message names the key."""
@@ -64,27 +66,11 @@ def load_trial(path: str | Path) -> TrialSpec:
     return spec
 
 
-def _typed(cls, table: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -> dict:
-    if not isinstance(table, dict):
-        raise TrialError(f"{where} must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
-    out = {}
-    for key, value in table.items():
-        if key in skip:
-            continue
-        if key not in fields:
-            raise TrialError(f"unknown key {where}.{key} (known: {', '.join(fields)})")
-        default = fields[key].default
-        if isinstance(default, tuple):
-            if not isinstance(value, list):
-                raise TrialError(f"{where}.{key} must be a list")
-            value = tuple(value)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif default is not dataclasses.MISSING and not isinstance(value, type(default)):
-            raise TrialError(f"{where}.{key} must be a {type(default).__name__}, got {value!r}")
-        out[key] = value
-    return out
+def _typed(cls, table: Any, where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in skip}
+    if isinstance(table, dict):
+        table = {k: v for k, v in table.items() if k not in skip}
+    return checked_table(defaults, table, where, TrialError)
 
 
 def validate(spec: TrialSpec) -> None:
