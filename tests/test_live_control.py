@@ -15,8 +15,8 @@ import pytest
 
 from edge_controller.control import solve
 from edge_controller.draft_control import problem_from_snapshot
-from edge_controller.launch import BIN, AgentSpec, controller_process, run_agents
-from edge_controller.trial.runner import replay_decisions
+from edge_controller.launch import BIN, AgentSpec
+from edge_controller.trial.runner import lab_agents, lab_controller, replay_decisions
 from tests.test_e2e_greedy import compare_to_reference
 
 pytestmark = [
@@ -72,36 +72,31 @@ def test_worse_link_mid_run_moves_decisions_as_the_model_says(
                  ("steady", "q8_0", "The water cycle works as follows:"),
                  ("fading", "q5_0", "A short history of the printing press:")]]
     shapes = {d: LinkShape(delay_ms=5) for d in devices}
-    with NetworkLab(shapes, wire_cpus=[1]) as lab:
-        hub = lambda argv, **kw: lab.spawn(None, argv, cpus=[0], **kw)  # noqa: E731
-        with controller_process(tmp_path / "controller.log", "--config", str(config),
-                                endpoint="tcp://0.0.0.0:5555", spawn=hub):
-            results: list = []
-            failures: list = []
+    with NetworkLab(shapes, wire_cpus=[1]) as lab, \
+            lab_controller(lab, tmp_path / "controller.log", config, cpus=[0]):
+        results: list = []
+        failures: list = []
 
-            def agents() -> None:
-                try:
-                    results.extend(run_agents(
-                        lambda a: lab.endpoint(a.device_id, 5555), specs,
-                        spawn=lambda a: lambda argv, **kw: lab.spawn(a.device_id, argv,
-                                                                      cpus=[1], **kw)))
-                except Exception as exc:  # surfaced below, not lost in the thread
-                    failures.append(exc)
+        def agents() -> None:
+            try:
+                results.extend(lab_agents(lab, specs, cpus=[1]))
+            except Exception as exc:  # surfaced below, not lost in the thread
+                failures.append(exc)
 
-            runner = threading.Thread(target=agents)
-            runner.start()
-            # Let the controller settle on a plan with both devices, then degrade one link.
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and runner.is_alive():
-                events = [json.loads(x) for x in timeline.read_text().splitlines()] \
-                    if timeline.exists() else []
-                both = [p for p in replay_decisions(events) if set(p[1]) == set(devices)]
-                if len(both) >= 2:
-                    break
-                time.sleep(0.5)
-            changed_at = len(timeline.read_text().splitlines())
-            lab.set_link("fading", delay_ms=150)  # +145 ms each way
-            runner.join(900)
+        runner = threading.Thread(target=agents)
+        runner.start()
+        # Let the controller settle on a plan with both devices, then degrade one link.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and runner.is_alive():
+            events = [json.loads(x) for x in timeline.read_text().splitlines()] \
+                if timeline.exists() else []
+            both = [p for p in replay_decisions(events) if set(p[1]) == set(devices)]
+            if len(both) >= 2:
+                break
+            time.sleep(0.5)
+        changed_at = len(timeline.read_text().splitlines())
+        lab.set_link("fading", delay_ms=150)  # +145 ms each way
+        runner.join(900)
     assert not failures, failures
     assert len(results) == 2, "device agents did not finish"
 

@@ -112,21 +112,13 @@ def test_set_link_changes_a_live_link_and_its_tbf_qdisc():
         assert shape == LinkShape(delay_ms=30, rate_mbit=8)
         after = udp_trace(lab, "d", count=20, seconds=0.6)
         assert min(delay for _, delay in after) >= 0.029
-        qdisc = subprocess.run(
-            ["tc", "-n", dev.netns, "qdisc", "show", "dev", dev.iface],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert "tbf" in qdisc and "rate 8Mbit" in qdisc
+        def qdisc() -> str:
+            argv = ["tc", "-n", dev.netns, "qdisc", "show", "dev", dev.iface]
+            return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+        assert "tbf" in qdisc() and "rate 8Mbit" in qdisc()
         lab.set_link("d", rate_mbit=0)
-        qdisc = subprocess.run(
-            ["tc", "-n", dev.netns, "qdisc", "show", "dev", dev.iface],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert "tbf" not in qdisc
+        assert "tbf" not in qdisc()
 
 
 def test_devices_cannot_reach_each_other():

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from edge_controller.launch import BIN, AgentSpec, controller_process, run_agents
@@ -55,14 +57,8 @@ def run_policy(lab: NetworkLab, spec: TrialSpec, policy: str, out: Path) -> dict
         f"[control]\npolicy = {json.dumps(policy)}\nbandwidth_hz = {spec.bandwidth_hz}\n"
     )
     specs = [_agent(spec, d, i) for i, d in enumerate(spec.devices)]
-    hub = lambda argv, **kw: lab.spawn(None, argv, cpus=spec.verifier_cpus, **kw)  # noqa: E731
-    with controller_process(out / "controller.log", "--config", str(config),
-                            endpoint=f"tcp://0.0.0.0:{CONTROLLER_PORT}", spawn=hub):
-        results = run_agents(
-            lambda a: lab.endpoint(a.device_id, CONTROLLER_PORT), specs,
-            spawn=lambda a: lambda argv, **kw: lab.spawn(a.device_id, argv,
-                                                          cpus=spec.drafter_cpus, **kw),
-        )
+    with lab_controller(lab, out / "controller.log", config, spec.verifier_cpus):
+        results = lab_agents(lab, specs, spec.drafter_cpus)
     (out / "agents.json").write_text(json.dumps(results))
     events = [json.loads(line) for line in timeline.read_text().splitlines()]
     users = [_user_summary(d, runs, events) for d, runs in zip(spec.devices, results, strict=True)]
@@ -75,6 +71,29 @@ def run_policy(lab: NetworkLab, spec: TrialSpec, policy: str, out: Path) -> dict
         "rounds": sum(1 for e in events if "devices" in e),
         "users": users,
     }
+
+
+@contextmanager
+def lab_controller(lab: NetworkLab, log_path: Path, config: Path,
+                   cpus: Sequence[int]) -> Iterator[None]:
+    """``edge-controller start --config CONFIG`` in the lab's hub namespace, on ``cpus``,
+    listening on CONTROLLER_PORT, until the block ends."""
+    def hub(argv, **kw):
+        return lab.spawn(None, argv, cpus=cpus, **kw)
+
+    with controller_process(log_path, "--config", str(config),
+                            endpoint=f"tcp://0.0.0.0:{CONTROLLER_PORT}", spawn=hub):
+        yield
+
+
+def lab_agents(lab: NetworkLab, specs: Sequence[AgentSpec],
+               cpus: Sequence[int]) -> list[list[dict]]:
+    """Run the agents at once, each in its device's namespace on ``cpus``, dialling the hub."""
+    def spawn(agent: AgentSpec):
+        return lambda argv, **kw: lab.spawn(agent.device_id, argv, cpus=cpus, **kw)
+
+    return run_agents(lambda a: lab.endpoint(a.device_id, CONTROLLER_PORT), specs,
+                      spawn=spawn)
 
 
 def replay_decisions(events: list[dict]) -> list[tuple[int, dict, dict]]:
