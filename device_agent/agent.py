@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -72,7 +71,7 @@ class DeviceAgent:
                  telemetry: TelemetryOptions | None = None):
         self.drafter = drafter
         self.link = link
-        self.device_id = device_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.device_id = device_id or ""  # with keys, the controller names us (welcome)
         self.telemetry = telemetry or TelemetryOptions()
         self.welcome: P.Welcome | None = None
         self.control: P.Control | None = None  # the controller's latest decision for us
@@ -88,7 +87,9 @@ class DeviceAgent:
             self.drafter.vocab_size, {"sampling": True, "max_top_k": P.MAX_TOP_K},
         ))
         self.welcome = self._expect(P.Welcome)
-        log.info("registered with %s (target %s)", self.link.endpoint, self.welcome.target_model)
+        self.device_id = self.welcome.device_id
+        log.info("registered with %s as %s (target %s)", self.link.endpoint, self.device_id,
+                 self.welcome.target_model)
         self.measure_link()
         return self.welcome
 
@@ -172,9 +173,8 @@ class DeviceAgent:
         return GenerationResult(prompt_ids, tokens, text, stats)
 
     def close(self) -> None:
-        """Say goodbye (never blocks: unpaced, and ZeroMQ queues it)."""
-        self.link.pacer.set_rate(0)
-        self.link.send(P.Bye())
+        """Say goodbye if the link can take it now (never blocks)."""
+        self.link.send(P.Bye(), wait=False)
 
     def _expect(self, kind: type[P.Message]) -> P.Message:
         """Wait for a message of ``kind``; errors raise, control updates are applied."""

@@ -6,7 +6,9 @@ import argparse
 import codecs
 import json
 import logging
+import socket
 import sys
+import uuid
 from pathlib import Path
 
 EXIT_REFUSED = 1  # the controller answered with an error
@@ -25,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="generate text for one prompt",
                          description="Generate text for one prompt with the controller's help.")
     gen.add_argument("--controller", required=True, metavar="tcp://HOST:PORT")
+    gen.add_argument("--keys", metavar="DIR", help="this device's keys (device-agent keys init); "
+                     "its public key must be listed on the controller")
+    gen.add_argument("--controller-key", metavar="KEY", help="the controller's public key (Z85, "
+                     "as `edge-controller keys init` printed it, or its controller.key file)")
+    gen.add_argument("--insecure", action="store_true",
+                     help="plain TCP, for a controller started with --insecure (tests only)")
     gen.add_argument("--draft", default="q4_0",
                      help="draft model: a name from configs/models.toml (q8_0, q5_0, q4_0, ...) "
                      "or a path to a GGUF file (default: q4_0)")
@@ -38,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--draft-top-k", type=int, default=32,
                      help="size of the sparse draft distribution uploaded when sampling")
-    gen.add_argument("--device-id", help="name shown on the controller (default: host-random)")
+    gen.add_argument("--device-id", help="with keys: the name this device's key is listed "
+                     "under (checked; default: whatever it is); with --insecure: the name to "
+                     "register (default: host-random)")
     gen.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     gen.add_argument("--draft-pace", type=float, default=0.0, metavar="S",
                      help="emulate a slower board: at least S seconds per drafted token")
@@ -52,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per request (prompt_tokens, tokens, text, "
                      "stats), one per line")
+    keys = sub.add_parser("keys", help="this device's CURVE keypair",
+                          description="Make this device's keypair; list the printed public key "
+                          "on the controller with `edge-controller keys add NAME PUBKEY`.")
+    keys_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = keys_actions.add_parser("init", help="make the keypair; print the public key")
+    init.add_argument("--dir", required=True, type=Path, metavar="DIR")
+    init.add_argument("--force", action="store_true",
+                      help="replace an existing keypair (the old one is kept as .old)")
     bench = sub.add_parser("bench", help="measure this board's drafting speed, alone",
                            description="Draft greedily with the draft model, no controller, "
                            "and print tokens/s (the speed telemetry reports in a session).")
@@ -63,7 +81,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return generate(args) if args.command == "generate" else bench_draft(args)
+    return {"generate": generate, "bench": bench_draft, "keys": keys_init}[args.command](args)
+
+
+def keys_init(args: argparse.Namespace) -> int:
+    from edge_controller.keys import DEVICE, KeyFileError, init_keypair
+
+    try:
+        keypair = init_keypair(args.dir, DEVICE, force=args.force)
+    except KeyFileError as exc:
+        print(f"device-agent: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(keypair.public_text)
+    print(f"device keypair in {args.dir}; on the controller run: edge-controller keys add NAME "
+          f"{keypair.public_text} --dir DIR", file=sys.stderr)
+    return 0
+
+
+def link_security(args: argparse.Namespace):
+    """(CurveClient or None for --insecure, error text or None) from the link flags."""
+    from edge_controller.keys import KeyFileError, device_client
+
+    if args.insecure:
+        if args.keys or args.controller_key:
+            return None, "--insecure goes without --keys and --controller-key"
+        return None, None
+    if not (args.keys and args.controller_key):
+        return None, ("the link to the controller is encrypted and authenticated: pass --keys "
+                      "DIR (make it with `device-agent keys init --dir DIR` and list its public "
+                      "key on the controller) and --controller-key KEY; or --insecure for a "
+                      "controller started with --insecure")
+    try:
+        return device_client(Path(args.keys), args.controller_key), None
+    except KeyFileError as exc:
+        return None, str(exc)
 
 
 def bench_draft(args: argparse.Namespace) -> int:
@@ -121,12 +172,19 @@ def generate(args: argparse.Namespace) -> int:
         SamplingOptions,
         TelemetryOptions,
     )
-    from device_agent.link import ControllerLink, LinkTimeout
+    from device_agent.link import ControllerLink, KeyRefused, LinkRefused, LinkTimeout
 
     if min(args.max_new_tokens, args.requests) < 1 or args.temperature < 0 or args.timeout <= 0:
         print("device-agent: need --max-new-tokens >= 1, --requests >= 1, --temperature >= 0 "
               "and --timeout > 0", file=sys.stderr)
         return EXIT_USAGE
+    curve, problem = link_security(args)
+    if problem:
+        print(f"device-agent: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    device_id = args.device_id
+    if curve is None and not device_id:
+        device_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     drafter = load_drafter(args)
     if drafter is None:
         return EXIT_USAGE
@@ -134,9 +192,9 @@ def generate(args: argparse.Namespace) -> int:
     sampling = SamplingOptions(args.temperature, args.top_p, args.top_k, args.seed,
                                args.draft_top_k)
     stream = _TextStream(drafter) if not args.json else None
-    with ControllerLink(args.controller, timeout_s=args.timeout) as link:
+    with ControllerLink(args.controller, curve=curve, timeout_s=args.timeout) as link:
         telemetry = TelemetryOptions(args.spectral_efficiency, probe_bursts=args.probe_uplink)
-        agent = DeviceAgent(drafter, link, args.device_id, telemetry)
+        agent = DeviceAgent(drafter, link, device_id, telemetry)
         try:
             agent.register()
             for _ in range(args.requests):
@@ -144,7 +202,14 @@ def generate(args: argparse.Namespace) -> int:
                                         on_tokens=stream.write if stream else None)
                 if args.json:
                     print(json.dumps(result.to_json()), flush=True)
-        except ControllerError as exc:
+        except KeyRefused as exc:
+            name = device_id or "NAME"
+            print(f"device-agent: the controller refused this device's key ({name}/"
+                  f"{exc.public_key} not on its allowlist): on the controller, run "
+                  f"`edge-controller keys add {name} {exc.public_key} --dir DIR`",
+                  file=sys.stderr)
+            return EXIT_REFUSED
+        except (ControllerError, LinkRefused) as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
             return EXIT_REFUSED
         except LinkTimeout as exc:

@@ -20,8 +20,20 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     round_deadline_s: float = 0.25
     session_timeout_s: float = 60.0
-    metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:PORT; 0 = off
+    metrics_port: int = 0  # Prometheus /metrics on metrics_bind:PORT; 0 = off
+    metrics_bind: str = "127.0.0.1"  # unauthenticated: loopback unless you mean otherwise
     timeline: str = ""  # append one JSON line per round and per plan here (trials, plots)
+
+
+@dataclass
+class SecurityConfig:
+    """docs/security.md. ``keys_dir``: CURVE keys and the allowlist (``edge-controller keys``).
+    Without it the controller refuses to start unless ``insecure`` (plain TCP, loopback only
+    unless ``insecure_anywhere``)."""
+
+    keys_dir: str = ""
+    insecure: bool = False
+    insecure_anywhere: bool = False
 
 
 @dataclass
@@ -59,6 +71,7 @@ class ControlConfig:
 @dataclass
 class ControllerConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     control: ControlConfig = field(default_factory=ControlConfig)

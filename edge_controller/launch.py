@@ -1,8 +1,9 @@
 """Launching a controller and device agents as real processes on this host.
 
-Used by the demo, the end-to-end benchmark and the tests: one place that knows how to
-start ``edge-controller start``, wait until it serves, run ``device-agent generate
---json`` processes side by side and collect their results.
+Used by the demo, the end-to-end benchmark, the trial lab and the tests: one place that
+knows how to make their keys, start ``edge-controller start``, wait until it serves, run
+``device-agent generate --json`` processes side by side and collect their results. Every
+launch runs CURVE with keys made for it (:class:`LabKeys`) unless told ``insecure``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,65 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+
+
+class LabKeys:
+    """A controller's keys directory and one keys directory per device, made on first use
+    and listed on the controller under the device's name (what an operator does by hand
+    with ``keys init`` on each side and ``keys add``; docs/security.md).
+
+    ``insecure=True`` makes none: every launch then runs plain TCP on loopback."""
+
+    def __init__(self, root: Path | None = None, insecure: bool = False):
+        from edge_controller import keys as K
+
+        self._K = K
+        self.insecure = insecure
+        self._tmp = None
+        if root is None and not insecure:
+            self._tmp = tempfile.TemporaryDirectory(prefix="multispin-keys-")
+            root = Path(self._tmp.name)
+        self.root = root
+        self.controller_key = "" if insecure else K.init_keypair(
+            self.controller_dir, K.CONTROLLER).public_text
+        self._devices: dict[str, Path] = {}
+
+    @property
+    def controller_dir(self) -> Path:
+        return self.root / "controller"
+
+    def device_dir(self, name: str) -> Path:
+        """``name``'s keys directory; made and listed on the controller on first use."""
+        if name not in self._devices:
+            directory = self.root / "devices" / name
+            keypair = self._K.init_keypair(directory, self._K.DEVICE)
+            self._K.list_device(self.controller_dir, name, keypair.public_text)
+            self._devices[name] = directory
+        return self._devices[name]
+
+    def controller_args(self) -> list[str]:
+        return ["--insecure"] if self.insecure else ["--keys", str(self.controller_dir)]
+
+    def agent_args(self, name: str) -> list[str]:
+        if self.insecure:
+            return ["--insecure"]
+        return ["--keys", str(self.device_dir(name)), "--controller-key", self.controller_key]
+
+    def client(self, name: str):
+        """A ControllerLink's ``curve`` for device ``name`` (None when insecure)."""
+        if self.insecure:
+            return None
+        return self._K.device_client(self.device_dir(name), self.controller_key)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LabKeys:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -33,10 +94,11 @@ class AgentSpec:
     extra: Sequence[str] = field(default_factory=tuple)  # e.g. ("--temperature", "0.8")
     requests: int = 1
 
-    def command(self, endpoint: str) -> list[str]:
+    def command(self, endpoint: str, keys: LabKeys) -> list[str]:
         return [str(BIN / "device-agent"), "generate", "--controller", endpoint,
-                "--device-id", self.device_id, "--draft", str(self.draft),
-                "--prompt", self.prompt, "--max-new-tokens", str(self.max_new_tokens),
+                *keys.agent_args(self.device_id), "--device-id", self.device_id,
+                "--draft", str(self.draft), "--prompt", self.prompt,
+                "--max-new-tokens", str(self.max_new_tokens),
                 "--requests", str(self.requests), "--json", *self.extra]
 
 
@@ -55,17 +117,18 @@ def free_endpoint() -> str:
 
 @contextmanager
 def controller_process(
-    log_path: Path, *args: str, endpoint: str | None = None, ready_timeout_s: float = 300.0,
-    spawn: Spawn = subprocess.Popen,
+    log_path: Path, keys: LabKeys, *args: str, endpoint: str | None = None,
+    ready_timeout_s: float = 300.0, spawn: Spawn = subprocess.Popen,
 ) -> Iterator[str]:
-    """Run ``edge-controller start`` until the block ends (then Ctrl-C it); yield its endpoint.
+    """Run ``edge-controller start`` with ``keys`` until the block ends (then Ctrl-C it);
+    yield its endpoint.
 
     ``spawn`` starts the process (e.g. inside a network namespace of a trial lab)."""
     endpoint = endpoint or free_endpoint()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = spawn([str(BIN / "edge-controller"), "start", "--bind", endpoint, *args],
-                     stdout=log, stderr=subprocess.STDOUT)
+        proc = spawn([str(BIN / "edge-controller"), "start", "--bind", endpoint,
+                      *keys.controller_args(), *args], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + ready_timeout_s
         while "serving" not in log_path.read_text():
@@ -88,15 +151,17 @@ def controller_process(
 def run_agents(
     endpoint: str | Callable[[AgentSpec], str],
     specs: Sequence[AgentSpec],
+    keys: LabKeys,
     timeout_s: float = 900.0,
     spawn: Callable[[AgentSpec], Spawn] = lambda spec: subprocess.Popen,
 ) -> list[list[dict]]:
-    """Run the agents at the same time; return each one's JSON results (one per request).
+    """Run the agents at the same time, each with its keys from ``keys``; return each one's
+    JSON results (one per request).
 
     ``endpoint`` may depend on the agent (in a trial lab each device dials its own link),
     and so may ``spawn`` (the agent's namespace and CPUs)."""
     procs = [
-        spawn(spec)(spec.command(endpoint(spec) if callable(endpoint) else endpoint),
+        spawn(spec)(spec.command(endpoint(spec) if callable(endpoint) else endpoint, keys),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for spec in specs
     ]

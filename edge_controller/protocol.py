@@ -8,8 +8,8 @@ ZeroMQ message carries exactly one frame whose body is a msgpack map::
 
 Conversation of one device (D) with the controller (C)::
 
-    D -> C  hello      device id, draft model, tokenizer fingerprint, capabilities
-    C -> D  welcome    target model, limits        (or error, fatal: the device exits)
+    D -> C  hello      device id (may be empty), draft model, tokenizer fingerprint, ...
+    C -> D  welcome    its name, target model, limits  (or error, fatal: the device exits)
     D -> C  start      a generation request: prompt ids, sampling parameters
     C -> D  control    draft length and uplink share for this device (again on change)
     D -> C  draft      round r: draft ids (+ sparse draft probabilities when sampling)
@@ -21,6 +21,15 @@ Conversation of one device (D) with the controller (C)::
 
 Handlers never see raw frames: :func:`decode` validates size, version, type and fields
 and raises :class:`ProtocolError` with a message fit to send back to the device.
+
+Versions: every change to what goes on the wire, or to what a message means, bumps
+``PROTOCOL_VERSION``; a controller serves its own version and the one before
+(``SERVED_VERSIONS``) and answers each device in the version it speaks.
+
+* 1: the first version; a device's name is what its hello says.
+* 2: identity is the device's CURVE key (docs/security.md): a device's name is the one its
+  key is listed under on the controller, and ``welcome.device_id`` tells it; a hello's
+  ``device_id`` may be empty, and if given must be that name. Same fields as version 1.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SERVED_VERSIONS = (PROTOCOL_VERSION - 1, PROTOCOL_VERSION)  # what a controller accepts
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB: far above any legal message (a 16-token sparse draft ~3 KB)
 MAX_PROMPT_TOKENS = 32_768
 MAX_DRAFT_TOKENS = 64
@@ -43,11 +53,13 @@ Q_SCALE = 1 << 16  # draft probabilities travel as integer counts; q = count / s
 
 
 class ProtocolError(ValueError):
-    """A frame that cannot be accepted; ``code`` is machine readable, str() is for humans."""
+    """A frame that cannot be accepted; ``code`` is machine readable, str() is for humans.
+    ``fatal``: the device cannot go on as it is (its session, if any, is ended)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, fatal: bool = False):
         super().__init__(message)
         self.code = code
+        self.fatal = fatal
 
 
 @dataclass
@@ -57,6 +69,8 @@ class Message:
 
 @dataclass
 class Hello(Message):
+    """``device_id``: empty, or the name the device expects to have (version 2)."""
+
     TYPE: ClassVar[str] = "hello"
     device_id: str
     draft_model: str
@@ -68,7 +82,7 @@ class Hello(Message):
 @dataclass
 class Welcome(Message):
     TYPE: ClassVar[str] = "welcome"
-    device_id: str
+    device_id: str  # the device's name on this controller
     target_model: str
     max_new_tokens: int
     max_draft_len: int
@@ -182,13 +196,21 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
-def encode(msg: Message) -> bytes:
-    body = {"v": PROTOCOL_VERSION, "type": msg.TYPE, **dataclasses.asdict(msg)}
+def encode(msg: Message, version: int = PROTOCOL_VERSION) -> bytes:
+    body = {"v": version, "type": msg.TYPE, **dataclasses.asdict(msg)}
     return msgpack.packb(body, use_bin_type=True)
 
 
 def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
-    """Parse and validate one frame; raise ProtocolError saying what is wrong."""
+    """Parse and validate one frame of this side's own version."""
+    return decode_versioned(frame, (PROTOCOL_VERSION,), max_bytes)[0]
+
+
+def decode_versioned(
+    frame: bytes, versions: tuple[int, ...] = SERVED_VERSIONS, max_bytes: int = MAX_FRAME_BYTES
+) -> tuple[Message, int]:
+    """Parse and validate one frame of any of ``versions``: (message, its version).
+    Raise ProtocolError saying what is wrong."""
     if len(frame) > max_bytes:
         raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds {max_bytes}")
     try:
@@ -198,9 +220,13 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError("malformed", "frame body must be a msgpack map")
     version = body.pop("v", None)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version not in versions:
+        accepted = " or ".join(str(v) for v in versions)
         raise ProtocolError(
-            "version", f"protocol version {version!r} unsupported (expected {PROTOCOL_VERSION})"
+            "version", f"protocol version {version!r} unsupported: this side speaks version "
+            f"{PROTOCOL_VERSION} and accepts {accepted}; upgrade the older side (a controller "
+            "serves its own version and the one before, so upgrade the controller first)",
+            fatal=True,
         )
     kind = body.pop("type", None)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
@@ -208,7 +234,7 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
         raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
     msg = _build(cls, body)
     _check_limits(msg)
-    return msg
+    return msg, version
 
 
 _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "bytes": bytes}

@@ -1,10 +1,18 @@
-"""Per-device sessions held by the controller, and the rules that end a request."""
+"""Registered devices (sessions), keyed by their authenticated identity, and the rules that
+end a request.
+
+A session's identity is the device's CURVE public key (its routing id only on an insecure
+controller): one registration per key. The connection it speaks on (its route) is just where
+answers go: a device that reconnects with the same key takes its own registration over, and
+a route that another key speaks on is no longer anyone else's.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from edge_controller.protocol import Draft, Start
+from edge_controller.protocol import PROTOCOL_VERSION, Draft, Start
 
 
 @dataclass
@@ -33,10 +41,12 @@ class RequestStats:
 class Session:
     """One registered device; at most one generation request in flight."""
 
-    identity: bytes  # ZeroMQ routing id of the device's DEALER socket
-    device_id: str
+    identity: bytes  # the device's Z85 public key (its first route on an insecure controller)
+    route: bytes | None  # routing id of the connection it last spoke on; None: no route now
+    device_id: str  # its name: the one its key is listed under (insecure: what it said)
     draft_model: str
     last_seen: float
+    version: int = PROTOCOL_VERSION  # the protocol version it speaks; answers go in it
     request: Start | None = None
     slot: int | None = None  # verifier KV slot of the request in flight
     next_round: int = 0
@@ -48,6 +58,60 @@ class Session:
     @property
     def generating(self) -> bool:
         return self.request is not None
+
+
+class SessionRegistry:
+    """The registered devices: by identity, and by the route each last spoke on."""
+
+    def __init__(self) -> None:
+        self._by_identity: dict[bytes, Session] = {}
+        self._by_route: dict[bytes, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_identity)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._by_identity.values()))
+
+    def get(self, identity: bytes) -> Session | None:
+        return self._by_identity.get(identity)
+
+    def named(self, device_id: str) -> Session | None:
+        return next((s for s in self._by_identity.values() if s.device_id == device_id), None)
+
+    def heard(self, identity: bytes, route: bytes, now: float) -> Session | None:
+        """A frame from ``identity`` came on ``route``: that route is now its own.
+
+        Its session (if any) moves there (a reconnect takes its own registration over);
+        another session that had this route loses it, as libzmq gave the route to a new
+        connection."""
+        session = self._by_identity.get(identity)
+        self._route(route, session)
+        if session is not None:
+            session.last_seen = now
+        return session
+
+    def add(self, session: Session) -> None:
+        assert session.identity not in self._by_identity, "remove the old registration first"
+        self._by_identity[session.identity] = session
+        if session.route is not None:
+            self._route(session.route, session)
+
+    def _route(self, route: bytes, session: Session | None) -> None:
+        holder = self._by_route.pop(route, None)
+        if holder is not None and holder is not session:
+            holder.route = None
+        if session is not None:
+            if session.route != route and self._by_route.get(session.route) is session:
+                del self._by_route[session.route]
+            session.route = route
+            self._by_route[route] = session
+
+    def remove(self, session: Session) -> None:
+        if self._by_identity.get(session.identity) is session:
+            del self._by_identity[session.identity]
+        if session.route is not None and self._by_route.get(session.route) is session:
+            del self._by_route[session.route]
 
 
 def commit(

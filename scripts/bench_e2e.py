@@ -61,19 +61,22 @@ def main() -> int:
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench_e2e")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plain TCP instead of CURVE (to measure what the keys cost)")
     args = parser.parse_args()
     if not 1 <= args.devices <= len(PROMPTS):
         parser.error(f"--devices must be in 1..{len(PROMPTS)}")
 
-    from edge_controller.launch import AgentSpec, controller_process, run_agents
+    from edge_controller.launch import AgentSpec, LabKeys, controller_process, run_agents
 
     specs = [AgentSpec(f"dev{i}-{DRAFTS[i % len(DRAFTS)]}", DRAFTS[i % len(DRAFTS)], prompt,
                        args.max_new_tokens)
              for i, prompt in enumerate(PROMPTS[: args.devices])]
-    with controller_process(args.out / "controller.log", "--config",
-                            str(ROOT / "configs" / "controller.toml"),
-                            "--draft-len", str(args.draft_len)) as endpoint:
-        results = [runs[0] for runs in run_agents(endpoint, specs)]
+    with LabKeys(insecure=args.insecure) as keys, controller_process(
+            args.out / "controller.log", keys, "--config",
+            str(ROOT / "configs" / "controller.toml"), "--draft-len", str(args.draft_len)
+    ) as endpoint:
+        results = [runs[0] for runs in run_agents(endpoint, specs, keys)]
     baseline = target_alone([r["prompt_tokens"] for r in results], args.max_new_tokens)
 
     rows = []
@@ -90,6 +93,7 @@ def main() -> int:
     summary = {
         "host": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "devices": args.devices, "draft_len": args.draft_len,
+        "link": "plain TCP" if args.insecure else "CURVE",
         "max_new_tokens": args.max_new_tokens, "per_device": rows,
         "aggregate_system_tok_s": system_sum, "target_alone_tok_s": alone_mean,
         "aggregate_ratio": system_sum / alone_mean,

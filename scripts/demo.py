@@ -1,9 +1,11 @@
 """Local demo: one edge controller and three device agents with different drafts.
 
-Starts ``edge-controller start`` on loopback, then three ``device-agent generate --json``
-processes at once (drafts q8_0, q5_0, q4_0, one prompt each), and prints a per-device table
-and the texts. With greedy decoding (the default) every text is exactly what the target
-model alone would write; with --temperature it follows the target's distribution.
+Makes keys in a temporary directory (a controller keypair, one per device, all listed:
+what an operator does with ``keys init`` and ``keys add``), starts ``edge-controller start
+--keys`` on loopback, then three ``device-agent generate --json`` processes at once (drafts
+q8_0, q5_0, q4_0, one prompt each), and prints a per-device table and the texts. With
+greedy decoding (the default) every text is exactly what the target model alone would
+write; with --temperature it follows the target's distribution.
 
     scripts/demo.sh [--max-new-tokens 64] [--temperature 0.8 --seed 7]
 """
@@ -15,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_controller.launch import AgentSpec, controller_process, run_agents
+from edge_controller.launch import AgentSpec, LabKeys, controller_process, run_agents
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = [
@@ -36,15 +38,17 @@ def main() -> int:
     print("building the default models (cached after the first run) ...", flush=True)
     subprocess.run([sys.executable, "-m", "models", "ensure"], check=True)
     log_path = args.out / "controller.log"
+    specs = [
+        AgentSpec(name, draft, prompt, args.max_new_tokens,
+                  ("--temperature", str(args.temperature), "--seed", str(args.seed)))
+        for name, draft, prompt in DEVICES
+    ]
     print(f"starting the controller (log: {log_path}) ...", flush=True)
-    with controller_process(log_path, "--config", str(ROOT / "configs" / "controller.toml")) as ep:
-        print(f"controller serving on {ep}; running 3 device agents at once ...", flush=True)
-        specs = [
-            AgentSpec(name, draft, prompt, args.max_new_tokens,
-                      ("--temperature", str(args.temperature), "--seed", str(args.seed)))
-            for name, draft, prompt in DEVICES
-        ]
-        results = [runs[0] for runs in run_agents(ep, specs)]
+    with LabKeys() as keys, controller_process(
+            log_path, keys, "--config", str(ROOT / "configs" / "controller.toml")) as ep:
+        print(f"controller serving on {ep} (CURVE, keys in {keys.root}); running 3 device "
+              "agents at once ...", flush=True)
+        results = [runs[0] for runs in run_agents(ep, specs, keys)]
     print_table(specs, results)
     return 0
 

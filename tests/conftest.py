@@ -35,26 +35,38 @@ def target(default_models):
 
 @pytest.fixture(scope="session")
 def target_info(target):
-    from edge_controller.server import TargetInfo
+    from edge_controller.controller import TargetInfo
 
     model, tokenizer = target
     return TargetInfo.from_model("smollm2-135m", model, tokenizer)
 
 
 @pytest.fixture
-def run_controller(target, target_info):
-    """Start a real controller (real ROUTER socket on loopback) in a thread.
+def lab_keys(tmp_path):
+    """A controller keys directory with device keys made (and listed) on first use."""
+    from edge_controller.launch import LabKeys
 
-    Usage: ``with run_controller(**overrides) as controller: controller.endpoint``.
+    return LabKeys(tmp_path / "keys")
+
+
+@pytest.fixture
+def run_controller(target, target_info, lab_keys):
+    """Start a real controller (real ROUTER socket on loopback, CURVE with ``lab_keys``) in
+    a thread.
+
+    Usage: ``with run_controller(**overrides) as controller: controller.endpoint``;
+    ``insecure=True`` runs it without keys.
     """
 
     @contextmanager
-    def start(**overrides) -> Iterator:
+    def start(insecure: bool = False, **overrides) -> Iterator:
         from edge_controller.config import load_config
-        from edge_controller.server import EdgeController
+        from edge_controller.controller import EdgeController
         from edge_controller.verifier.engine import Verifier
 
-        config = load_config(None, server__bind="tcp://127.0.0.1:*", **overrides)
+        security = ({"security__insecure": True} if insecure
+                    else {"security__keys_dir": str(lab_keys.controller_dir)})
+        config = load_config(None, server__bind="tcp://127.0.0.1:*", **security, **overrides)
         verifier = Verifier(target[0], max_sessions=config.limits.max_sessions,
                             max_len=config.limits.max_len)
         controller = EdgeController(config, verifier, target_info)

@@ -32,7 +32,7 @@ def expect_error(link: ControllerLink, code: str) -> P.Error:
 
 
 def test_bad_frames_and_bad_devices_leave_others_untouched(
-    run_controller, target, target_info, default_models
+    run_controller, target, target_info, default_models, lab_keys
 ):
     import models
 
@@ -41,10 +41,10 @@ def test_bad_frames_and_bad_devices_leave_others_untouched(
         endpoint = controller.endpoint
         good = subprocess.Popen(
             AgentSpec("good", default_models.drafts["q8_0"], "A recipe for bread: first, mix",
-                      48).command(endpoint),
+                      48).command(endpoint, lab_keys),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        with ControllerLink(endpoint, timeout_s=60) as link:
+        with ControllerLink(endpoint, curve=lab_keys.client("raw-device"), timeout_s=60) as link:
             link.send(P.Start("r0", [1, 2, 3], 8))
             expect_error(link, "not_registered")
             link.send_raw([b"\xc1\xc1 this is not msgpack"])
@@ -82,7 +82,7 @@ def test_bad_frames_and_bad_devices_leave_others_untouched(
             assert isinstance(verdict, P.Verdict) and verdict.round == 0
             assert 1 <= len(verdict.tokens) <= 3
 
-        wrong = subprocess.run(AgentSpec("gemma", gemma, "Hello", 4).command(endpoint),
+        wrong = subprocess.run(AgentSpec("gemma", gemma, "Hello", 4).command(endpoint, lab_keys),
                                capture_output=True, text=True, timeout=300)
         assert wrong.returncode == 1
         assert "tokenizer" in wrong.stderr and "vocabular" in wrong.stderr
@@ -96,7 +96,7 @@ def test_bad_frames_and_bad_devices_leave_others_untouched(
 
 def test_unreachable_controller_is_a_clear_exit(default_models):
     proc = subprocess.run(
-        [str(BIN / "device-agent"), "generate", "--controller", "tcp://127.0.0.1:9",
+        [str(BIN / "device-agent"), "generate", "--controller", "tcp://127.0.0.1:9", "--insecure",
          "--draft", str(default_models.drafts["q4_0"]), "--prompt", "hi", "--timeout", "2"],
         capture_output=True, text=True, timeout=120,
     )
@@ -104,20 +104,22 @@ def test_unreachable_controller_is_a_clear_exit(default_models):
     assert "no answer from the controller" in proc.stderr
 
 
-def test_seeded_sampling_reproduces_whoever_shares_the_batch(run_controller, default_models):
+def test_seeded_sampling_reproduces_whoever_shares_the_batch(
+    run_controller, default_models, lab_keys
+):
     drafts = default_models.drafts
     seeded = AgentSpec("seeded", drafts["q5_0"], "Once upon a time, in a small village,", 24,
                        ("--temperature", "0.9", "--top-p", "0.95", "--seed", "1234"))
     # The fixed policy: with live control a device's draft lengths (and so which random
     # numbers decide its tokens) depend on its batch-mates' estimates (docs/verifier.md).
     with run_controller(control__policy="fixed") as controller:
-        alone = run_agents(controller.endpoint, [seeded])[0][0]
+        alone = run_agents(controller.endpoint, [seeded], lab_keys)[0][0]
         crowd = run_agents(controller.endpoint, [
             seeded,
             AgentSpec("other-sampler", drafts["q4_0"], "The history of Rome", 24,
                       ("--temperature", "1.0", "--seed", "9")),
             AgentSpec("greedy", drafts["q8_0"], "import numpy as np\n", 24),
-        ])
+        ], lab_keys)
         assert controller.largest_batch >= 2
     assert crowd[0][0]["tokens"] == alone["tokens"]
     assert crowd[0][0]["stats"]["drafted"] > 0

@@ -14,34 +14,58 @@ from edge_controller.draft_control import DraftController
 pytestmark = pytest.mark.slow
 
 
-def hello(link: ControllerLink, device_id: str, target_info) -> None:
+def hello(link: ControllerLink, device_id: str, target_info) -> P.Welcome:
     link.send(P.Hello(device_id, "handmade", target_info.fingerprint, target_info.vocab_size))
-    assert isinstance(link.receive(), P.Welcome)
+    welcome = link.receive()
+    assert isinstance(welcome, P.Welcome), welcome
+    return welcome
 
 
-def test_re_registering_from_the_same_socket_frees_the_old_session(run_controller, target_info):
-    with run_controller(control__policy="fixed", limits__max_sessions=1) as controller, \
+def holds_the_only_slot(link: ControllerLink, request_id: str) -> None:
+    link.send(P.Start(request_id, [1, 2, 3], 8))
+    reply = link.receive()
+    assert isinstance(reply, P.Control), f"the old slot leaked: {reply}"
+
+
+def test_a_new_hello_with_the_same_key_frees_the_old_session(
+    run_controller, target_info, lab_keys
+):
+    with run_controller(control__policy="fixed", limits__max_sessions=1) as controller:
+        with ControllerLink(controller.endpoint, curve=lab_keys.client("dev")) as first:
+            assert hello(first, "", target_info).device_id == "dev"  # named by its key
+            holds_the_only_slot(first, "r1")
+            # The same key from a new connection (a restarted agent) takes its own
+            # registration over; the old request's slot is freed for the new one.
+            with ControllerLink(controller.endpoint, curve=lab_keys.client("dev")) as second:
+                hello(second, "dev", target_info)
+                holds_the_only_slot(second, "r2")
+        assert [s.device_id for s in controller.sessions] == ["dev"]
+        assert set(controller.draft_control.devices) == {"dev"}
+
+
+def test_re_registering_from_the_same_socket_without_keys_frees_the_old_session(
+    run_controller, target_info
+):
+    with run_controller(insecure=True, control__policy="fixed",
+                        limits__max_sessions=1) as controller, \
             ControllerLink(controller.endpoint, timeout_s=60) as link:
         hello(link, "first-name", target_info)
-        link.send(P.Start("r1", [1, 2, 3], 8))
-        assert isinstance(link.receive(), P.Control)  # holds the only KV slot
+        holds_the_only_slot(link, "r1")
         hello(link, "second-name", target_info)  # same socket, new name
-        link.send(P.Start("r2", [1, 2, 3], 8))
-        reply = link.receive()
-        assert isinstance(reply, P.Control), f"the old slot leaked: {reply}"
-        assert [s.device_id for s in controller.sessions.values()] == ["second-name"]
+        holds_the_only_slot(link, "r2")
+        assert [s.device_id for s in controller.sessions] == ["second-name"]
         assert set(controller.draft_control.devices) == {"second-name"}
 
 
 def test_a_device_that_left_mid_round_does_not_close_the_next_round_early(
-    run_controller, target_info
+    run_controller, target_info, lab_keys
 ):
     with run_controller(control__policy="fixed") as controller, \
-            ControllerLink(controller.endpoint, timeout_s=60) as a:
+            ControllerLink(controller.endpoint, curve=lab_keys.client("a")) as a:
         hello(a, "a", target_info)
         a.send(P.Start("r", [1, 2, 3], 8))
         a.receive()
-        with ControllerLink(controller.endpoint, timeout_s=60) as b:
+        with ControllerLink(controller.endpoint, curve=lab_keys.client("b")) as b:
             hello(b, "b", target_info)
             b.send(P.Start("r", [1, 2, 3], 8))
             b.receive()
@@ -49,7 +73,7 @@ def test_a_device_that_left_mid_round_does_not_close_the_next_round_early(
             b.send(P.Bye())  # b leaves before the round closes
             b.send(P.Ping(0.0))
             assert isinstance(b.receive(), P.Pong)  # the controller has handled the bye
-        assert controller._round_opened_at is None
+        assert controller.scheduler.opened_at is None
 
 
 def estimates_for(dc: DraftController, device: str) -> None:

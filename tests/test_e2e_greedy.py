@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from edge_controller.controller import NEAR_TIE_MARGIN
 from edge_controller.launch import AgentSpec, run_agents
-from edge_controller.server import NEAR_TIE_MARGIN
 from tests.conftest import reference_greedy
 
 pytestmark = pytest.mark.slow
@@ -37,13 +37,13 @@ def compare_to_reference(target, result: dict, new_tokens: int) -> list[str]:
 
 
 def test_three_devices_get_exactly_the_targets_greedy_output(
-    run_controller, target, default_models
+    run_controller, target, default_models, lab_keys
 ):
     with run_controller() as controller:
         results = [runs[0] for runs in run_agents(controller.endpoint, [
             AgentSpec(f"dev-{draft}", default_models.drafts[draft], prompt, NEW_TOKENS)
             for draft, prompt in DEVICES
-        ])]
+        ], lab_keys)]
         largest_batch = controller.largest_batch
     assert largest_batch >= 2, "the devices never shared a verification round"
     ties = []

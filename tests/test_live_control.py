@@ -55,7 +55,7 @@ def model_plan(event: dict, bandwidth_hz: float, policy: str, **delays: float):
 
 @pytest.mark.parametrize("policy", ["homogeneous", "heterogeneous"])
 def test_worse_link_mid_run_moves_decisions_as_the_model_says(
-    tmp_path, target, default_models, policy
+    tmp_path, target, default_models, lab_keys, policy
 ):
     from edge_controller.trial.netns import LinkShape, NetworkLab
 
@@ -73,13 +73,13 @@ def test_worse_link_mid_run_moves_decisions_as_the_model_says(
                  ("fading", "q5_0", "A short history of the printing press:")]]
     shapes = {d: LinkShape(delay_ms=5) for d in devices}
     with NetworkLab(shapes, wire_cpus=[1]) as lab, \
-            lab_controller(lab, tmp_path / "controller.log", config, cpus=[0]):
+            lab_controller(lab, lab_keys, tmp_path / "controller.log", config, cpus=[0]):
         results: list = []
         failures: list = []
 
         def agents() -> None:
             try:
-                results.extend(lab_agents(lab, specs, cpus=[1]))
+                results.extend(lab_agents(lab, lab_keys, specs, cpus=[1]))
             except Exception as exc:  # surfaced below, not lost in the thread
                 failures.append(exc)
 

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("start", "plan", "status", "trial")
+COMMANDS = ("start", "keys", "plan", "status", "trial")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(overrides control.draft_len)")
     p.add_argument("--policy", help="draft control policy (overrides control.policy): fixed, "
                    "heterogeneous, homogeneous, agnostic, equal-best-L, fixed-L, per-user-L")
+    p.add_argument("--keys", metavar="DIR", help="CURVE keys and device allowlist made with "
+                   "`edge-controller keys` (overrides security.keys_dir); required unless "
+                   "--insecure")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="plain TCP: no encryption, no authentication; loopback only (tests)")
+    p.add_argument("--insecure-anywhere", action="store_true", default=None,
+                   help="with --insecure: allow a bind address other hosts can reach")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on "
-                   "127.0.0.1:PORT (overrides server.metrics_port)")
+                   "METRICS_BIND:PORT (overrides server.metrics_port)")
+    p.add_argument("--metrics-bind", metavar="ADDR", help="address of the metrics endpoint "
+                   "(default 127.0.0.1; it is unauthenticated)")
     p.add_argument("--timeline", help="append a JSON line per round and per plan to this file")
 
 
@@ -36,19 +45,30 @@ def run(args: argparse.Namespace) -> int:
             ("server__bind", args.bind), ("target__gguf", args.target_gguf),
             ("control__draft_len", args.draft_len), ("control__policy", args.policy),
             ("server__metrics_port", args.metrics_port), ("server__timeline", args.timeline),
+            ("server__metrics_bind", args.metrics_bind), ("security__keys_dir", args.keys),
+            ("security__insecure", args.insecure),
+            ("security__insecure_anywhere", args.insecure_anywhere),
         ) if value is not None
     }
+    from edge_controller.keys import KeyFileError
+    from edge_controller.transport import Transport, TransportError, is_loopback
+
     try:
         config = load_config(args.config, **overrides)
-    except ConfigError as exc:
+        transport = Transport.from_config(config.server.bind, config.security)
+    except (ConfigError, KeyFileError, TransportError) as exc:
         print(f"edge-controller: {exc}", file=sys.stderr)
         return 2
+    if config.server.metrics_port and not is_loopback(f"tcp://{config.server.metrics_bind}:0"):
+        log.warning("metrics on %s:%d are unauthenticated: anyone who reaches them reads every "
+                    "device's name and figures", config.server.metrics_bind,
+                    config.server.metrics_port)
     import zmq
 
     from edge_controller.verifier.engine import CapacityError
 
     try:
-        controller = build_controller(config)
+        controller = build_controller(config, transport)
         controller.serve()
     except KeyboardInterrupt:
         log.info("interrupted")
@@ -59,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_controller(config):
+def build_controller(config, transport=None):
     """Load the configured target and return a ready (not yet serving) controller."""
     from pathlib import Path
 
     import torch
 
-    from edge_controller.server import EdgeController, TargetInfo
+    from edge_controller.controller import EdgeController, TargetInfo
     from edge_controller.verifier.engine import Verifier
     from models import ensure
     from models.target import load_target
@@ -79,4 +99,5 @@ def build_controller(config):
         model, max_sessions=config.limits.max_sessions, max_len=config.limits.max_len,
         device=torch.device(config.target.device), dtype=getattr(torch, config.target.dtype),
     )
-    return EdgeController(config, verifier, TargetInfo.from_model(name, model, tokenizer))
+    return EdgeController(config, verifier, TargetInfo.from_model(name, model, tokenizer),
+                          transport=transport)

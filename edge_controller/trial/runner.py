@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge_controller.launch import BIN, AgentSpec, controller_process, run_agents
+from edge_controller.launch import BIN, AgentSpec, LabKeys, controller_process, run_agents
 from edge_controller.trial.netns import LinkShape, NetworkLab, check_requirements
 from edge_controller.trial.spec import TrialDevice, TrialSpec
 
@@ -35,18 +35,19 @@ def run_trial(spec: TrialSpec, out: Path, on_policy=None) -> dict:
               for d in spec.devices}
     report: dict = {"trial": spec.name, "description": spec.description,
                     "bandwidth_hz": spec.bandwidth_hz, "policies": {}}
-    with NetworkLab(shapes, wire_cpus=spec.drafter_cpus) as lab:
+    with NetworkLab(shapes, wire_cpus=spec.drafter_cpus) as lab, LabKeys() as keys:
         alone = {d.name: _draft_speed_alone(lab, spec, d) for d in spec.devices}
         for policy in spec.policies:
             log.info("trial %s: policy %s", spec.name, policy)
-            report["policies"][policy] = run_policy(lab, spec, policy, out / policy)
+            report["policies"][policy] = run_policy(lab, keys, spec, policy, out / policy)
             if on_policy is not None:
                 on_policy(policy)
     report["interference"] = _interference(spec, alone, report["policies"])
     return report
 
 
-def run_policy(lab: NetworkLab, spec: TrialSpec, policy: str, out: Path) -> dict:
+def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
+               out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timeline = out / "timeline.jsonl"
     timeline.unlink(missing_ok=True)
@@ -57,8 +58,8 @@ def run_policy(lab: NetworkLab, spec: TrialSpec, policy: str, out: Path) -> dict
         f"[control]\npolicy = {json.dumps(policy)}\nbandwidth_hz = {spec.bandwidth_hz}\n"
     )
     specs = [_agent(spec, d, i) for i, d in enumerate(spec.devices)]
-    with lab_controller(lab, out / "controller.log", config, spec.verifier_cpus):
-        results = lab_agents(lab, specs, spec.drafter_cpus)
+    with lab_controller(lab, keys, out / "controller.log", config, spec.verifier_cpus):
+        results = lab_agents(lab, keys, specs, spec.drafter_cpus)
     (out / "agents.json").write_text(json.dumps(results))
     events = [json.loads(line) for line in timeline.read_text().splitlines()]
     users = [_user_summary(d, runs, events) for d, runs in zip(spec.devices, results, strict=True)]
@@ -74,25 +75,26 @@ def run_policy(lab: NetworkLab, spec: TrialSpec, policy: str, out: Path) -> dict
 
 
 @contextmanager
-def lab_controller(lab: NetworkLab, log_path: Path, config: Path,
+def lab_controller(lab: NetworkLab, keys: LabKeys, log_path: Path, config: Path,
                    cpus: Sequence[int]) -> Iterator[None]:
-    """``edge-controller start --config CONFIG`` in the lab's hub namespace, on ``cpus``,
-    listening on CONTROLLER_PORT, until the block ends."""
+    """``edge-controller start --keys ... --config CONFIG`` in the lab's hub namespace, on
+    ``cpus``, listening on CONTROLLER_PORT, until the block ends."""
     def hub(argv, **kw):
         return lab.spawn(None, argv, cpus=cpus, **kw)
 
-    with controller_process(log_path, "--config", str(config),
+    with controller_process(log_path, keys, "--config", str(config),
                             endpoint=f"tcp://0.0.0.0:{CONTROLLER_PORT}", spawn=hub):
         yield
 
 
-def lab_agents(lab: NetworkLab, specs: Sequence[AgentSpec],
+def lab_agents(lab: NetworkLab, keys: LabKeys, specs: Sequence[AgentSpec],
                cpus: Sequence[int]) -> list[list[dict]]:
-    """Run the agents at once, each in its device's namespace on ``cpus``, dialling the hub."""
+    """Run the agents at once, each in its device's namespace on ``cpus`` with its keys,
+    dialling the hub."""
     def spawn(agent: AgentSpec):
         return lambda argv, **kw: lab.spawn(agent.device_id, argv, cpus=cpus, **kw)
 
-    return run_agents(lambda a: lab.endpoint(a.device_id, CONTROLLER_PORT), specs,
+    return run_agents(lambda a: lab.endpoint(a.device_id, CONTROLLER_PORT), specs, keys,
                       spawn=spawn)
 
 

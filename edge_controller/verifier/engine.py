@@ -188,6 +188,10 @@ class Verifier:
         log.debug("opened slot %d with a prompt of %d tokens", slot, len(prompt_ids))
         return slot
 
+    @property
+    def slots_in_use(self) -> int:
+        return sum(self._open)
+
     def close(self, slot: int) -> None:
         self._check_slot(slot)
         self._open[slot] = False

@@ -1,9 +1,10 @@
-"""The edge controller: a ZeroMQ ROUTER loop that registers devices and runs rounds.
+"""The edge controller: the loop that ties transport, sessions, scheduler, verifier and
+draft control together.
 
-A round (DESIGN.md section 2): every generating device uploads a draft; the round closes
-when all drafts are in or ``round_deadline_s`` after its first draft (a late draft joins
-the next round, nobody waits for it); the verifier checks every draft in one batched
-forward; every device gets its verdict. The loop is single threaded: handlers run between
+It owns what a message means: it decodes what the transport hands up, registers devices
+(:mod:`edge_controller.sessions`), feeds drafts to the scheduler, runs the batch the
+scheduler closes through the verifier in one forward, commits and answers each device, and
+pushes draft control's decisions. The loop is single threaded: handlers run between
 polls, the round runs when it is due.
 """
 
@@ -14,8 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-
-import zmq
 
 from edge_controller import protocol as P
 from edge_controller.config import ControllerConfig
@@ -28,12 +27,15 @@ from edge_controller.draft_control import (
     seed_verify_time,
 )
 from edge_controller.metrics import ControllerMetrics
-from edge_controller.sessions import RequestStats, Session, commit
+from edge_controller.scheduler import SyncScheduler
+from edge_controller.sessions import RequestStats, Session, SessionRegistry, commit
+from edge_controller.transport import Peer, Transport
 from edge_controller.verifier.engine import CapacityError, Verifier, VerifyItem, VerifyOutcome
 from edge_controller.verifier.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
+REVOKED = "this device's key is no longer on the controller's allowlist"
 NEAR_TIE_MARGIN = 1e-4  # DESIGN.md: greedy mismatches are tolerated only below this logit margin
 POLL_TICK_S = 0.05
 MAX_MESSAGES_PER_TICK = 256  # bound the work between round checks
@@ -60,18 +62,18 @@ class TargetInfo:
 
 class EdgeController:
     def __init__(self, config: ControllerConfig, verifier: Verifier, target: TargetInfo,
-                 verify_time: AffineFit | None = None):
+                 verify_time: AffineFit | None = None, transport: Transport | None = None):
         self.config = config
         self.verifier = verifier
         self.target = target
         self.draft_control = DraftController(config.control, verify_time or AffineFit())
+        self.scheduler = SyncScheduler(config.server.round_deadline_s)
         self.metrics = ControllerMetrics()
-        self.sessions: dict[bytes, Session] = {}
+        self.sessions = SessionRegistry()
+        self.transport = transport or Transport.from_config(config.server.bind, config.security)
         self.endpoint: str | None = None  # the bound address, once serving
         self.rounds_run = 0
         self.largest_batch = 0
-        self._round_opened_at: float | None = None
-        self._socket: zmq.Socket | None = None
         self._timeline = None  # open file of server.timeline while serving
         self._started = time.monotonic()
 
@@ -86,65 +88,44 @@ class EdgeController:
                                  context=self.config.limits.max_len // 4)
             else:
                 calibrate_verify_time(self.verifier, self.target.vocab_size, fit)
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to vanished devices raise, not vanish
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a device reconnecting with its id takes over
-        # Memory guard only: ZeroMQ drops larger frames silently, so the protocol's own
-        # (smaller) limit is checked in decode() where the device can be told.
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME_BYTES)
-        self._socket = sock
         try:
-            sock.bind(self.config.server.bind)
-            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            if self.config.server.metrics_port:
-                self.metrics.serve(self.config.server.metrics_port)
-            if self.config.server.timeline:
-                self._timeline = open(self.config.server.timeline, "a", buffering=1)  # noqa: SIM115
+            self.endpoint = self.transport.open()
+            server = self.config.server
+            if server.metrics_port:
+                self.metrics.serve(server.metrics_port, server.metrics_bind)
+            if server.timeline:
+                self._timeline = open(server.timeline, "a", buffering=1)  # noqa: SIM115
             log.info("serving %s on %s", self.target.name, self.endpoint)
             if ready is not None:
                 ready.set()
             while not stop.is_set():
-                if sock.poll(int(self._poll_timeout() * 1000)):
-                    for _ in range(MAX_MESSAGES_PER_TICK):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._on_frames(frames)
                 now = time.monotonic()
+                if self.transport.poll(self.scheduler.wait_s(now, POLL_TICK_S)):
+                    for _ in range(MAX_MESSAGES_PER_TICK):
+                        message = self.transport.receive()
+                        if message is None:
+                            break
+                        self._on_frames(*message)
+                now = time.monotonic()
+                if self.transport.allowlist_changed(now):
+                    self._end_unlisted()
                 self._purge_silent(now)
-                if self._round_due(now):
+                if self.scheduler.due(self.sessions, now):
                     self.run_round()
                 self._replan(now)
         finally:
-            for session in list(self.sessions.values()):
+            for session in self.sessions:
                 self._end_request(session)
-            sock.close(0)
-            self._socket = None
+            self.transport.close()
             if self._timeline is not None:
                 self._timeline.close()
             log.info("controller stopped")
 
-    def _poll_timeout(self) -> float:
-        if self._round_opened_at is None:
-            return POLL_TICK_S
-        due = self._round_opened_at + self.config.server.round_deadline_s - time.monotonic()
-        return min(POLL_TICK_S, max(due, 0.0))
-
-    def _round_due(self, now: float) -> bool:
-        generating = [s for s in self.sessions.values() if s.generating]
-        if not any(s.pending for s in generating):
-            return False
-        all_in = all(s.pending is not None for s in generating)
-        late = now >= self._round_opened_at + self.config.server.round_deadline_s
-        return all_in or late
-
     # ---- one round -------------------------------------------------------------------
     def run_round(self) -> None:
         """Verify every draft that is in, in one batched forward, and answer each device."""
-        batch = [s for s in self.sessions.values() if s.pending is not None]
-        opened_at, self._round_opened_at = self._round_opened_at, None
+        opened_at = self.scheduler.opened_at
+        batch = self.scheduler.close(self.sessions)
         items = [_verify_item(s) for s in batch]
         tokens = sum(len(i.draft_tokens) + 1 for i in items)
         started = time.perf_counter()
@@ -219,21 +200,24 @@ class EdgeController:
         return len(tokens)
 
     # ---- messages --------------------------------------------------------------------
-    def _on_frames(self, frames: list[bytes]) -> None:
-        identity, body = frames[0], frames[1:]
-        session = self.sessions.get(identity)
-        if session is not None:
-            session.last_seen = time.monotonic()
+    def _on_frames(self, peer: Peer, body: list[bytes]) -> None:
+        now = time.monotonic()
+        version = P.PROTOCOL_VERSION  # of our answers, until the frame tells the device's
+        session = None
         try:
+            if self.transport.secure and peer.name is None:
+                self._refuse_unlisted(peer)
+                return
+            session = self.sessions.heard(peer.identity, peer.route, now)
             if len(body) != 1:
                 raise P.ProtocolError("malformed", f"expected 1 frame per message, got {len(body)}")
-            msg = P.decode(body[0])
+            msg, version = P.decode_versioned(body[0])
             if isinstance(msg, P.Draft) and session is not None:
                 session.pending_bytes = len(body[0])
             if isinstance(msg, P.Hello):
-                self._on_hello(identity, msg)
+                self._on_hello(peer, msg, version)
             elif isinstance(msg, P.Ping):
-                self._reply(identity, P.Pong(msg.sent_at, len(body[0]), time.monotonic()))
+                self._reply(peer.route, P.Pong(msg.sent_at, len(body[0]), now), version)
             elif session is None and isinstance(msg, P.Bye):
                 return  # a refused or already dropped device saying goodbye: nothing to free
             elif session is None:
@@ -253,17 +237,16 @@ class EdgeController:
             else:
                 raise P.ProtocolError("unexpected", f"{msg.TYPE} is not a device message")
         except P.ProtocolError as exc:
-            fatal = exc.code in ("tokenizer_mismatch", "version")
             log.warning("rejected message from %s: [%s] %s",
-                        session.device_id if session else identity.hex(), exc.code, exc)
+                        session.device_id if session else peer.label, exc.code, exc)
             self.metrics.rejected.labels(exc.code).inc()
-            self._reply(identity, P.Error(exc.code, str(exc), fatal=fatal))
+            self._reply(peer.route, P.Error(exc.code, str(exc), fatal=exc.fatal), version)
         except Exception as exc:  # a bug in a handler must not stop the controller
             log.exception("handler failed")
             if session is not None:
                 self._fail(session, "internal", f"controller error: {exc}")
 
-    def _on_hello(self, identity: bytes, msg: P.Hello) -> None:
+    def _on_hello(self, peer: Peer, msg: P.Hello, version: int) -> None:
         if msg.tokenizer_fingerprint != self.target.fingerprint:
             raise P.ProtocolError(
                 "tokenizer_mismatch",
@@ -271,21 +254,41 @@ class EdgeController:
                 f"{msg.tokenizer_fingerprint[:16]}..., the target {self.target.name!r} has "
                 f"{self.target.fingerprint[:16]}...: their vocabularies differ, so its drafts "
                 "cannot be verified. Use a draft built from the target's tokenizer.",
+                fatal=True,
             )
-        same = [s for s in self.sessions.values()
-                if s.device_id == msg.device_id or s.identity == identity]
-        for other in same:
-            self._drop(other, "re-registered; its old session is dropped")
-        self.sessions[identity] = Session(identity, msg.device_id, msg.draft_model,
-                                          time.monotonic())
-        self.draft_control.join(msg.device_id)
+        name = self._name_for(peer, msg.device_id)
+        old = self.sessions.get(peer.identity)
+        if old is not None:  # one registration per key: a new hello replaces its own
+            self._drop(old, "registered again; its old session is dropped")
+        self.sessions.add(Session(peer.identity, peer.route, name, msg.draft_model,
+                                  time.monotonic(), version))
+        self.draft_control.join(name)
         self.metrics.sessions.set(len(self.sessions))
-        log.info("%s registered (draft %s)", msg.device_id, msg.draft_model)
+        log.info("%s registered (draft %s, protocol %d)", name, msg.draft_model, version)
         limits = self.config.limits
-        self._reply(identity, P.Welcome(
-            msg.device_id, self.target.name, limits.max_new_tokens,
+        self._reply(peer.route, P.Welcome(
+            name, self.target.name, limits.max_new_tokens,
             self.config.control.max_draft_len, sorted(self.target.eos_token_ids),
-        ))
+        ), version)
+
+    def _name_for(self, peer: Peer, asked: str) -> str:
+        """The device's name: the one its key is listed under (insecure: what it asked for,
+        if no other connection holds it)."""
+        if self.transport.secure:
+            if asked and asked != peer.name:
+                raise P.ProtocolError(
+                    "identity", f"this device's key is listed as {peer.name!r} on the "
+                    f"controller, so it cannot register as {asked!r}: leave --device-id out "
+                    f"or give {peer.name!r}", fatal=True)
+            return peer.name
+        if not asked:
+            raise P.ProtocolError("invalid", "a controller without keys needs a device id in "
+                                  "the hello", fatal=True)
+        holder = self.sessions.named(asked)
+        if holder is not None and holder.identity != peer.identity:
+            raise P.ProtocolError("name_taken", f"device id {asked!r} is registered by another "
+                                  "connection; choose another --device-id", fatal=True)
+        return asked
 
     def _on_start(self, session: Session, msg: P.Start) -> None:
         limits = self.config.limits
@@ -340,8 +343,7 @@ class EdgeController:
         self.draft_control.on_draft(session.device_id, len(msg.tokens), msg.draft_s,
                                     session.pending_bytes, now - session.answered_at,
                                     first_round=msg.round == 0)
-        if self._round_opened_at is None:
-            self._round_opened_at = now
+        self.scheduler.on_draft(now)
 
     def _check_ids(self, ids: list[int], what: str) -> None:
         vocab = self.target.vocab_size
@@ -355,14 +357,13 @@ class EdgeController:
             self.verifier.close(session.slot)
         session.slot, session.request, session.pending = None, None, None
         self.draft_control.on_request_end(session.device_id)
-        if not any(s.pending for s in self.sessions.values()):
-            self._round_opened_at = None  # the round it opened has nobody left in it
+        self.scheduler.on_request_end(self.sessions)
 
     def _drop(self, session: Session, why: str) -> None:
         """Forget a device: free its slot, its estimates and its metrics."""
         log.info("%s %s", session.device_id, why)
         self._end_request(session)
-        self.sessions.pop(session.identity, None)
+        self.sessions.remove(session)
         self.draft_control.leave(session.device_id)
         self.metrics.forget_device(session.device_id)
         self.metrics.sessions.set(len(self.sessions))
@@ -376,13 +377,17 @@ class EdgeController:
         self._push_decisions(changed)
 
     def _push_decisions(self, changed: dict[str, Decision]) -> None:
-        for session in list(self.sessions.values()):
+        for session in self.sessions:
             if session.device_id in changed:
                 self._update_metrics(session)
                 self._send(session, _control(changed[session.device_id]))
         if changed:
             self.metrics.plan_goodput.set(self.draft_control.plan_goodput_tok_s)
-            self._record(plan={d: vars(c) for d, c in changed.items()},
+            # Every decision in force for the round's members, not only the changed ones: a
+            # device whose first decision the plan kept must still be in the record.
+            decisions = self.draft_control.decisions
+            in_force = sorted((set(changed) | self.draft_control.active) & set(decisions))
+            self._record(plan={d: vars(decisions[d]) for d in in_force},
                          predicted_goodput_tok_s=self.draft_control.plan_goodput_tok_s,
                          estimates=self.draft_control.snapshot(),
                          verify_time=self.draft_control.verify_time.coefficients())
@@ -410,19 +415,35 @@ class EdgeController:
 
     def _purge_silent(self, now: float) -> None:
         timeout = self.config.server.session_timeout_s
-        for session in [s for s in self.sessions.values() if now - s.last_seen > timeout]:
+        for session in [s for s in self.sessions if now - s.last_seen > timeout]:
             self._drop(session, f"silent for {timeout:.0f} s; its session is dropped")
 
+    def _end_unlisted(self) -> None:
+        """The allowlist changed: end the sessions whose key is gone (or renamed)."""
+        for session in self.sessions:
+            if self.transport.allowlist.name_of(session.identity) != session.device_id:
+                if session.route is not None:
+                    self._reply(session.route, P.Error("revoked", REVOKED, fatal=True),
+                                session.version)
+                self._drop(session, "revoked; its session is dropped")
+
+    def _refuse_unlisted(self, peer: Peer) -> None:
+        """A frame on a connection admitted before its key was revoked."""
+        session = self.sessions.get(peer.identity)
+        if session is not None:
+            self._drop(session, "revoked; its session is dropped")
+        self.metrics.rejected.labels("revoked").inc()
+        self._reply(peer.route, P.Error("revoked", REVOKED, fatal=True))
+
     def _send(self, session: Session, msg: P.Message) -> None:
-        if not self._reply(session.identity, msg) and session.identity in self.sessions:
+        """Answer a registered device on its route, in its protocol version; a device that
+        cannot be reached is dropped."""
+        sent = session.route is not None and self._reply(session.route, msg, session.version)
+        if not sent and self.sessions.get(session.identity) is session:
             self._drop(session, "unreachable; its session is dropped")
 
-    def _reply(self, identity: bytes, msg: P.Message) -> bool:
-        try:
-            self._socket.send_multipart([identity, P.encode(msg)], zmq.NOBLOCK)
-            return True
-        except (zmq.Again, zmq.ZMQError):  # peer gone (ROUTER_MANDATORY) or its queue full
-            return False
+    def _reply(self, route: bytes, msg: P.Message, version: int = P.PROTOCOL_VERSION) -> bool:
+        return self.transport.send(route, P.encode(msg, version))
 
 
 def _control(decision: Decision) -> P.Control:

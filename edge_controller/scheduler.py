@@ -1,0 +1,47 @@
+"""The round scheduler: who is verified when.
+
+Synchronous rounds (DESIGN.md section 2, the Multi-SPIN baseline): the first draft to
+arrive opens a round; the round closes when every generating device's draft is in, or
+``deadline_s`` after it opened; a draft that misses it joins the next round, nobody waits
+for it. The scheduler sees sessions and their pending drafts; it never touches sockets or
+the verifier (the controller runs the batch it picks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from edge_controller.sessions import Session
+
+
+class SyncScheduler:
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+        self.opened_at: float | None = None  # when the round now collecting drafts opened
+
+    def on_draft(self, now: float) -> None:
+        if self.opened_at is None:
+            self.opened_at = now
+
+    def wait_s(self, now: float, tick_s: float) -> float:
+        """How long the controller may wait for messages before the round needs it."""
+        if self.opened_at is None:
+            return tick_s
+        return min(tick_s, max(self.opened_at + self.deadline_s - now, 0.0))
+
+    def due(self, sessions: Iterable[Session], now: float) -> bool:
+        generating = [s for s in sessions if s.generating]
+        if not any(s.pending is not None for s in generating):
+            return False
+        all_in = all(s.pending is not None for s in generating)
+        return all_in or now >= self.opened_at + self.deadline_s
+
+    def close(self, sessions: Iterable[Session]) -> list[Session]:
+        """Close the round: the sessions whose drafts it verifies."""
+        self.opened_at = None
+        return [s for s in sessions if s.pending is not None]
+
+    def on_request_end(self, sessions: Iterable[Session]) -> None:
+        """A request ended: with no draft left waiting, the round it opened is empty."""
+        if not any(s.pending is not None for s in sessions):
+            self.opened_at = None

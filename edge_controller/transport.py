@@ -1,0 +1,198 @@
+"""The controller's transport: the ROUTER socket, CURVE and ZAP, socket limits, sending.
+
+It owns *who* a frame is from, never *what* it says: frames go up raw, with the peer's
+authenticated identity, and come down as bytes; nothing here decodes a message.
+
+Security (docs/security.md): by default the socket is a CURVE server and a ZAP handler
+(pyzmq's authenticator thread) admits only keys on the allowlist of the keys directory,
+which is re-read when it changes. Every frame carries the key its connection was
+authenticated with (the ZAP User-Id, the Z85 public key): that key, not the routing id
+and not what the frame says, is the device's identity. ROUTER_HANDOVER stays off, so a
+connection that claims a routing id in use is ignored by libzmq instead of taking the
+route over. ``insecure`` is plain TCP without any of this, refused off loopback unless
+``insecure_anywhere``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from edge_controller import keys as K
+from edge_controller import protocol as P
+
+log = logging.getLogger(__name__)
+
+ZAP_DOMAIN = b"multispin"
+HEARTBEAT_IVL_MS = 1000  # ZMTP pings to every connection...
+HEARTBEAT_TIMEOUT_MS = 4000  # ...and a connection silent this long is closed, its route freed
+ALLOWLIST_CHECK_S = 0.5  # revocation takes effect within this (plus one loop tick)
+
+
+class TransportError(RuntimeError):
+    """The transport cannot be set up as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a frame. ``identity`` keys everything the controller holds for a device."""
+
+    route: bytes  # ZeroMQ routing id of the connection the frame came on
+    key: bytes | None  # Z85 CURVE public key; None without keys (insecure)
+    name: str | None  # the name the key is listed under; None if unlisted or insecure
+
+    @property
+    def identity(self) -> bytes:
+        return self.key if self.key is not None else self.route
+
+    @property
+    def label(self) -> str:
+        """For logs: the listed name, or a short form of the key or route."""
+        if self.name is not None:
+            return self.name
+        return (self.key or self.route.hex().encode()).decode("ascii", "replace")[:12]
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for endpoints that only this host can reach (tcp on loopback, ipc, inproc)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: reachable from outside
+
+
+class Transport:
+    def __init__(self, bind: str, keys_dir: str | Path | None, *, insecure: bool = False,
+                 insecure_anywhere: bool = False):
+        if keys_dir and insecure:
+            raise TransportError("both a keys directory and insecure mode given: choose one")
+        if not keys_dir and not insecure:
+            raise TransportError(
+                "no keys: make them with `edge-controller keys init --dir DIR` and list each "
+                "device with `edge-controller keys add NAME PUBKEY --dir DIR`, then start with "
+                "--keys DIR (or [security] keys_dir); --insecure runs plain TCP on loopback, "
+                "for tests only")
+        if insecure and not insecure_anywhere and not is_loopback(bind):
+            raise TransportError(
+                f"--insecure binds loopback only, and {bind} is reachable from other hosts: "
+                "use keys, or add --insecure-anywhere if you really mean plain TCP there")
+        self.bind = bind
+        self.keys_dir = Path(keys_dir) if keys_dir else None
+        self.allowlist: K.Allowlist | None = None
+        self._allowlist_seen = 0  # the allowlist generation the controller last acted on
+        self._keypair: K.Keypair | None = None
+        if self.keys_dir is not None:  # key files are checked now, before any model loads
+            K.require_curve()
+            self._keypair = K.load_own_keypair(self.keys_dir, K.CONTROLLER)
+            self.allowlist = K.Allowlist(self.keys_dir)
+            self.allowlist.reload()
+            self._allowlist_seen = self.allowlist.generation
+        self.endpoint: str | None = None
+        self._context: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+        self._auth: ThreadAuthenticator | None = None
+        self._allowlist_checked = 0.0
+
+    @classmethod
+    def from_config(cls, bind: str, security) -> Transport:
+        """From ``server.bind`` and the ``[security]`` table (edge_controller.config)."""
+        return cls(bind, security.keys_dir or None, insecure=security.insecure,
+                   insecure_anywhere=security.insecure_anywhere)
+
+    @property
+    def secure(self) -> bool:
+        return self.keys_dir is not None
+
+    def open(self) -> str:
+        """Bind (after the ZAP handler is up: libzmq admits everyone when none is)."""
+        self._context = zmq.Context()
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to vanished devices raise, not vanish
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a claimed routing id never takes a route over
+        # Memory guard only: ZeroMQ drops larger frames silently, so the protocol's own
+        # (smaller) limit is checked in decode() where the device can be told.
+        sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self._socket = sock
+        if self.secure:
+            keypair = self._keypair
+            self._auth = ThreadAuthenticator(self._context, log=log.getChild("zap"))
+            self._auth.start()
+            self._auth.configure_curve_callback(ZAP_DOMAIN.decode(), self.allowlist)
+            sock.curve_server = True
+            sock.curve_secretkey = keypair.secret
+            sock.curve_publickey = keypair.public
+            sock.zap_domain = ZAP_DOMAIN
+            log.info("CURVE on: controller key %s, %d device(s) listed in %s",
+                     keypair.public_text, len(self.allowlist.names), self.allowlist.directory)
+        else:
+            log.warning("INSECURE: plain TCP on %s: no encryption, no authentication; anyone "
+                        "who reaches this port can use the controller and read its traffic",
+                        self.bind)
+        sock.bind(self.bind)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def poll(self, timeout_s: float) -> bool:
+        return bool(self._socket.poll(int(timeout_s * 1000)))
+
+    def receive(self) -> tuple[Peer, list[bytes]] | None:
+        """The next message, if one is waiting: its sender and its body frames."""
+        try:
+            frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        key = None
+        if self.secure:
+            key = frames[-1].get("User-Id").encode("ascii")
+        name = self.allowlist.name_of(key) if key is not None else None
+        return Peer(frames[0].bytes, key, name), [f.bytes for f in frames[1:]]
+
+    def send(self, route: bytes, frame: bytes) -> bool:
+        """Queue one frame for a route; False if that connection is gone or its queue full."""
+        try:
+            self._socket.send_multipart([route, frame], zmq.NOBLOCK)
+            return True
+        except (zmq.Again, zmq.ZMQError):  # peer gone (ROUTER_MANDATORY) or its queue full
+            return False
+
+    def allowlist_changed(self, now: float | None = None) -> bool:
+        """Re-read the allowlist if it changed on disk (at most every ALLOWLIST_CHECK_S).
+
+        New handshakes see the new list at once; the caller ends the sessions of keys that
+        are no longer listed, whose connections were admitted before."""
+        now = time.monotonic() if now is None else now
+        if not self.secure or now - self._allowlist_checked < ALLOWLIST_CHECK_S:
+            return False
+        self._allowlist_checked = now
+        self.allowlist.reload()
+        if self.allowlist.generation == self._allowlist_seen:
+            return False
+        self._allowlist_seen = self.allowlist.generation
+        log.info("allowlist re-read: %d device(s) listed", len(self.allowlist.names))
+        return True
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None

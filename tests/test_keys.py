@@ -1,0 +1,152 @@
+"""Key files, the allowlist and the ``keys`` commands: real files, pyzmq's ZPL format."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import zmq.auth
+
+from edge_controller import keys as K
+from edge_controller.transport import Transport, TransportError, is_loopback
+from tests.conftest import BIN
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_init_writes_zpl_files_with_a_private_secret(tmp_path):
+    keypair = K.init_keypair(tmp_path / "k", K.CONTROLLER)
+    public, secret = tmp_path / "k" / "controller.key", tmp_path / "k" / "controller.key_secret"
+    assert os.stat(secret).st_mode & 0o777 == 0o600
+    assert os.stat(public).st_mode & 0o777 == 0o644
+    assert zmq.auth.load_certificate(str(secret)) == (keypair.public, keypair.secret)
+    assert zmq.auth.load_certificate(str(public)) == (keypair.public, None)
+    with pytest.raises(K.KeyFileError, match="already exists"):
+        K.init_keypair(tmp_path / "k", K.CONTROLLER)
+    rotated = K.init_keypair(tmp_path / "k", K.CONTROLLER, force=True)
+    assert rotated.public != keypair.public
+    assert (tmp_path / "k" / "controller.key_secret.old").is_file()
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_a_secret_key_others_may_read_is_refused(tmp_path, mode):
+    K.init_keypair(tmp_path, K.DEVICE)
+    secret = tmp_path / "device.key_secret"
+    secret.chmod(mode)
+    with pytest.raises(K.KeyFileError, match=f"chmod 600 {secret}"):
+        K.load_own_keypair(tmp_path, K.DEVICE)
+    secret.chmod(0o600)
+    assert K.load_own_keypair(tmp_path, K.DEVICE).secret
+
+
+def test_allowlist_maps_keys_to_names_and_sees_changes(tmp_path):
+    K.init_keypair(tmp_path, K.CONTROLLER)
+    orin = K.init_keypair(tmp_path / "orin", K.DEVICE)
+    phone = K.init_keypair(tmp_path / "phone", K.DEVICE)
+    K.list_device(tmp_path, "orin", orin.public_text)
+    K.list_device(tmp_path, "phone", str(tmp_path / "phone" / "device.key"))  # a file works
+    allowlist = K.Allowlist(tmp_path)
+    assert allowlist.reload() and allowlist.names == {orin.public: "orin", phone.public: "phone"}
+    assert not allowlist.reload()  # nothing changed on disk
+    assert allowlist.callback("multispin", orin.public)
+    K.revoke_device(tmp_path, "orin")
+    assert allowlist.reload() and allowlist.name_of(orin.public) is None
+    assert not allowlist.callback("multispin", orin.public)
+    # A key listed after the last look is found by the handshake itself (no 0.5 s wait).
+    K.list_device(tmp_path, "orin2", orin.public_text)
+    assert allowlist.callback("multispin", orin.public)
+    assert allowlist.name_of(orin.public) == "orin2"
+
+
+def test_listing_refuses_duplicates_bad_names_and_bad_keys(tmp_path):
+    K.init_keypair(tmp_path, K.CONTROLLER)
+    key = K.init_keypair(tmp_path / "d", K.DEVICE).public_text
+    K.list_device(tmp_path, "orin", key)
+    with pytest.raises(K.KeyFileError, match="listed already"):
+        K.list_device(tmp_path, "orin", K.init_keypair(tmp_path / "e", K.DEVICE).public_text)
+    with pytest.raises(K.KeyFileError, match="one key, one device"):
+        K.list_device(tmp_path, "other", key)
+    for name in ("../evil", "", ".hidden", "a b", "x" * 65):
+        with pytest.raises(K.KeyFileError, match="device name"):
+            K.list_device(tmp_path, name, key)
+    for bad in ("short", "z" * 41, "~" * 40):
+        with pytest.raises(K.KeyFileError, match="not a CURVE public key"):
+            K.list_device(tmp_path, "fresh", bad)
+    with pytest.raises(K.KeyFileError, match="not listed"):
+        K.revoke_device(tmp_path, "nobody")
+
+
+def test_a_broken_allowlist_file_is_skipped_not_fatal(tmp_path):
+    K.init_keypair(tmp_path, K.CONTROLLER)
+    good = K.init_keypair(tmp_path / "d", K.DEVICE)
+    K.list_device(tmp_path, "good", good.public_text)
+    (tmp_path / "devices" / "broken.key").write_text("curve\n    public-key = \"nope\"\n")
+    allowlist = K.Allowlist(tmp_path)
+    allowlist.reload()
+    assert allowlist.names == {good.public: "good"}
+
+
+def test_keys_commands_end_to_end(tmp_path):
+    controller_dir, device_dir = tmp_path / "edge", tmp_path / "board"
+    init = run("edge-controller", "keys", "init", "--dir", str(controller_dir))
+    assert init.returncode == 0, init.stderr
+    controller_key = init.stdout.strip()
+    assert len(controller_key) == 40
+    device = run("device-agent", "keys", "init", "--dir", str(device_dir))
+    assert device.returncode == 0, device.stderr
+    device_key = device.stdout.strip()
+    assert f"edge-controller keys add NAME {device_key}" in device.stderr
+    assert run("edge-controller", "keys", "add", "orin-01", device_key,
+               "--dir", str(controller_dir)).returncode == 0
+    listed = json.loads(run("edge-controller", "keys", "list", "--dir", str(controller_dir),
+                            "--json").stdout)
+    assert listed == {"controller": controller_key, "devices": {"orin-01": device_key}}
+    again = run("edge-controller", "keys", "add", "orin-02", device_key, "--dir",
+                str(controller_dir))
+    assert again.returncode == 1 and "one key, one device" in again.stderr
+    assert run("edge-controller", "keys", "revoke", "orin-01",
+               "--dir", str(controller_dir)).returncode == 0
+    listed = json.loads(run("edge-controller", "keys", "list", "--dir", str(controller_dir),
+                            "--json").stdout)
+    assert listed["devices"] == {}
+
+
+def test_transport_refuses_no_keys_and_insecure_off_loopback(tmp_path):
+    with pytest.raises(TransportError, match="edge-controller keys init"):
+        Transport("tcp://127.0.0.1:5555", None)
+    with pytest.raises(TransportError, match="--insecure-anywhere"):
+        Transport("tcp://0.0.0.0:5555", None, insecure=True)
+    assert not Transport("tcp://0.0.0.0:5555", None, insecure=True,
+                         insecure_anywhere=True).secure
+    with pytest.raises(K.KeyFileError, match="does not exist"):
+        Transport("tcp://127.0.0.1:5555", tmp_path / "missing")
+    assert [is_loopback(e) for e in ("tcp://127.0.0.1:1", "tcp://[::1]:1", "tcp://localhost:1",
+                                     "ipc:///tmp/x", "tcp://*:1", "tcp://0.0.0.0:1",
+                                     "tcp://10.0.0.1:1", "tcp://eth0:1")] == [
+        True, True, True, True, False, False, False, False]
+
+
+def test_start_without_keys_says_how_to_make_them_and_checks_key_modes(tmp_path):
+    bare = run("edge-controller", "start", "--bind", "tcp://127.0.0.1:0")
+    assert bare.returncode == 2
+    assert "edge-controller keys init --dir DIR" in bare.stderr
+    K.init_keypair(tmp_path, K.CONTROLLER)
+    (tmp_path / "controller.key_secret").chmod(0o644)
+    loose = run("edge-controller", "start", "--keys", str(tmp_path))
+    assert loose.returncode == 2 and "chmod 600" in loose.stderr
+    anywhere = run("edge-controller", "start", "--insecure", "--bind", "tcp://0.0.0.0:0")
+    assert anywhere.returncode == 2 and "--insecure-anywhere" in anywhere.stderr
+
+
+def test_agent_needs_keys_or_insecure(tmp_path):
+    for args, expect in [((), "--keys DIR"), (("--keys", str(tmp_path)), "--controller-key"),
+                         (("--insecure", "--keys", str(tmp_path)), "without --keys")]:
+        proc = run("device-agent", "generate", "--controller", "tcp://127.0.0.1:9",
+                   "--prompt", "hi", *args)
+        assert proc.returncode == 2, proc.stderr
+        assert expect in proc.stderr
