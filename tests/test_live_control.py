@@ -37,7 +37,7 @@ def test_ci_trial_runs_every_policy_and_reports(tmp_path):
     assert set(report["policies"]) == {"heterogeneous", "agnostic"}
     for policy in report["policies"].values():
         assert policy["goodput_tok_s"] > 0 and policy["predicted_goodput_tok_s"] > 0
-        assert [u["tokens"] for u in policy["users"]] == [48, 48]
+        assert [u["tokens"] for u in policy["users"]] == [96, 96]
         assert policy["window_s"] > 0 and policy["simulated_goodput_tok_s"] > 0
     assert set(report["interference"]) == {"orin", "phone"}
     for name in ("report.md", "goodput.png", "timeline-heterogeneous.png"):

@@ -116,8 +116,8 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     The window runs from the first round by which every device had been in a round to the
     first device's last round. Measured: committed tokens of the rounds in it / its length
     (prefills and gaps between requests included). Predicted: the plans in force, weighted
-    by time, where every device took part in the plan. Simulated: the simulator run on the
-    last such plan with the estimates it was made from.
+    by time, where every device took part in the plan with every estimate measured.
+    Simulated: the simulator run on the last such plan with the estimates it was made from.
     """
     from edge_controller.control import evaluate
     from edge_controller.control.simulator import simulate
@@ -139,7 +139,9 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     result = {"window_s": end - start, "measured_tok_s": sum(
         d["committed"] for e in window for d in e["devices"]) / (end - start)}
     plans = [(event["t"], decisions, event) for _, decisions, event in replay_decisions(events)
-             if set(event["estimates"]) == set(devices) and event["t"] <= end]
+             if event["t"] <= end and set(event["estimates"]) == set(devices)
+             and set(decisions) >= set(devices) and all(
+                 value is not None for e in event["estimates"].values() for value in e.values())]
     if not plans:
         return result
     weighted = 0.0
