@@ -10,8 +10,13 @@ import socket
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-EXIT_REFUSED = 1  # the controller answered with an error
+if TYPE_CHECKING:
+    from edge_controller.keys import CurveClient
+
+EXIT_REFUSED = 1  # the controller answered with an error, or refused our key
+EXIT_ERROR = 1  # a local failure (keys init)
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3  # no answer from the controller
 
@@ -27,12 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="generate text for one prompt",
                          description="Generate text for one prompt with the controller's help.")
     gen.add_argument("--controller", required=True, metavar="tcp://HOST:PORT")
-    gen.add_argument("--keys", metavar="DIR", help="this device's keys (device-agent keys init); "
-                     "its public key must be listed on the controller")
-    gen.add_argument("--controller-key", metavar="KEY", help="the controller's public key (Z85, "
-                     "as `edge-controller keys init` printed it, or its controller.key file)")
-    gen.add_argument("--insecure", action="store_true",
-                     help="plain TCP, for a controller started with --insecure (tests only)")
+    add_link_arguments(gen)
     gen.add_argument("--draft", default="q4_0",
                      help="draft model: a name from configs/models.toml (q8_0, q5_0, q4_0, ...) "
                      "or a path to a GGUF file (default: q4_0)")
@@ -91,14 +91,25 @@ def keys_init(args: argparse.Namespace) -> int:
         keypair = init_keypair(args.dir, DEVICE, force=args.force)
     except KeyFileError as exc:
         print(f"device-agent: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return EXIT_ERROR
     print(keypair.public_text)
     print(f"device keypair in {args.dir}; on the controller run: edge-controller keys add NAME "
           f"{keypair.public_text} --dir DIR", file=sys.stderr)
     return 0
 
 
-def link_security(args: argparse.Namespace):
+def add_link_arguments(parser: argparse.ArgumentParser) -> None:
+    """--keys, --controller-key, --insecure: how this device's link is secured."""
+    parser.add_argument("--keys", metavar="DIR", help="this device's keys (device-agent keys "
+                        "init); its public key must be listed on the controller")
+    parser.add_argument("--controller-key", metavar="KEY", help="the controller's public key "
+                        "(Z85, as `edge-controller keys init` printed it, or its controller.key "
+                        "file)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plain TCP, for a controller started with --insecure (tests only)")
+
+
+def link_security(args: argparse.Namespace) -> tuple[CurveClient | None, str | None]:
     """(CurveClient or None for --insecure, error text or None) from the link flags."""
     from edge_controller.keys import KeyFileError, device_client
 

@@ -23,6 +23,7 @@ from edge_controller.keys import CurveClient
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 8000  # longer than the controller's: its stale route goes first
 MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+ZAP_DENIED = 400  # ZAP's status for "not allowed" (300 is a temporary error, 500 internal)
 _EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -112,11 +113,14 @@ class ControllerLink:
     def _on_event(self, event: dict) -> None:
         kind, value = event["event"], event["value"]
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._handshaken = True
+            self._handshaken, self._handshake_failed = True, False
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self._handshake_failed = True  # a CURVE server that cannot read our hello
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            raise KeyRefused(self.curve.keypair.public_text, value)
+            if value == ZAP_DENIED and self.curve is not None:
+                raise KeyRefused(self.curve.keypair.public_text, value)
+            raise LinkRefused(f"the controller at {self.endpoint} could not authenticate this "
+                              f"device (ZAP status {value}); try again, or see its log")
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             if value != MECHANISM_MISMATCH:
                 raise LinkRefused(f"the handshake with the controller at {self.endpoint} failed "

@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psutil
-import zmq
 
 from device_agent.link import ControllerLink, LinkTimeout
 from edge_controller import protocol as P
+from edge_controller.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -231,47 +231,50 @@ class LinkProbe:
 
 # ---- a ping reflector --------------------------------------------------------------------
 def reflect(
-    bind: str,
+    transport: Transport,
     duration_s: float,
     on_ready: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
 ) -> int:
-    """Answer pings on a ROUTER exactly like the controller, for ``duration_s`` at most.
+    """Answer pings on the controller's own transport (``transport``, not yet open: CURVE
+    or insecure by its settings) exactly like the controller, for ``duration_s`` at most.
 
     ``on_ready`` gets the bound endpoint; ``stop`` ends it early. Returns how many pings
     were answered; other messages are ignored.
     """
     stop = stop or threading.Event()
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(bind)
+    endpoint = transport.open()
     if on_ready is not None:
-        on_ready(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        on_ready(endpoint)
     answered = 0
     deadline = time.monotonic() + duration_s
     try:
         while (remaining := deadline - time.monotonic()) > 0 and not stop.is_set():
-            if not sock.poll(int(min(remaining, 0.1) * 1000)):
+            if not transport.poll(min(remaining, 0.1)):
                 continue
-            identity, *body = sock.recv_multipart()
-            try:
-                msg = P.decode(body[0]) if len(body) == 1 else None
-            except P.ProtocolError:
-                continue
-            if isinstance(msg, P.Ping):
-                pong = P.Pong(msg.sent_at, len(body[0]), time.monotonic())
-                sock.send_multipart([identity, P.encode(pong)])
-                answered += 1
+            while (message := transport.receive()) is not None:
+                peer, body = message
+                try:
+                    msg = P.decode(body[0]) if len(body) == 1 else None
+                except P.ProtocolError:
+                    continue
+                if isinstance(msg, P.Ping):
+                    pong = P.Pong(msg.sent_at, len(body[0]), time.monotonic())
+                    transport.send(peer.route, P.encode(pong))
+                    answered += 1
     finally:
-        sock.close(0)
+        transport.close()
     return answered
 
 
 def main(argv: list[str] | None = None) -> int:
+    from device_agent.cli import add_link_arguments, link_security
+
     parser = argparse.ArgumentParser(prog="python -m device_agent.telemetry")
     sub = parser.add_subparsers(dest="command", required=True)
     probe = sub.add_parser("probe", help="measure the link to a controller (JSON lines)")
     probe.add_argument("--controller", required=True)
+    add_link_arguments(probe)
     probe.add_argument("--every", type=float, default=0.0, help="seconds between measurements")
     probe.add_argument("--duration", type=float, default=0.0, help="keep measuring this long")
     probe.add_argument("--rtt-count", type=int, default=5)
@@ -280,13 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     echo = sub.add_parser("reflect", help="answer pings like the controller")
     echo.add_argument("--bind", required=True)
     echo.add_argument("--duration", type=float, required=True)
+    echo.add_argument("--keys", metavar="DIR", help="controller keys directory (CURVE)")
+    echo.add_argument("--insecure", action="store_true", help="plain TCP (loopback only...)")
+    echo.add_argument("--insecure-anywhere", action="store_true", help="...unless this too")
     args = parser.parse_args(argv)
 
     if args.command == "reflect":
-        reflect(args.bind, args.duration, lambda endpoint: print(endpoint, flush=True))
+        transport = Transport(args.bind, args.keys, insecure=args.insecure,
+                              insecure_anywhere=args.insecure_anywhere)
+        reflect(transport, args.duration, lambda endpoint: print(endpoint, flush=True))
         return 0
+    curve, problem = link_security(args)
+    if problem:
+        parser.error(problem)
     ends_at = time.monotonic() + args.duration
-    with ControllerLink(args.controller, timeout_s=10.0) as link:
+    with ControllerLink(args.controller, curve=curve, timeout_s=10.0) as link:
         probe_ = LinkProbe(link)
         probe_.rtt(count=1)  # the first ping also waits for the connection's handshake
         while True:

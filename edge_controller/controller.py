@@ -14,6 +14,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from edge_controller import protocol as P
@@ -28,7 +30,7 @@ from edge_controller.draft_control import (
 )
 from edge_controller.metrics import ControllerMetrics
 from edge_controller.scheduler import SyncScheduler
-from edge_controller.sessions import RequestStats, Session, SessionRegistry, commit
+from edge_controller.sessions import RequestStats, Session, SessionRegistry
 from edge_controller.transport import Peer, Transport
 from edge_controller.verifier.engine import CapacityError, Verifier, VerifyItem, VerifyOutcome
 from edge_controller.verifier.sampling import SamplingParams
@@ -78,6 +80,20 @@ class EdgeController:
         self._started = time.monotonic()
 
     # ---- the loop --------------------------------------------------------------------
+    @contextmanager
+    def running(self, ready_timeout_s: float = 60.0) -> Iterator[EdgeController]:
+        """Serve in a background thread until the block ends (tests, benchmarks)."""
+        stop, ready = threading.Event(), threading.Event()
+        thread = threading.Thread(target=self.serve, args=(stop, ready), daemon=True)
+        thread.start()
+        if not ready.wait(ready_timeout_s):
+            raise RuntimeError("controller did not start serving")
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(30)
+
     def serve(self, stop: threading.Event | None = None, ready: threading.Event | None = None):
         """Bind and serve until ``stop`` is set (or KeyboardInterrupt)."""
         stop = stop or threading.Event()
@@ -167,32 +183,20 @@ class EdgeController:
 
     def _answer(self, session: Session, outcome: VerifyOutcome) -> int:
         """Commit a verified draft, send the verdict; return how many tokens it committed."""
-        draft, request, stats = session.pending, session.request, session.stats
-        session.pending = None
-        tokens, done = commit(
-            draft.tokens, outcome.accepted, outcome.next_token,
-            generated=stats.generated, max_new_tokens=request.max_new_tokens,
-            eos_token_ids=self.target.eos_token_ids,
-        )
-        stats.rounds += 1
-        stats.drafted += len(draft.tokens)
-        stats.accepted += outcome.accepted
-        stats.rejections += outcome.accepted < len(draft.tokens)
-        stats.generated += len(tokens)
-        stats.min_margin = min(stats.min_margin, outcome.margin)
+        draft, request = session.pending, session.request
+        tokens, done = session.commit_round(outcome, self.target.eos_token_ids)
         if outcome.margin < NEAR_TIE_MARGIN:
             log.warning("%s: near-tie in target logits (margin %.2e) at position %d",
                         session.device_id, outcome.margin, draft.position)
-        session.next_round += 1
-        now = time.monotonic()
         self.draft_control.on_verdict(session.device_id, outcome.accepted, len(draft.tokens),
-                                      len(tokens), now)
-        self._update_metrics(session)
+                                      len(tokens), time.monotonic())
+        self._show(session.device_id)
         decision = self.draft_control.decisions[session.device_id]
         self._send(session, P.Verdict(request.request_id, draft.round, outcome.accepted,
                                       tokens, done, decision.draft_len))
         session.answered_at = time.monotonic()
         if done:
+            stats = session.stats
             log.info("%s: request %s done: %d tokens in %d rounds, acceptance %.2f, "
                      "smallest top-2 logit margin %.2e", session.device_id, request.request_id,
                      stats.generated, stats.rounds, stats.acceptance_estimate, stats.min_margin)
@@ -241,6 +245,8 @@ class EdgeController:
                         session.device_id if session else peer.label, exc.code, exc)
             self.metrics.rejected.labels(exc.code).inc()
             self._reply(peer.route, P.Error(exc.code, str(exc), fatal=exc.fatal), version)
+            if exc.fatal and session is not None:  # it cannot go on: free what it holds
+                self._drop(session, f"refused [{exc.code}]; its session is dropped")
         except Exception as exc:  # a bug in a handler must not stop the controller
             log.exception("handler failed")
             if session is not None:
@@ -256,9 +262,9 @@ class EdgeController:
                 "cannot be verified. Use a draft built from the target's tokenizer.",
                 fatal=True,
             )
-        name = self._name_for(peer, msg.device_id)
-        old = self.sessions.get(peer.identity)
-        if old is not None:  # one registration per key: a new hello replaces its own
+        name = self.sessions.name_for(peer.identity, peer.name if self.transport.secure
+                                      else None, msg.device_id)
+        for old in self.sessions.displaced_by(peer.identity, name):
             self._drop(old, "registered again; its old session is dropped")
         self.sessions.add(Session(peer.identity, peer.route, name, msg.draft_model,
                                   time.monotonic(), version))
@@ -270,25 +276,6 @@ class EdgeController:
             name, self.target.name, limits.max_new_tokens,
             self.config.control.max_draft_len, sorted(self.target.eos_token_ids),
         ), version)
-
-    def _name_for(self, peer: Peer, asked: str) -> str:
-        """The device's name: the one its key is listed under (insecure: what it asked for,
-        if no other connection holds it)."""
-        if self.transport.secure:
-            if asked and asked != peer.name:
-                raise P.ProtocolError(
-                    "identity", f"this device's key is listed as {peer.name!r} on the "
-                    f"controller, so it cannot register as {asked!r}: leave --device-id out "
-                    f"or give {peer.name!r}", fatal=True)
-            return peer.name
-        if not asked:
-            raise P.ProtocolError("invalid", "a controller without keys needs a device id in "
-                                  "the hello", fatal=True)
-        holder = self.sessions.named(asked)
-        if holder is not None and holder.identity != peer.identity:
-            raise P.ProtocolError("name_taken", f"device id {asked!r} is registered by another "
-                                  "connection; choose another --device-id", fatal=True)
-        return asked
 
     def _on_start(self, session: Session, msg: P.Start) -> None:
         limits = self.config.limits
@@ -307,6 +294,7 @@ class EdgeController:
             session.slot = self.verifier.open(msg.prompt_ids)
         except CapacityError as exc:
             raise P.ProtocolError("capacity", str(exc)) from None
+        self.metrics.kv_slots.set(self.verifier.slots_in_use)
         session.request, session.next_round, session.pending = msg, 0, None
         session.stats = RequestStats()
         log.info("%s: request %s, %d prompt tokens, up to %d new, temperature %g",
@@ -355,6 +343,7 @@ class EdgeController:
     def _end_request(self, session: Session) -> None:
         if session.slot is not None:
             self.verifier.close(session.slot)
+            self.metrics.kv_slots.set(self.verifier.slots_in_use)
         session.slot, session.request, session.pending = None, None, None
         self.draft_control.on_request_end(session.device_id)
         self.scheduler.on_request_end(self.sessions)
@@ -379,7 +368,7 @@ class EdgeController:
     def _push_decisions(self, changed: dict[str, Decision]) -> None:
         for session in self.sessions:
             if session.device_id in changed:
-                self._update_metrics(session)
+                self._show(session.device_id)
                 self._send(session, _control(changed[session.device_id]))
         if changed:
             self.metrics.plan_goodput.set(self.draft_control.plan_goodput_tok_s)
@@ -397,17 +386,9 @@ class EdgeController:
             event["t"] = round(time.monotonic() - self._started, 4)
             self._timeline.write(json.dumps(event) + "\n")
 
-    def _update_metrics(self, session: Session) -> None:
-        device = session.device_id
-        est = self.draft_control.devices[device]
-        decision = self.draft_control.decisions[device]
-        m = self.metrics
-        m.goodput.labels(device).set(est.goodput_tok_s)
-        m.acceptance.labels(device).set(est.acceptance.mean)
-        m.draft_len.labels(device).set(decision.draft_len)
-        m.share.labels(device).set(decision.bandwidth_share)
-        m.draft_s.labels(device).set(est.draft_s_per_token.value or 0.0)
-        m.delay.labels(device).set(est.delay_s.value or 0.0)
+    def _show(self, device_id: str) -> None:
+        self.metrics.show_device(device_id, self.draft_control.devices[device_id],
+                                 self.draft_control.decisions[device_id])
 
     def _fail(self, session: Session, code: str, message: str) -> None:
         self._end_request(session)
@@ -419,21 +400,26 @@ class EdgeController:
             self._drop(session, f"silent for {timeout:.0f} s; its session is dropped")
 
     def _end_unlisted(self) -> None:
-        """The allowlist changed: end the sessions whose key is gone (or renamed)."""
-        for session in self.sessions:
-            if self.transport.allowlist.name_of(session.identity) != session.device_id:
-                if session.route is not None:
-                    self._reply(session.route, P.Error("revoked", REVOKED, fatal=True),
-                                session.version)
-                self._drop(session, "revoked; its session is dropped")
+        """The allowlist changed: end the sessions whose key is gone, or listed anew."""
+        name_of = self.transport.allowlist.name_of
+        for session in self.sessions.no_longer_listed(name_of):
+            renamed = name_of(session.identity)
+            self._expel(session, REVOKED if renamed is None else
+                        f"this device's key is now listed as {renamed!r}: register again")
 
     def _refuse_unlisted(self, peer: Peer) -> None:
         """A frame on a connection admitted before its key was revoked."""
+        self.metrics.rejected.labels("revoked").inc()
         session = self.sessions.get(peer.identity)
         if session is not None:
-            self._drop(session, "revoked; its session is dropped")
-        self.metrics.rejected.labels("revoked").inc()
-        self._reply(peer.route, P.Error("revoked", REVOKED, fatal=True))
+            self._expel(session, REVOKED)
+        else:
+            self._reply(peer.route, P.Error("revoked", REVOKED, fatal=True))
+
+    def _expel(self, session: Session, why: str) -> None:
+        if session.route is not None:
+            self._reply(session.route, P.Error("revoked", why, fatal=True), session.version)
+        self._drop(session, "revoked; its session is dropped")
 
     def _send(self, session: Session, msg: P.Message) -> None:
         """Answer a registered device on its route, in its protocol version; a device that

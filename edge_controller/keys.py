@@ -14,7 +14,6 @@ A device's name is the file name its public key is listed under, nothing it says
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -126,7 +125,8 @@ def load_keypair(secret_path: Path) -> Keypair:
     try:
         mode = secret_path.stat().st_mode
     except FileNotFoundError:
-        raise KeyFileError(f"secret key file {secret_path} does not exist") from None
+        raise KeyFileError(f"secret key file {secret_path} does not exist: make the keypair "
+                           f"with `keys init --dir {secret_path.parent}`") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"secret key file {secret_path} is accessible by group or others (mode "
@@ -247,13 +247,18 @@ class Allowlist:
             return None
 
     def _scan(self) -> tuple:
-        with contextlib.suppress(FileNotFoundError):
-            return tuple(sorted(
-                (path, st.st_mtime_ns, st.st_size)
-                for path in self.directory.glob("*.key")
-                if NAME_PATTERN.fullmatch(path.stem) and (st := path.stat())
-            ))
-        return ()
+        """(path, mtime, size) of every listed file; one that vanishes mid-scan (a revoke
+        right now) is simply not listed, never the whole directory."""
+        entries = []
+        for path in self.directory.glob("*.key") if self.directory.is_dir() else ():
+            if not NAME_PATTERN.fullmatch(path.stem):
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((path, st.st_mtime_ns, st.st_size))
+        return tuple(sorted(entries))
 
 
 def _paths(directory: Path, name: str) -> tuple[Path, Path]:

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_controller import keys as K
+
 BIN = Path(sys.executable).parent
 
 
@@ -32,9 +34,6 @@ class LabKeys:
     ``insecure=True`` makes none: every launch then runs plain TCP on loopback."""
 
     def __init__(self, root: Path | None = None, insecure: bool = False):
-        from edge_controller import keys as K
-
-        self._K = K
         self.insecure = insecure
         self._tmp = None
         if root is None and not insecure:
@@ -53,24 +52,30 @@ class LabKeys:
         """``name``'s keys directory; made and listed on the controller on first use."""
         if name not in self._devices:
             directory = self.root / "devices" / name
-            keypair = self._K.init_keypair(directory, self._K.DEVICE)
-            self._K.list_device(self.controller_dir, name, keypair.public_text)
+            keypair = K.init_keypair(directory, K.DEVICE)
+            K.list_device(self.controller_dir, name, keypair.public_text)
             self._devices[name] = directory
         return self._devices[name]
 
     def controller_args(self) -> list[str]:
         return ["--insecure"] if self.insecure else ["--keys", str(self.controller_dir)]
 
+    def config_overrides(self) -> dict[str, str | bool]:
+        """``load_config`` overrides for a controller with these keys."""
+        if self.insecure:
+            return {"security__insecure": True}
+        return {"security__keys_dir": str(self.controller_dir)}
+
     def agent_args(self, name: str) -> list[str]:
         if self.insecure:
             return ["--insecure"]
         return ["--keys", str(self.device_dir(name)), "--controller-key", self.controller_key]
 
-    def client(self, name: str):
+    def client(self, name: str) -> K.CurveClient | None:
         """A ControllerLink's ``curve`` for device ``name`` (None when insecure)."""
         if self.insecure:
             return None
-        return self._K.device_client(self.device_dir(name), self.controller_key)
+        return K.device_client(self.device_dir(name), self.controller_key)
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -35,6 +35,8 @@ class ControllerMetrics:
                                   buckets=ROUND_BUCKETS, registry=r)
         self.batch = Gauge(f"{PREFIX}_round_devices", "devices in the last round", registry=r)
         self.sessions = Gauge(f"{PREFIX}_sessions", "registered devices", registry=r)
+        self.kv_slots = Gauge(f"{PREFIX}_kv_slots_in_use", "verifier KV slots held by requests",
+                              registry=r)
         self.rejected = Counter(f"{PREFIX}_rejected_messages", "messages refused, by code",
                                 ["code"], registry=r)
         self.plan_goodput = Gauge(f"{PREFIX}_plan_goodput_tok_s",
@@ -42,6 +44,15 @@ class ControllerMetrics:
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
+
+    def show_device(self, device_id: str, estimates, decision) -> None:
+        """A device's estimates (draft_control.DeviceEstimates) and decision in force."""
+        self.goodput.labels(device_id).set(estimates.goodput_tok_s)
+        self.acceptance.labels(device_id).set(estimates.acceptance.mean)
+        self.draft_len.labels(device_id).set(decision.draft_len)
+        self.share.labels(device_id).set(decision.bandwidth_share)
+        self.draft_s.labels(device_id).set(estimates.draft_s_per_token.value or 0.0)
+        self.delay.labels(device_id).set(estimates.delay_s.value or 0.0)
 
     def forget_device(self, device_id: str) -> None:
         for gauge in (self.goodput, self.acceptance, self.draft_len, self.share, self.draft_s,

@@ -15,6 +15,8 @@ from edge_controller.sessions import Session
 
 
 class SyncScheduler:
+    """The round now collecting drafts: when it opened, when it is due, who is in it."""
+
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
         self.opened_at: float | None = None  # when the round now collecting drafts opened

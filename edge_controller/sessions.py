@@ -9,10 +9,10 @@ a route that another key speaks on is no longer anyone else's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from edge_controller.protocol import PROTOCOL_VERSION, Draft, Start
+from edge_controller.protocol import PROTOCOL_VERSION, Draft, ProtocolError, Start
 
 
 @dataclass
@@ -59,6 +59,24 @@ class Session:
     def generating(self) -> bool:
         return self.request is not None
 
+    def commit_round(self, outcome, eos_token_ids: set[int]) -> tuple[list[int], bool]:
+        """Apply the verifier's outcome (accepted, next_token, margin) to the pending draft:
+        the tokens it commits and whether the request is done; counts it in ``stats``."""
+        draft, stats = self.pending, self.stats
+        self.pending = None
+        tokens, done = commit(
+            draft.tokens, outcome.accepted, outcome.next_token, generated=stats.generated,
+            max_new_tokens=self.request.max_new_tokens, eos_token_ids=eos_token_ids,
+        )
+        stats.rounds += 1
+        stats.drafted += len(draft.tokens)
+        stats.accepted += outcome.accepted
+        stats.rejections += outcome.accepted < len(draft.tokens)
+        stats.generated += len(tokens)
+        stats.min_margin = min(stats.min_margin, outcome.margin)
+        self.next_round += 1
+        return tokens, done
+
 
 class SessionRegistry:
     """The registered devices: by identity, and by the route each last spoke on."""
@@ -78,6 +96,35 @@ class SessionRegistry:
 
     def named(self, device_id: str) -> Session | None:
         return next((s for s in self._by_identity.values() if s.device_id == device_id), None)
+
+    def name_for(self, identity: bytes, listed: str | None, asked: str) -> str:
+        """The name a registering device gets. With keys (``listed`` is the name its key is
+        listed under) that name, which a hello may only repeat; without keys the name it
+        asked for, unless another connection holds it."""
+        if listed is not None:
+            if asked and asked != listed:
+                raise ProtocolError(
+                    "identity", f"this device's key is listed as {listed!r} on the controller, "
+                    f"so it cannot register as {asked!r}: leave --device-id out or give "
+                    f"{listed!r}", fatal=True)
+            return listed
+        if not asked:
+            raise ProtocolError("invalid", "a controller without keys needs a device id in "
+                                "the hello", fatal=True)
+        holder = self.named(asked)
+        if holder is not None and holder.identity != identity:
+            raise ProtocolError("name_taken", f"device id {asked!r} is registered by another "
+                                "connection; choose another --device-id", fatal=True)
+        return asked
+
+    def displaced_by(self, identity: bytes, name: str) -> list[Session]:
+        """What a new registration of ``identity`` as ``name`` replaces: its own earlier one,
+        and one under that name from a key that was listed there before (a new key)."""
+        return [s for s in self if s.identity == identity or s.device_id == name]
+
+    def no_longer_listed(self, name_of: Callable[[bytes], str | None]) -> list[Session]:
+        """Sessions whose key is no longer listed under their name (revoked or renamed)."""
+        return [s for s in self if name_of(s.identity) != s.device_id]
 
     def heard(self, identity: bytes, route: bytes, now: float) -> Session | None:
         """A frame from ``identity`` came on ``route``: that route is now its own.

@@ -26,6 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from edge_controller import keys as K
 from edge_controller import protocol as P
+from edge_controller.config import SecurityConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Peer:
         """For logs: the listed name, or a short form of the key or route."""
         if self.name is not None:
             return self.name
-        return (self.key or self.route.hex().encode()).decode("ascii", "replace")[:12]
+        return self.key.decode("ascii")[:12] if self.key else self.route.hex()[:12]
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -74,6 +75,12 @@ def is_loopback(endpoint: str) -> bool:
 
 
 class Transport:
+    """One ROUTER socket: bind, receive (peer + raw frames), send, watch the allowlist.
+
+    Key files are read at construction (so a bad keys directory fails before any model
+    loads); sockets and the authenticator thread exist from :meth:`open` to :meth:`close`.
+    """
+
     def __init__(self, bind: str, keys_dir: str | Path | None, *, insecure: bool = False,
                  insecure_anywhere: bool = False):
         if keys_dir and insecure:
@@ -106,7 +113,7 @@ class Transport:
         self._allowlist_checked = 0.0
 
     @classmethod
-    def from_config(cls, bind: str, security) -> Transport:
+    def from_config(cls, bind: str, security: SecurityConfig) -> Transport:
         """From ``server.bind`` and the ``[security]`` table (edge_controller.config)."""
         return cls(bind, security.keys_dir or None, insecure=security.insecure,
                    insecure_anywhere=security.insecure_anywhere)

@@ -8,6 +8,10 @@ target alone; and the aggregate (sum over devices) against the target alone serv
 users one after another. All greedy, so both sides produce the same tokens.
 
     .venv/bin/python scripts/bench_e2e.py [--devices 3] [--max-new-tokens 64] [--json]
+        [--link curve|plain|both [--repeats 2]] [--policy fixed]
+
+``--link both`` runs the system with keys (CURVE) and without (plain TCP), alternating,
+and prints what the secure link costs in aggregate tokens/s.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+
+from edge_controller.launch import AgentSpec, LabKeys, controller_process, run_agents
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -61,22 +68,25 @@ def main() -> int:
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench_e2e")
-    parser.add_argument("--insecure", action="store_true",
-                        help="plain TCP instead of CURVE (to measure what the keys cost)")
+    parser.add_argument("--policy", help="draft control policy (default: the config's)")
+    parser.add_argument("--link", choices=("curve", "plain", "both"), default="curve",
+                        help="CURVE with keys (default), plain TCP, or both in one run to "
+                        "measure what the keys cost")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="with --link both: runs of each, in alternating order")
     args = parser.parse_args()
     if not 1 <= args.devices <= len(PROMPTS):
         parser.error(f"--devices must be in 1..{len(PROMPTS)}")
 
-    from edge_controller.launch import AgentSpec, LabKeys, controller_process, run_agents
-
     specs = [AgentSpec(f"dev{i}-{DRAFTS[i % len(DRAFTS)]}", DRAFTS[i % len(DRAFTS)], prompt,
                        args.max_new_tokens)
              for i, prompt in enumerate(PROMPTS[: args.devices])]
-    with LabKeys(insecure=args.insecure) as keys, controller_process(
-            args.out / "controller.log", keys, "--config",
-            str(ROOT / "configs" / "controller.toml"), "--draft-len", str(args.draft_len)
-    ) as endpoint:
-        results = [runs[0] for runs in run_agents(endpoint, specs, keys)]
+    links = ["curve", "plain"] if args.link == "both" else [args.link]
+    runs: dict[str, list[list[dict]]] = {link: [] for link in links}
+    for rep in range(args.repeats if args.link == "both" else 1):
+        for link in links[::-1] if rep % 2 else links:  # neither always goes first
+            runs[link].append(run_system(args, specs, insecure=link == "plain"))
+    results = runs[links[0]][0]
     baseline = target_alone([r["prompt_tokens"] for r in results], args.max_new_tokens)
 
     rows = []
@@ -92,12 +102,18 @@ def main() -> int:
     alone_mean = sum(baseline) / len(baseline)
     summary = {
         "host": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "devices": args.devices, "draft_len": args.draft_len,
-        "link": "plain TCP" if args.insecure else "CURVE",
+        "devices": args.devices, "draft_len": args.draft_len, "link": links[0],
         "max_new_tokens": args.max_new_tokens, "per_device": rows,
         "aggregate_system_tok_s": system_sum, "target_alone_tok_s": alone_mean,
         "aggregate_ratio": system_sum / alone_mean,
     }
+    if args.link == "both":
+        summary["aggregate_system_tok_s_by_link"] = {
+            link: [sum(r["stats"]["tokens_per_s"] for r in run) for run in link_runs]
+            for link, link_runs in runs.items()}
+        mean = {link: statistics.mean(v)
+                for link, v in summary["aggregate_system_tok_s_by_link"].items()}
+        summary["curve_over_plain"] = mean["curve"] / mean["plain"]
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -107,9 +123,24 @@ def main() -> int:
         print(f"{r['device']:<12} {r['draft']:<5} {r['acceptance_rate']:>6.2f} "
               f"{r['tokens_per_round']:>9.2f} {r['system_tok_s']:>12.2f} "
               f"{r['target_alone_tok_s']:>11.2f} {r['ratio']:>6.2f}x")
-    print(f"aggregate: system {system_sum:.2f} tok/s vs target alone {alone_mean:.2f} tok/s "
-          f"serving one user at a time = {summary['aggregate_ratio']:.2f}x")
+    print(f"aggregate ({links[0]}): system {system_sum:.2f} tok/s vs target alone "
+          f"{alone_mean:.2f} tok/s serving one user at a time = {summary['aggregate_ratio']:.2f}x")
+    if args.link == "both":
+        by_link = summary["aggregate_system_tok_s_by_link"]
+        print("aggregate system tok/s per run: " + "; ".join(
+            f"{link} " + ", ".join(f"{v:.2f}" for v in values) for link, values in by_link.items())
+            + f"; CURVE / plain = {summary['curve_over_plain']:.3f}")
     return 0
+
+
+def run_system(args: argparse.Namespace, specs: list[AgentSpec], insecure: bool) -> list[dict]:
+    """A real controller and the agents, at once; each agent's first result."""
+    extra = ["--policy", args.policy] if args.policy else []
+    with LabKeys(insecure=insecure) as keys, controller_process(
+            args.out / "controller.log", keys, "--config",
+            str(ROOT / "configs" / "controller.toml"), "--draft-len", str(args.draft_len), *extra
+    ) as endpoint:
+        return [runs[0] for runs in run_agents(endpoint, specs, keys)]
 
 
 if __name__ == "__main__":

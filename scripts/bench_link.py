@@ -8,9 +8,10 @@ Two measurements, each with keys (CURVE + ZAP allowlist) and without (--insecure
 2. **Controller round**: a real controller with the real target (fixed policy, L = 4)
    and one device link doing ``--rounds`` rounds: draft sent -> verdict received.
 
-Printed: the medians and the ratio CURVE / plain for each.
+Each side runs ``--repeats`` times in alternating order; printed: the medians over all
+runs and the ratio CURVE / plain for each.
 
-    .venv/bin/python scripts/bench_link.py [--frames 2000] [--rounds 40] [--json]
+    .venv/bin/python scripts/bench_link.py [--frames 2000] [--rounds 40] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -88,36 +89,29 @@ def controller_rounds(keys: LabKeys, target, target_info, rounds: int) -> list[f
     from edge_controller.controller import EdgeController
     from edge_controller.verifier.engine import Verifier
 
-    security = ({"security__insecure": True} if keys.insecure
-                else {"security__keys_dir": str(keys.controller_dir)})
     config = load_config(None, server__bind="tcp://127.0.0.1:*", control__policy="fixed",
-                         **security)
+                         **keys.config_overrides())
     controller = EdgeController(config, Verifier(target[0], max_sessions=2, max_len=512),
                                 target_info)
-    stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(target=controller.serve, args=(stop, ready), daemon=True)
-    thread.start()
-    ready.wait(60)
     times = []
-    try:
-        with ControllerLink(controller.endpoint, curve=keys.client("bench"), timeout_s=60) as link:
-            link.send(P.Hello("", "bench", target_info.fingerprint, target_info.vocab_size))
-            link.receive()
-            prompt = [1, 504, 3458, 314, 253, 1345]
-            link.send(P.Start("r", prompt, rounds * 6))
-            link.receive()  # control
-            position = len(prompt)
-            for r in range(rounds):
-                started = time.perf_counter()
-                link.send(P.Draft("r", r, position, [42, 43, 44, 45]))
-                verdict = link.receive()
-                times.append(time.perf_counter() - started)
-                position += len(verdict.tokens)
-                if verdict.done:
-                    break
-    finally:
-        stop.set()
-        thread.join(30)
+    with controller.running(), ControllerLink(controller.endpoint, curve=keys.client("bench"),
+                                              timeout_s=60) as link:
+        link.send(P.Hello("bench", "bench", target_info.fingerprint, target_info.vocab_size))
+        link.receive()
+        prompt = [1, 504, 3458, 314, 253, 1345]
+        link.send(P.Start("r", prompt, rounds * 6))
+        link.receive()  # control
+        position = len(prompt)
+        for r in range(rounds):
+            started = time.perf_counter()
+            link.send(P.Draft("r", r, position, [42, 43, 44, 45]))
+            verdict = link.receive()
+            times.append(time.perf_counter() - started)
+            if not isinstance(verdict, P.Verdict):
+                raise RuntimeError(f"round {r}: expected a verdict, got {verdict}")
+            position += len(verdict.tokens)
+            if verdict.done:
+                break
     return times[2:]
 
 
@@ -131,6 +125,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each side, in alternating order (default 3)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -141,13 +137,20 @@ def main() -> int:
     target = load_target(models.ensure().target_gguf)
     target_info = TargetInfo.from_model("smollm2-135m", *target)
     result: dict = {"link": {}, "round": {}}
+    link_times: dict = {}
+    round_times: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, keys in (("curve", LabKeys(Path(tmp) / "keys")),
-                            ("plain", LabKeys(insecure=True))):
-            for kind, times in link_round_trips(keys, args.frames).items():
-                result["link"].setdefault(kind, {})[label] = summary(times)
-            result["round"][label] = summary(
-                controller_rounds(keys, target, target_info, args.rounds))
+        setups = {"curve": LabKeys(Path(tmp) / "keys"), "plain": LabKeys(insecure=True)}
+        for rep in range(args.repeats):  # alternate the order: neither side always goes first
+            for label in sorted(setups, reverse=rep % 2 == 1):
+                keys = setups[label]
+                for kind, times in link_round_trips(keys, args.frames).items():
+                    link_times.setdefault(kind, {}).setdefault(label, []).extend(times)
+                round_times.setdefault(label, []).extend(
+                    controller_rounds(keys, target, target_info, args.rounds))
+    for kind, by_label in link_times.items():
+        result["link"][kind] = {label: summary(t) for label, t in by_label.items()}
+    result["round"] = {label: summary(t) for label, t in round_times.items()}
     for row in result["link"].values():
         row["ratio"] = row["curve"]["median_ms"] / row["plain"]["median_ms"]
     result["round"]["ratio"] = (result["round"]["curve"]["median_ms"]

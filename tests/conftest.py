@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from edge_controller.launch import LabKeys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BIN = Path(sys.executable).parent
@@ -44,8 +45,6 @@ def target_info(target):
 @pytest.fixture
 def lab_keys(tmp_path):
     """A controller keys directory with device keys made (and listed) on first use."""
-    from edge_controller.launch import LabKeys
-
     return LabKeys(tmp_path / "keys")
 
 
@@ -64,21 +63,13 @@ def run_controller(target, target_info, lab_keys):
         from edge_controller.controller import EdgeController
         from edge_controller.verifier.engine import Verifier
 
-        security = ({"security__insecure": True} if insecure
-                    else {"security__keys_dir": str(lab_keys.controller_dir)})
-        config = load_config(None, server__bind="tcp://127.0.0.1:*", **security, **overrides)
+        keys = LabKeys(insecure=True) if insecure else lab_keys
+        config = load_config(None, server__bind="tcp://127.0.0.1:*", **keys.config_overrides(),
+                             **overrides)
         verifier = Verifier(target[0], max_sessions=config.limits.max_sessions,
                             max_len=config.limits.max_len)
-        controller = EdgeController(config, verifier, target_info)
-        stop, ready = threading.Event(), threading.Event()
-        thread = threading.Thread(target=controller.serve, args=(stop, ready), daemon=True)
-        thread.start()
-        assert ready.wait(30), "controller did not bind"
-        try:
+        with EdgeController(config, verifier, target_info).running() as controller:
             yield controller
-        finally:
-            stop.set()
-            thread.join(30)
 
     return start
 

@@ -150,3 +150,19 @@ def test_agent_needs_keys_or_insecure(tmp_path):
                    "--prompt", "hi", *args)
         assert proc.returncode == 2, proc.stderr
         assert expect in proc.stderr
+
+
+def test_a_file_revoked_mid_scan_drops_only_itself(tmp_path, monkeypatch):
+    K.init_keypair(tmp_path, K.CONTROLLER)
+    for name in ("a", "c"):
+        K.list_device(tmp_path, name, K.init_keypair(tmp_path / name, K.DEVICE).public_text)
+    allowlist = K.Allowlist(tmp_path)
+    real_glob = type(allowlist.directory).glob
+    vanished = allowlist.directory / "b.key"  # listed by glob, gone before its stat
+
+    def glob(self, pattern):
+        return [*real_glob(self, pattern), vanished]
+
+    monkeypatch.setattr(type(allowlist.directory), "glob", glob)
+    allowlist.reload()
+    assert sorted(allowlist.names.values()) == ["a", "c"]

@@ -11,6 +11,7 @@ from device_agent import telemetry
 from device_agent.link import ControllerLink, LinkTimeout
 from device_agent.telemetry import LinkProbe, host_state, parse_iw_bitrates, parse_proc_wireless
 from edge_controller import protocol as P
+from edge_controller.transport import Transport
 
 PROC_WIRELESS = """\
 Inter-| sta-|   Quality        |   Discarded packets               | Missed | WE
@@ -87,8 +88,9 @@ def reflector():
         ready.set()
 
     stop = threading.Event()
+    transport = Transport("tcp://127.0.0.1:*", None, insecure=True)
     thread = threading.Thread(
-        target=telemetry.reflect, args=("tcp://127.0.0.1:*", 30.0, on_ready, stop), daemon=True
+        target=telemetry.reflect, args=(transport, 30.0, on_ready, stop), daemon=True
     )
     thread.start()
     assert ready.wait(5)

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from edge_controller.launch import LabKeys
 from edge_controller.trial.netns import LinkShape, NetworkLab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the network lab needs root")
@@ -29,38 +30,25 @@ RATE_TOL = 0.25
 
 @pytest.fixture(scope="module")
 def lab():
-    with NetworkLab(["dev"]) as lab:
+    """The lab, a CURVE reflector in its hub (the controller's own transport), the keys."""
+    with NetworkLab(["dev"]) as lab, LabKeys() as keys:
         reflector = lab.spawn(
             None,
-            [
-                PY,
-                "-m",
-                "device_agent.telemetry",
-                "reflect",
-                "--bind",
-                f"tcp://*:{PORT}",
-                "--duration",
-                "120",
-            ],
+            [PY, "-m", "device_agent.telemetry", "reflect", "--bind", f"tcp://*:{PORT}",
+             "--duration", "120", *keys.controller_args()],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert reflector.stdout.readline().strip()  # bound
+        lab.keys = keys
         yield lab
 
 
 def probe(lab: NetworkLab, *args: str) -> subprocess.Popen:
     return lab.spawn(
         "dev",
-        [
-            PY,
-            "-m",
-            "device_agent.telemetry",
-            "probe",
-            "--controller",
-            lab.endpoint("dev", PORT),
-            *args,
-        ],
+        [PY, "-m", "device_agent.telemetry", "probe", "--controller", lab.endpoint("dev", PORT),
+         *lab.keys.agent_args("dev"), *args],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_controller.config import ControllerConfig
+    from edge_controller.controller import EdgeController
+    from edge_controller.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_controller(config, transport=None):
+def build_controller(
+    config: ControllerConfig, transport: Transport | None = None
+) -> EdgeController:
     """Load the configured target and return a ready (not yet serving) controller."""
     from pathlib import Path
 
