@@ -108,7 +108,12 @@ class EdgeController:
             self.endpoint = self.transport.open()
             server = self.config.server
             if server.metrics_port:
-                self.metrics.serve(server.metrics_port, server.metrics_bind)
+                try:
+                    self.metrics.serve(server.metrics_port, server.metrics_bind)
+                except OSError as exc:
+                    where = f"{server.metrics_bind}:{server.metrics_port}"
+                    raise OSError(f"metrics on {where}: {exc.strerror or exc} (choose "
+                                  "another --metrics-port)") from None
             if server.timeline:
                 self._timeline = open(server.timeline, "a", buffering=1)  # noqa: SIM115
             log.info("serving %s on %s", self.target.name, self.endpoint)
@@ -207,15 +212,19 @@ class EdgeController:
     def _on_frames(self, peer: Peer, body: list[bytes]) -> None:
         now = time.monotonic()
         version = P.PROTOCOL_VERSION  # of our answers, until the frame tells the device's
-        session = None
+        session = self.sessions.get(peer.identity)
+        self.sessions.frame_on(peer.route, peer.identity)
         try:
             if self.transport.secure and peer.name is None:
                 self._refuse_unlisted(peer)
                 return
-            session = self.sessions.heard(peer.identity, peer.route, now)
             if len(body) != 1:
                 raise P.ProtocolError("malformed", f"expected 1 frame per message, got {len(body)}")
             msg, version = P.decode_versioned(body[0])
+            if session is not None:  # valid traffic: the registration is alive
+                session.last_seen = now
+                if not isinstance(msg, P.Ping):  # pings are answered where they came from
+                    self.sessions.moved(session, peer.route)
             if isinstance(msg, P.Draft) and session is not None:
                 session.pending_bytes = len(body[0])
             if isinstance(msg, P.Hello):

@@ -35,6 +35,7 @@ DEVICE = "device"
 ALLOWLIST = "devices"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe file name
 Z85_KEY_CHARS = 40  # a 32-byte Curve25519 key in Z85
+MAX_FILE_BYTES = 16 * 1024  # a certificate is ~300 bytes
 
 
 class KeyFileError(ValueError):
@@ -81,7 +82,7 @@ def parse_public_key(text: str) -> bytes:
     """A Z85 public key given as text, or read from a public ``.key`` file; Z85 bytes."""
     candidate = text.strip()
     path = Path(candidate)
-    if len(candidate) != Z85_KEY_CHARS and path.is_file():
+    if path.is_file():  # a path wins, even one of 40 characters
         public, _ = _load(path)
         return public
     try:
@@ -142,6 +143,7 @@ def load_own_keypair(directory: Path, name: str) -> Keypair:
     if not directory.is_dir():
         raise KeyFileError(f"keys directory {directory} does not exist: make it with "
                            "`keys init --dir DIR`")
+    check_keys_dir(directory)
     return load_keypair(_paths(directory, name)[1])
 
 
@@ -203,20 +205,29 @@ class Allowlist:
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: is ``key`` listed? A key listed a moment ago is found without waiting for
         the controller's next look at the directory: an unknown key re-reads it when the
-        directory changed (one stat), or at most every MISS_RELOAD_S."""
-        if key not in self.names:
-            now = time.monotonic()
-            if self._dir_mtime() != self._scanned_mtime or now - self._miss_reload_at > \
-                    self.MISS_RELOAD_S:
-                self._miss_reload_at = now
-                self.reload()
-        return key in self.names
+        directory changed (one stat), or at most every MISS_RELOAD_S. Never raises: an
+        exception here would kill the authenticator thread and hang every handshake."""
+        try:
+            if key not in self.names:
+                now = time.monotonic()
+                if self._dir_mtime() != self._scanned_mtime or now - self._miss_reload_at > \
+                        self.MISS_RELOAD_S:
+                    self._miss_reload_at = now
+                    self.reload()
+            return key in self.names
+        except Exception:
+            log.exception("allowlist: refusing a handshake after an error")
+            return False
 
     def name_of(self, key: bytes) -> str | None:
         return self.names.get(key)
 
     def reload(self) -> bool:
-        """Re-read the directory if any file in it changed; True if the mapping changed."""
+        """Re-read the directory if any file in it changed; True if the mapping changed.
+
+        Only regular files of at most MAX_FILE_BYTES that only their owner may write are
+        read; any other entry, and any file that does not parse, is skipped with an error in
+        the log (once, until it changes), never the whole list."""
         with self._lock:
             self._scanned_mtime = self._dir_mtime()
             signature = self._scan()
@@ -224,10 +235,12 @@ class Allowlist:
                 return False
             self._signature = signature
             names: dict[bytes, str] = {}
-            for path, *_ in signature:
+            for path, _, _, problem in signature:
                 try:
+                    if problem:
+                        raise KeyFileError(problem)
                     public, _ = _load(path)
-                except (OSError, ValueError) as exc:
+                except Exception as exc:  # pyzmq's parser raises IndexError too
                     log.error("allowlist: skipping %s: %s", path, exc)
                     continue
                 if public in names:
@@ -247,18 +260,38 @@ class Allowlist:
             return None
 
     def _scan(self) -> tuple:
-        """(path, mtime, size) of every listed file; one that vanishes mid-scan (a revoke
-        right now) is simply not listed, never the whole directory."""
+        """(path, mtime, size, problem or "") of every entry named like a listed device; an
+        entry that vanishes mid-scan (a revoke right now) is simply not there."""
         entries = []
         for path in self.directory.glob("*.key") if self.directory.is_dir() else ():
             if not NAME_PATTERN.fullmatch(path.stem):
                 continue
             try:
-                st = path.stat()
+                st = path.lstat()  # never follow a link: it could lead anywhere (/dev/zero)
             except FileNotFoundError:
                 continue
-            entries.append((path, st.st_mtime_ns, st.st_size))
+            entries.append((path, st.st_mtime_ns, st.st_size, _listing_problem(st)))
         return tuple(sorted(entries))
+
+
+def _listing_problem(st: os.stat_result) -> str:
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (links, pipes and devices are not read)"
+    if st.st_size > MAX_FILE_BYTES:
+        return f"{st.st_size} bytes: larger than any certificate ({MAX_FILE_BYTES})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): anyone "
+                "could put their key there; chmod go-w")
+    return ""
+
+
+def check_keys_dir(keys_dir: Path) -> None:
+    """Refuse a controller keys directory (or its allowlist) that others may write: they
+    could list themselves."""
+    for directory in (keys_dir, keys_dir / ALLOWLIST):
+        if directory.is_dir() and directory.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise KeyFileError(f"{directory} is writable by group or others: anyone could list "
+                               f"a key there; run `chmod go-w {directory}`")
 
 
 def _paths(directory: Path, name: str) -> tuple[Path, Path]:
@@ -268,8 +301,8 @@ def _paths(directory: Path, name: str) -> tuple[Path, Path]:
 def _load(path: Path) -> tuple[bytes, bytes | None]:
     try:
         public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc}") from None
+    except Exception as exc:  # OSError, ValueError, and IndexError on a line without "="
+        raise KeyFileError(f"cannot read key file {path}: {exc!r}") from None
     if len(public or b"") != Z85_KEY_CHARS:
         raise KeyFileError(f"key file {path} holds no valid public key")
     return public, secret

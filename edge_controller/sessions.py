@@ -126,17 +126,18 @@ class SessionRegistry:
         """Sessions whose key is no longer listed under their name (revoked or renamed)."""
         return [s for s in self if name_of(s.identity) != s.device_id]
 
-    def heard(self, identity: bytes, route: bytes, now: float) -> Session | None:
-        """A frame from ``identity`` came on ``route``: that route is now its own.
+    def frame_on(self, route: bytes, identity: bytes) -> None:
+        """A frame from ``identity`` came on ``route``: libzmq gave that route to its
+        connection, so any other session that had it has no route now."""
+        holder = self._by_route.get(route)
+        if holder is not None and holder.identity != identity:
+            holder.route = None
+            del self._by_route[route]
 
-        Its session (if any) moves there (a reconnect takes its own registration over);
-        another session that had this route loses it, as libzmq gave the route to a new
-        connection."""
-        session = self._by_identity.get(identity)
+    def moved(self, session: Session, route: bytes) -> None:
+        """The device spoke on ``route`` in its conversation (not a ping): answers go there
+        from now on (a reconnect takes its own registration over)."""
         self._route(route, session)
-        if session is not None:
-            session.last_seen = now
-        return session
 
     def add(self, session: Session) -> None:
         assert session.identity not in self._by_identity, "remove the old registration first"

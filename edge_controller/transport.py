@@ -194,12 +194,12 @@ class Transport:
         return True
 
     def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close(0)
-            self._socket = None
         if self._auth is not None:
-            self._auth.stop()
+            if self._auth.is_alive():
+                self._auth.stop()
+            else:  # died: its sockets are still open, and term() would wait for them
+                log.error("the ZAP authenticator thread had died")
             self._auth = None
         if self._context is not None:
-            self._context.term()
-            self._context = None
+            self._context.destroy(linger=0)  # closes every socket of ours, then terms
+            self._context = self._socket = None

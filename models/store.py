@@ -27,6 +27,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -160,7 +161,10 @@ class _Store:
     def __init__(self, cache: Path):
         self.cache = cache
         for stale in cache.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink()
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
         self.manifest = self._read_manifest()
         self.hashes: dict[Path, str] = {}  # sha256 per file, once per ensure
 
@@ -185,23 +189,38 @@ class _Store:
             tmp.write_text(text)
 
     @contextmanager
-    def _temporary(self, final_name: str) -> Iterator[Path]:
-        """A temporary path in the cache, renamed to ``final_name`` if the block succeeds."""
-        fd, name = tempfile.mkstemp(dir=self.cache, prefix=f".{final_name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
+    def _temporary(self, final_name: str, directory: bool = False) -> Iterator[Path]:
+        """A temporary file (or directory) in the cache, renamed to ``final_name`` if the
+        block succeeds (an old directory of that name is replaced)."""
+        if directory:
+            tmp = Path(tempfile.mkdtemp(dir=self.cache, prefix=f".{final_name}.", suffix=".tmp"))
+        else:
+            fd, name = tempfile.mkstemp(dir=self.cache, prefix=f".{final_name}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
         try:
             yield tmp
-            os.replace(tmp, self.cache / final_name)
+            final = self.cache / final_name
+            if directory and final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
 
     def sha256(self, path: Path) -> str:
+        """Of a file; of a directory, over its files' names and hashes."""
         if path not in self.hashes:
             digest = hashlib.sha256()
-            with path.open("rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
+            if path.is_dir():
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    digest.update(f"{file.relative_to(path)}\0{self.sha256(file)}\n".encode())
+            else:
+                with path.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
             self.hashes[path] = digest.hexdigest()
         return self.hashes[path]
 
@@ -233,18 +252,19 @@ class _Store:
             case AssembleSource(package):
                 _package_dir(package)  # a clear error if it is not installed
                 recipe = {"assemble": package, "version": _version(package)}
-                return self.built(spec, recipe, lambda out: _assemble(package, out))
+                return self.built(f"{spec.name}.gguf", recipe, lambda out: _assemble(package, out))
             case RequantizeSource(base_spec, qtype):
                 base = self.path(base_spec)
                 if base.is_dir():
                     raise ValueError(f"model {spec.name}: can only requantize a GGUF, not {base}")
                 recipe = {"requantize": self.sha256(base), "qtype": qtype}
-                return self.built(spec, recipe, lambda out: _quantize(base, out, qtype))
+                return self.built(f"{spec.name}.gguf", recipe,
+                                  lambda out: _quantize(base, out, qtype))
         raise TypeError(f"model {spec.name}: unknown source {spec.source!r}")
 
-    def built(self, spec: ModelSpec, recipe: dict[str, Any], build: Callable[[Path], None]) -> Path:
-        """``<name>.gguf`` in the cache, (re)built by ``build(path)`` unless it is intact."""
-        file_name = f"{spec.name}.gguf"
+    def built(self, file_name: str, recipe: dict[str, Any], build: Callable[[Path], None],
+              directory: bool = False) -> Path:
+        """``file_name`` in the cache, (re)built by ``build(path)`` unless it is intact."""
         path = self.cache / file_name
         entry = self.manifest["files"].get(file_name)
         if not path.exists():
@@ -261,7 +281,7 @@ class _Store:
             logging.INFO if entry is None else logging.WARNING, "%s: %s, building it", path, reason
         )
         start = time.perf_counter()
-        with self._temporary(file_name) as tmp:
+        with self._temporary(file_name, directory) as tmp:
             build(tmp)
             sha = self.sha256(tmp)
         self.hashes[path] = sha
@@ -269,6 +289,37 @@ class _Store:
         self._write_manifest()
         log.info("built %s in %.1f s (sha256 %s)", path, time.perf_counter() - start, sha[:12])
         return path
+
+
+def converted_target(gguf: Path, cache: Path | None = None) -> Path:
+    """A GGUF target dequantized once into an HF model directory in the cache
+    (``<stem>.hf/``: fp32 safetensors, config, tokenizer), checksummed and rebuilt like the
+    built drafts: converting the GGUF again takes most of a controller's start-up."""
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache):
+        store = _Store(cache)
+        recipe = {"convert": store.sha256(gguf), "transformers": _version("transformers")}
+        return store.built(f"{gguf.stem}.hf", recipe, lambda out: _convert(gguf, out),
+                           directory=True)
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Edge side only: load the GGUF in transformers (dequantized to fp32) and save it."""
+    import safetensors.torch
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an fp32 model directory (once; cached)", gguf.name)
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # transformers will not save_pretrained() a model loaded from GGUF (it counts as
+    # quantized), though its weights are plain fp32 now: save them as a checkpoint is.
+    del model.config.quantization_config
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    safetensors.torch.save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _check(spec: ModelSpec, fingerprint: str) -> str:

@@ -10,29 +10,37 @@ from pathlib import Path
 from typing import Any
 
 from models.registry import Registry
-from models.store import ensure
+from models.store import converted_target, ensure
 
 log = logging.getLogger(__name__)
+
+
+class TargetLoadError(RuntimeError):
+    """The target cannot be loaded as configured; the message says what to change."""
 
 
 def load_target(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
     """Load a target into transformers; return (model, tokenizer).
 
-    ``path`` is a GGUF file (dequantized to ``dtype``; needs ``gguf`` and ``accelerate``)
-    or an HF model directory. Nothing is fetched from a hub: the files are local.
+    ``path`` is an HF model directory, or a GGUF file: dequantized to fp32 once into the
+    model cache (:func:`models.store.converted_target`; needs ``gguf`` and ``accelerate``
+    the first time) and loaded from there as ``dtype``. Nothing is fetched from a hub.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    if not path.exists():
+        raise TargetLoadError(f"target {path} does not exist")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TargetLoadError(
+            f"target.device is {device!r}, but this torch ({torch.__version__}) sees no CUDA "
+            "GPU: set target.device = \"cpu\", or install a CUDA build of torch")
+    directory = path if path.is_dir() else converted_target(path)
     log.info("loading target %s as %s on %s", path.name, dtype, device)
-    if path.is_dir():
-        directory, kwargs = path, {"local_files_only": True}
-    else:
-        directory, kwargs = path.parent, {"gguf_file": path.name, "local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=getattr(torch, dtype), **kwargs
+        directory, dtype=getattr(torch, dtype), local_files_only=True
     ).to(device)
     model.eval()
     return model, tokenizer

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import zmq.auth
@@ -81,14 +84,44 @@ def test_listing_refuses_duplicates_bad_names_and_bad_keys(tmp_path):
         K.revoke_device(tmp_path, "nobody")
 
 
-def test_a_broken_allowlist_file_is_skipped_not_fatal(tmp_path):
+def test_odd_allowlist_entries_are_skipped_never_fatal(tmp_path):
+    """What an attack found: a line without '=' (pyzmq raises IndexError), a pipe (open()
+    blocks), a link to /dev/zero (endless), a huge file, a file others may write."""
     K.init_keypair(tmp_path, K.CONTROLLER)
     good = K.init_keypair(tmp_path / "d", K.DEVICE)
+    other = K.init_keypair(tmp_path / "o", K.DEVICE)
     K.list_device(tmp_path, "good", good.public_text)
-    (tmp_path / "devices" / "broken.key").write_text("curve\n    public-key = \"nope\"\n")
+    devices = tmp_path / "devices"
+    (devices / "broken.key").write_text("curve\n    public-key = \"nope\"\n")
+    (devices / "noequals.key").write_text("curve\n    public-key\n")
+    os.mkfifo(devices / "fifo.key")
+    (devices / "zero.key").symlink_to("/dev/zero")
+    (devices / "elsewhere.key").symlink_to(tmp_path / "o" / "device.key")
+    (devices / "huge.key").write_text("#" * (K.MAX_FILE_BYTES + 1))
+    writable = devices / "writable.key"
+    writable.write_text((tmp_path / "o" / "device.key").read_text())
+    writable.chmod(0o666)
     allowlist = K.Allowlist(tmp_path)
     allowlist.reload()
     assert allowlist.names == {good.public: "good"}
+    assert not allowlist.callback("multispin", other.public)  # and it did not raise
+    assert allowlist.callback("multispin", good.public)
+
+
+def test_a_keys_directory_others_may_write_is_refused(tmp_path):
+    K.init_keypair(tmp_path, K.CONTROLLER)
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices").chmod(0o777)
+    with pytest.raises(K.KeyFileError, match="chmod go-w"):
+        K.load_own_keypair(tmp_path, K.CONTROLLER)
+
+
+def test_a_key_file_path_of_40_characters_is_read_as_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = "k" * (40 - len("/device.key")) + "/device.key"  # as long as a Z85 key
+    keypair = K.init_keypair(Path(path).parent, K.DEVICE)
+    assert len(path) == 40
+    assert K.parse_public_key(path) == keypair.public
 
 
 def test_keys_commands_end_to_end(tmp_path):
@@ -114,6 +147,38 @@ def test_keys_commands_end_to_end(tmp_path):
     listed = json.loads(run("edge-controller", "keys", "list", "--dir", str(controller_dir),
                             "--json").stdout)
     assert listed["devices"] == {}
+
+
+def test_the_zap_thread_survives_a_broken_allowlist(tmp_path):
+    """A broken file plus an unknown key's handshake used to kill the authenticator thread:
+    every later handshake hung, and closing the transport hung too."""
+    from device_agent.link import ControllerLink, KeyRefused
+    from edge_controller import protocol as P
+
+    K.init_keypair(tmp_path / "ctl", K.CONTROLLER)
+    listed = K.init_keypair(tmp_path / "dev", K.DEVICE)
+    K.list_device(tmp_path / "ctl", "dev", listed.public_text)
+    transport = Transport("tcp://127.0.0.1:*", tmp_path / "ctl")
+    endpoint = transport.open()
+    server_key = K.load_own_keypair(tmp_path / "ctl", K.CONTROLLER).public
+    try:
+        (tmp_path / "ctl" / "devices" / "bad.key").write_text("curve\n    public-key\n")
+        stranger = K.CurveClient(K.init_keypair(tmp_path / "x", K.DEVICE), server_key)
+        with ControllerLink(endpoint, curve=stranger) as link, pytest.raises(KeyRefused):
+            link.send(P.Ping(0.0))
+            link.receive(timeout_s=10)
+        with ControllerLink(endpoint, curve=K.CurveClient(listed, server_key)) as link:
+            link.send(P.Ping(0.0))
+            deadline = time.monotonic() + 10
+            while (message := transport.receive()) is None:
+                assert time.monotonic() < deadline, "a listed device's handshake hung"
+                transport.poll(0.1)
+            assert message[0].name == "dev"
+    finally:
+        closer = threading.Thread(target=transport.close, daemon=True)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), "closing the transport hung"
 
 
 def test_transport_refuses_no_keys_and_insecure_off_loopback(tmp_path):

@@ -269,3 +269,40 @@ def test_device_side_imports_pull_in_neither_torch_nor_transformers():
     )
 
     assert out.stdout.strip() == "[]"
+
+
+def test_converted_target_is_the_gguf_target_exactly(default_models, caplog):
+    """The target is dequantized once into the cache; loading that directory gives the same
+    weights, tokenizer and end-of-sequence ids as converting the GGUF on the spot."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.store import converted_target
+    from models.target import load_target
+
+    gguf = default_models.target_gguf
+    with caplog.at_level(logging.INFO, logger="models.store"):
+        directory = converted_target(gguf)
+        assert converted_target(gguf) == directory  # cached: not converted again
+    assert sum("converting" in r.message for r in caplog.records) <= 1
+    model, tokenizer = load_target(gguf)
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    direct_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
+    assert fingerprint_hf(tokenizer) == fingerprint_hf(direct_tokenizer)
+    assert model.generation_config.eos_token_id == direct.generation_config.eos_token_id
+    assert "quantization_config" not in json.loads((directory / "config.json").read_text())
+
+
+def test_target_on_a_missing_gpu_is_a_clear_error(default_models):
+    import torch
+
+    from models.target import TargetLoadError, load_target
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the error cannot happen here")
+    with pytest.raises(TargetLoadError, match='target.device = "cpu"'):
+        load_target(default_models.target_gguf, device="cuda")

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import zmq
 
-from device_agent.link import ControllerLink, KeyRefused, LinkRefused
+from device_agent.link import ControllerLink, KeyRefused, LinkRefused, LinkTimeout
 from edge_controller import keys as K
 from edge_controller import protocol as P
 from edge_controller.launch import AgentSpec
@@ -244,3 +244,23 @@ def test_a_rotated_device_key_takes_its_name_over(run_controller, target_info, l
                 assert isinstance(new.receive(timeout_s=30), P.Verdict)
         assert [s.identity for s in controller.sessions] == [rotated.public]
         assert controller.verifier.slots_in_use == 1
+
+
+def test_pings_from_a_second_connection_do_not_move_a_devices_route(
+    run_controller, target_info, lab_keys
+):
+    """The same key on a second connection (a stolen key, or a restarted agent before its
+    hello) gets its pongs, but the device's verdicts stay on the connection it drafts on."""
+    with run_controller(control__policy="fixed") as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("dev")) as first, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("dev")) as second:
+        hello(first, target_info)
+        first.send(P.Start("r", [1, 2, 3], 8))
+        assert isinstance(first.receive(timeout_s=30), P.Control)
+        second.send(P.Ping(1.5))
+        pong = second.receive(timeout_s=10)
+        assert isinstance(pong, P.Pong) and pong.sent_at == 1.5
+        first.send(P.Draft("r", 0, 3, [42]))
+        assert isinstance(first.receive(timeout_s=30), P.Verdict)
+        with pytest.raises(LinkTimeout):
+            second.receive(timeout_s=1)

@@ -304,3 +304,33 @@ def test_unsupported_family_is_refused_at_construction():
     config = Gemma3TextConfig(**TINY, head_dim=16, sliding_window=16)
     with pytest.raises(NotImplementedError, match="gemma3_text"):
         Verifier(Gemma3ForCausalLM(config), max_sessions=1, max_len=32)
+
+
+# --- chunked prefill ----------------------------------------------------------------------
+def test_chunked_prefill_mixed_into_rounds_equals_prefill_at_once(target, prompts):
+    """A long prompt prefilled in chunks, alone and inside other sessions' verify forwards,
+    leaves the same cache: its first rounds match a session prefilled at once, and the
+    rounds it rode along in decided exactly as without it."""
+    model, _ = target
+    verifier = Verifier(model, max_sessions=4, max_len=256)
+    long_prompt = prompts[0] + prompts[1] + prompts[3]
+    other = verifier.open(prompts[2])
+    whole = verifier.open(long_prompt)
+    chunked = verifier.open(long_prompt, prefill=False)
+    assert verifier.prefill_left(chunked) == len(long_prompt) - 1
+    with pytest.raises(ValueError, match="still prefilling"):
+        verifier.verify([VerifyItem(chunked, [], GREEDY)])
+    draft = [verifier.tokens(other)[-1]] * 3  # a draft that is partly rejected
+    ride_along = verifier.verify([VerifyItem(other, draft, GREEDY)], prefill=(chunked, 7))
+    assert verifier.prefill_left(chunked) == len(long_prompt) - 1 - 7
+    verifier.truncate(other, len(prompts[2]))  # same round again, without the chunk
+    alone = verifier.verify([VerifyItem(other, draft, GREEDY)])
+    assert [(o.accepted, o.next_token) for o in ride_along] == [
+        (o.accepted, o.next_token) for o in alone]
+    while verifier.prefill(chunked, 13):
+        pass
+    for _ in range(3):
+        a, b = verifier.verify([VerifyItem(whole, [], GREEDY), VerifyItem(chunked, [], GREEDY)])
+        assert a.next_token == b.next_token
+        assert abs(a.margin - b.margin) < 1e-3
+    assert verifier.tokens(whole) == verifier.tokens(chunked)

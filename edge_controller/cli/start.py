@@ -72,14 +72,19 @@ def run(args: argparse.Namespace) -> int:
     import zmq
 
     from edge_controller.verifier.engine import CapacityError
+    from models.target import TargetLoadError
 
     try:
         controller = build_controller(config, transport)
         controller.serve()
     except KeyboardInterrupt:
         log.info("interrupted")
-    except (CapacityError, zmq.ZMQError, OSError) as exc:
-        # The KV budget does not fit, the address or metrics port is taken, a file is missing.
+    except zmq.ZMQError as exc:
+        print(f"edge-controller: cannot bind {config.server.bind}: {exc.strerror} (another "
+              "controller on that port? choose another --bind)", file=sys.stderr)
+        return 1
+    except (CapacityError, TargetLoadError, NotImplementedError, OSError) as exc:
+        # The KV budget does not fit, no such GPU, an unsupported model, a port or file.
         print(f"edge-controller: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0

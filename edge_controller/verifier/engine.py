@@ -146,6 +146,7 @@ class Verifier:
                 f"{max_len} tokens) does not fit on {self.device}; lower the budget"
             ) from None
         self._tokens: list[list[int]] = [[] for _ in range(max_sessions)]  # per slot
+        self._cached = [0] * max_sessions  # per slot: leading tokens whose K/V are cached
         self._open = [False] * max_sessions
         log.info(
             "verifier: %s on %s/%s, %d slots x %d tokens, KV %.1f MiB",
@@ -162,8 +163,12 @@ class Verifier:
 
     # --- sessions ---------------------------------------------------------------------
 
-    def open(self, prompt_ids: list[int]) -> int:
-        """Allocate the lowest free slot, prefill ``prompt_ids[:-1]``; the last is pending."""
+    def open(self, prompt_ids: list[int], prefill: bool = True) -> int:
+        """Allocate the lowest free slot for a prompt; its last token is pending.
+
+        With ``prefill`` the rest of the prompt is prefilled now, in one forward; else it
+        is prefilled later by chunks (:meth:`prefill`, or :meth:`verify`'s ``prefill``),
+        so that a long prompt never stalls the other sessions' rounds."""
         if not prompt_ids:
             raise ValueError("prompt must hold at least one token")
         self._check_tokens(prompt_ids, "prompt")
@@ -179,14 +184,36 @@ class Verifier:
                 "retry later"
             )
         slot = self._open.index(False)
-        if len(prompt_ids) > 1:
-            rows = self._rows([(slot, prompt_ids[:-1], 0)])
-            with torch.inference_mode():
-                self._forward(rows, logits=False)
         self._open[slot] = True
         self._tokens[slot] = list(prompt_ids)
+        self._cached[slot] = 0
+        if prefill:
+            self.prefill(slot, len(prompt_ids))
         log.debug("opened slot %d with a prompt of %d tokens", slot, len(prompt_ids))
         return slot
+
+    def prefill_left(self, slot: int) -> int:
+        """Prompt tokens of ``slot`` whose K/V are not cached yet (0: ready to verify)."""
+        self._check_slot(slot)
+        return len(self._tokens[slot]) - 1 - self._cached[slot]
+
+    def prefill(self, slot: int, max_tokens: int) -> int:
+        """Prefill up to ``max_tokens`` more of ``slot``'s prompt in one forward; return
+        how many remain."""
+        chunk = self._prefill_chunk(slot, max_tokens)
+        if chunk is not None:
+            with torch.inference_mode():
+                self._forward(self._rows([chunk]), logits=False)
+            self._cached[slot] += len(chunk[1])
+        return self.prefill_left(slot)
+
+    def _prefill_chunk(self, slot: int, max_tokens: int) -> tuple[int, list[int], int] | None:
+        """(slot, tokens, start position) of the next prefill chunk, if any is left."""
+        if self.prefill_left(slot) <= 0 or max_tokens <= 0:
+            return None
+        start = self._cached[slot]
+        end = start + min(max_tokens, self.prefill_left(slot))
+        return slot, self._tokens[slot][start:end], start
 
     @property
     def slots_in_use(self) -> int:
@@ -213,6 +240,7 @@ class Verifier:
         if not 1 <= length <= self.length(slot):
             raise ValueError(f"slot {slot}: cannot truncate to {length} tokens")
         del self._tokens[slot][length:]
+        self._cached[slot] = min(self._cached[slot], length - 1)
 
     def room(self, slot: int) -> int:
         """The longest draft this session can still be verified with (negative: full)."""
@@ -220,23 +248,33 @@ class Verifier:
 
     # --- verification -----------------------------------------------------------------
 
-    def verify(self, items: list[VerifyItem]) -> list[VerifyOutcome]:
+    def verify(
+        self, items: list[VerifyItem], prefill: tuple[int, int] | None = None
+    ) -> list[VerifyOutcome]:
         """One batched forward over ``[pending, d_1 .. d_L]`` of every item; commits the
         pending token and the accepted drafts; each next token becomes its slot's pending.
+        ``prefill = (slot, n)`` also prefills up to n prompt tokens of that (still
+        prefilling) slot in the same forward (chunked prefill, as vLLM mixes them).
 
         Raises (before any state changes) ValueError for a malformed item and
         CapacityError for a session whose draft would run past ``max_len``.
         """
-        if not items:
-            return []
         self._check_items(items)
-        rows = self._rows_for(items)
+        chunk = self._prefill_chunk(*prefill) if prefill is not None else None
+        if not items and chunk is None:
+            return []
+        requests = [self._verify_request(it) for it in items] + ([chunk] if chunk else [])
+        rows = self._rows(requests)
+        n_verify = sum(len(tokens) for _, tokens, _ in requests[: len(items)])
         with torch.inference_mode():
-            logits = self._forward(rows, logits=True)
-            outcomes = self._decide(items, rows, logits)
+            logits = self._forward(rows, logits=n_verify)
+            outcomes = self._decide(items, rows, logits) if items else []
+        if chunk is not None:
+            self._cached[chunk[0]] += len(chunk[1])
         for item, outcome in zip(items, outcomes, strict=True):
             committed = item.draft_tokens[: outcome.accepted] + [outcome.next_token]
             self._tokens[item.slot] += committed
+            self._cached[item.slot] = len(self._tokens[item.slot]) - 1
         return outcomes
 
     def verify_each(self, items: list[VerifyItem]) -> list[VerifyOutcome]:
@@ -247,31 +285,27 @@ class Verifier:
         """The target's logits after each of ``[pending, d_1 .. d_L]``, per item as
         ``[L + 1, V]`` float32, committing nothing (for tests and references)."""
         self._check_items(items)
-        rows = self._rows_for(items)
+        requests = [self._verify_request(it) for it in items]
         with torch.inference_mode():
-            logits = self._forward(rows, logits=True).float()
-        return list(logits.split([len(it.draft_tokens) + 1 for it in items]))
+            logits = self._forward(self._rows(requests), logits=sum(len(r[1]) for r in requests))
+        return list(logits.float().split([len(it.draft_tokens) + 1 for it in items]))
 
-    def _rows_for(self, items: list[VerifyItem]) -> _Rows:
-        """Each item feeds [pending, d_1 .. d_L] from the pending token's position on."""
-        return self._rows(
-            [
-                (it.slot, [self._tokens[it.slot][-1], *it.draft_tokens], self.length(it.slot) - 1)
-                for it in items
-            ]
-        )
+    def _verify_request(self, item: VerifyItem) -> tuple[int, list[int], int]:
+        """An item feeds [pending, d_1 .. d_L] from the pending token's position on."""
+        pending = self.length(item.slot) - 1
+        return item.slot, [self._tokens[item.slot][-1], *item.draft_tokens], pending
 
     def _decide(self, items: list[VerifyItem], rows: _Rows, logits: Tensor) -> list[VerifyOutcome]:
         """Acceptance for every item, vectorised over items and positions.
 
-        ``logits``: [N, V], packed in item order; unpacked here to [B, T, V] by item.
+        ``logits``: [N, V], the items' tokens packed in item order (they lead the rows);
+        unpacked here to [B, T, V] by item.
         """
-        batch, width = len(items), rows.width
-        item_of_token = torch.repeat_interleave(
-            torch.arange(batch), torch.tensor([len(it.draft_tokens) + 1 for it in items])
-        ).to(self.device)
+        lengths = [len(it.draft_tokens) + 1 for it in items]
+        batch, width = len(items), max(lengths)
+        item_of_token = torch.repeat_interleave(torch.arange(batch), torch.tensor(lengths))
         padded = logits.new_zeros(batch, width, logits.shape[-1])
-        padded[item_of_token, rows.column] = logits
+        padded[item_of_token.to(self.device), rows.column[: logits.shape[0]]] = logits
         draft = torch.zeros(batch, width - 1, dtype=torch.int64)
         for b, item in enumerate(items):
             draft[b, : len(item.draft_tokens)] = torch.tensor(item.draft_tokens, dtype=torch.int64)
@@ -331,7 +365,8 @@ class Verifier:
         if len(set(slots)) != len(slots):
             raise ValueError("a session may appear only once per round")
         for item in items:
-            self._check_slot(item.slot)
+            if self.prefill_left(item.slot) > 0:
+                raise ValueError(f"slot {item.slot} is still prefilling its prompt")
             self._check_tokens(item.draft_tokens, f"slot {item.slot} draft")
             if len(item.draft_tokens) > self.room(item.slot):
                 raise CapacityError(
@@ -401,8 +436,9 @@ class Verifier:
             width=width,
         )
 
-    def _forward(self, rows: _Rows, *, logits: bool) -> Tensor | None:
-        """Run the decoder over the packed tokens, writing their K/V; [N, V] logits."""
+    def _forward(self, rows: _Rows, *, logits: int | bool) -> Tensor | None:
+        """Run the decoder over the packed tokens, writing their K/V; the logits of the
+        first ``logits`` tokens ([n, V]; all of them for True, none for False/0)."""
         x = self.decoder.embed_tokens(rows.tokens)  # [N, hidden]
         cos, sin = self.decoder.rotary_emb(x, rows.positions[None])  # [1, N, head_dim]
         for i, layer in enumerate(self.decoder.layers):
@@ -411,6 +447,8 @@ class Verifier:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if not logits:
             return None
+        if logits is not True:
+            x = x[:logits]
         return self.model.lm_head(self.decoder.norm(x))
 
     def _attention(
