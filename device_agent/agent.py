@@ -25,6 +25,31 @@ class ControllerError(RuntimeError):
         self.fatal = error.fatal
 
 
+class ControllerBrokeProtocol(RuntimeError):
+    """The controller sent what no correct controller sends (a verdict for another request
+    or round, tokens outside the vocabulary, more tokens than the round allows)."""
+
+
+def check_verdict(verdict: P.Verdict, request_id: str, round_: int, draft: list[int],
+                  vocab_size: int, room: int) -> None:
+    """Raise ControllerBrokeProtocol unless ``verdict`` can answer round ``round_`` of
+    ``request_id`` for ``draft``: its committed tokens are the accepted draft prefix and one
+    token of the vocabulary, cut at most to ``room`` (the tokens the request has left)."""
+    n = len(verdict.tokens)
+    problems = [
+        (verdict.request_id != request_id, "a verdict for another request"),
+        (verdict.round != round_, f"a verdict for round {verdict.round}, not {round_}"),
+        (not 0 <= verdict.accepted <= len(draft), "an accepted count beyond the draft"),
+        (not 1 <= n <= min(verdict.accepted + 1, room), "a token count the round cannot have"),
+        (verdict.tokens[: min(n, verdict.accepted)] != draft[: min(n, verdict.accepted)],
+         "accepted tokens that are not the draft's"),
+        (any(not 0 <= t < vocab_size for t in verdict.tokens), "a token outside the vocabulary"),
+    ]
+    for broken, what in problems:
+        if broken:
+            raise ControllerBrokeProtocol(f"the controller sent {what}")
+
+
 @dataclass
 class GenerationStats:
     rounds: int = 0
@@ -150,6 +175,8 @@ class DeviceAgent:
                 draft.q_ids, draft.q_counts, draft.seconds,
             ))
             verdict = self._expect(P.Verdict)
+            check_verdict(verdict, request_id, stats.rounds, draft.tokens,
+                          self.drafter.vocab_size, max_new_tokens - len(tokens))
             stats.rounds += 1
             stats.drafted += len(draft.tokens)
             stats.accepted += verdict.accepted

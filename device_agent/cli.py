@@ -19,6 +19,7 @@ EXIT_REFUSED = 1  # the controller answered with an error, or refused our key
 EXIT_ERROR = 1  # a local failure (keys init)
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3  # no answer from the controller
+EXIT_PROTOCOL = 4  # the controller broke the protocol (a garbage frame, an impossible verdict)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,12 +179,14 @@ def load_drafter(args: argparse.Namespace):
 
 def generate(args: argparse.Namespace) -> int:
     from device_agent.agent import (
+        ControllerBrokeProtocol,
         ControllerError,
         DeviceAgent,
         SamplingOptions,
         TelemetryOptions,
     )
     from device_agent.link import ControllerLink, KeyRefused, LinkRefused, LinkTimeout
+    from edge_controller.protocol import ProtocolError
 
     if min(args.max_new_tokens, args.requests) < 1 or args.temperature < 0 or args.timeout <= 0:
         print("device-agent: need --max-new-tokens >= 1, --requests >= 1, --temperature >= 0 "
@@ -226,6 +229,9 @@ def generate(args: argparse.Namespace) -> int:
         except LinkTimeout as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
+        except (ControllerBrokeProtocol, ProtocolError) as exc:
+            print(f"device-agent: the controller broke the protocol: {exc}", file=sys.stderr)
+            return EXIT_PROTOCOL
         finally:
             agent.close()  # bye: the controller frees our slot now, not after a timeout
     if not args.json:

@@ -16,6 +16,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+MIN_RATE_BPS = 8_000.0  # a positive rate is never slower than this: a granted share must let
+# a draft through in well under a second, however small the share (or its sender's mistake)
+
 
 class UplinkPacer:
     """Token bucket in bytes. Not thread safe: one sender calls :meth:`wait`."""
@@ -42,13 +45,14 @@ class UplinkPacer:
         return self.rate_bps > 0
 
     def set_rate(self, rate_bps: float | None) -> None:
-        """New rate in bit/s from now on; 0 or None = unpaced. Earlier time keeps its rate."""
-        if rate_bps is not None and rate_bps < 0:
-            raise ValueError("rate_bps must be >= 0")
+        """New rate in bit/s from now on; 0 or None = unpaced (positive rates are at least
+        MIN_RATE_BPS). Earlier time keeps its rate."""
+        if rate_bps is not None and not 0 <= rate_bps < float("inf"):
+            raise ValueError("rate_bps must be >= 0 and finite")
         if not self.paced:
             self._tokens = float(self.burst_bytes)  # pacing (re)starts with a full bucket
         self._refill()
-        self.rate_bps = float(rate_bps or 0.0)
+        self.rate_bps = max(float(rate_bps), MIN_RATE_BPS) if rate_bps else 0.0
 
     def wait(self, nbytes: int) -> float:
         """Block until ``nbytes`` may go, take them from the bucket; return seconds waited."""

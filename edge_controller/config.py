@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_controller.protocol import MAX_DRAFT_TOKENS
+from edge_controller.protocol import MAX_DRAFT_TOKENS, MAX_FRAME_BYTES
 
 
 class ConfigError(ValueError):
@@ -46,9 +46,18 @@ class TargetConfig:
 
 @dataclass
 class LimitsConfig:
+    """What one device may cost the others (docs/limits.md)."""
+
     max_sessions: int = 16
     max_len: int = 2048
     max_new_tokens: int = 1024
+    prefill_chunk: int = 64  # prompt tokens prefilled per round (mixed into its forward)
+    idle_rounds: int = 8  # a request with no draft for this many rounds in a row...
+    idle_s: float = 5.0  # ...and at least this long is ended, its KV slot freed
+    messages_per_s: float = 200.0  # per device: frames beyond this rate are dropped...
+    message_burst: int = 400  # ...after a burst of this many
+    bytes_per_s: float = 4 * 2**20  # per device: frame bytes beyond this rate are dropped...
+    bytes_burst: int = 8 * 2**20  # ...after a burst of this many (an uplink probe: 256 KiB)
 
 
 @dataclass
@@ -88,6 +97,14 @@ class ControllerConfig:
             (self.limits.max_len >= 16, "limits.max_len must be >= 16"),
             (1 <= self.limits.max_new_tokens < self.limits.max_len,
              "limits.max_new_tokens must be in 1..max_len-1"),
+            (1 <= self.limits.prefill_chunk <= self.limits.max_len,
+             "limits.prefill_chunk must be in 1..max_len"),
+            (self.limits.idle_rounds >= 1 and self.limits.idle_s > 0,
+             "limits.idle_rounds must be >= 1 and limits.idle_s > 0"),
+            (self.limits.messages_per_s > 0 and self.limits.message_burst >= 1
+             and self.limits.bytes_per_s > 0 and self.limits.bytes_burst >= MAX_FRAME_BYTES,
+             "limits.messages_per_s and bytes_per_s must be > 0, message_burst >= 1, "
+             f"bytes_burst >= {MAX_FRAME_BYTES} (one largest frame)"),
             (1 <= self.control.max_draft_len <= MAX_DRAFT_TOKENS,
              f"control.max_draft_len must be in 1..{MAX_DRAFT_TOKENS}"),
             (0 <= self.control.draft_len <= self.control.max_draft_len,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import reprlib
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from edge_controller.draft_control import (
     calibrate_verify_time,
     seed_verify_time,
 )
+from edge_controller.logs import PeerWarnings
 from edge_controller.metrics import ControllerMetrics
 from edge_controller.scheduler import SyncScheduler
 from edge_controller.sessions import RequestStats, Session, SessionRegistry
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 REVOKED = "this device's key is no longer on the controller's allowlist"
 NEAR_TIE_MARGIN = 1e-4  # DESIGN.md: greedy mismatches are tolerated only below this logit margin
 POLL_TICK_S = 0.05
-MAX_MESSAGES_PER_TICK = 256  # bound the work between round checks
+MAX_MESSAGES_PER_TICK = 256  # bound the work between round checks...
+MESSAGE_BUDGET_S = 0.02  # ...and its time, once a round is due
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,12 @@ class EdgeController:
         self.scheduler = SyncScheduler(config.server.round_deadline_s)
         self.metrics = ControllerMetrics()
         self.sessions = SessionRegistry()
-        self.transport = transport or Transport.from_config(config.server.bind, config.security)
+        self.transport = transport or Transport.from_config(config)
         self.endpoint: str | None = None  # the bound address, once serving
         self.rounds_run = 0
         self.largest_batch = 0
         self._timeline = None  # open file of server.timeline while serving
+        self._warnings = PeerWarnings(log)
         self._started = time.monotonic()
 
     # ---- the loop --------------------------------------------------------------------
@@ -121,18 +125,20 @@ class EdgeController:
                 ready.set()
             while not stop.is_set():
                 now = time.monotonic()
-                if self.transport.poll(self.scheduler.wait_s(now, POLL_TICK_S)):
-                    for _ in range(MAX_MESSAGES_PER_TICK):
-                        message = self.transport.receive()
-                        if message is None:
-                            break
-                        self._on_frames(*message)
+                alone = self._prefilling() and not any(s.in_rounds for s in self.sessions)
+                wait = 0.0 if alone else self.scheduler.wait_s(now, POLL_TICK_S)
+                if self.transport.poll(wait):
+                    self._take_messages(now)
                 now = time.monotonic()
                 if self.transport.allowlist_changed(now):
                     self._end_unlisted()
                 self._purge_silent(now)
+                self._end_idle(now)
                 if self.scheduler.due(self.sessions, now):
                     self.run_round()
+                elif (prefilling := self._prefilling()) is not None and not any(
+                        s.in_rounds for s in self.sessions):
+                    self._prefill(prefilling)  # no rounds to ride along: a forward of its own
                 self._replan(now)
         finally:
             for session in self.sessions:
@@ -142,22 +148,43 @@ class EdgeController:
                 self._timeline.close()
             log.info("controller stopped")
 
+    def _take_messages(self, started: float) -> None:
+        """Handle waiting messages: at most MAX_MESSAGES_PER_TICK, and no longer than
+        MESSAGE_BUDGET_S once a round is due, so that no flood holds a round."""
+        for count in range(MAX_MESSAGES_PER_TICK):
+            if count % 16 == 15 and time.monotonic() - started > MESSAGE_BUDGET_S \
+                    and self.scheduler.due(self.sessions, time.monotonic()):
+                return
+            message = self.transport.receive()
+            if message is None:
+                return
+            self._on_frames(*message)
+
     # ---- one round -------------------------------------------------------------------
     def run_round(self) -> None:
-        """Verify every draft that is in, in one batched forward, and answer each device."""
+        """Verify every draft that is in, in one batched forward (with one prefill chunk
+        of a newcomer's prompt), and answer each device. Guarded like the handlers: what
+        fails for one session ends that session's request, the others go on."""
         opened_at = self.scheduler.opened_at
         batch = self.scheduler.close(self.sessions)
         items = [_verify_item(s) for s in batch]
         tokens = sum(len(i.draft_tokens) + 1 for i in items)
         started = time.perf_counter()
-        outcomes = self._verify(batch, items)
+        outcomes = self._verify(batch, items, self._prefilling())
         verify_s = time.perf_counter() - started
         self.draft_control.on_round(tokens, verify_s)
         self.rounds_run += 1
         self.largest_batch = max(self.largest_batch, len(items))
         log.debug("round: %d drafts, %d tokens, %.1f ms", len(items), tokens, verify_s * 1e3)
-        committed = {s.device_id: self._answer(s, o)
-                     for s, o in zip(batch, outcomes, strict=True) if o is not None}
+        committed = {}
+        for session, outcome in zip(batch, outcomes, strict=True):
+            if outcome is None:
+                continue
+            try:
+                committed[session.device_id] = self._answer(session, outcome)
+            except Exception as exc:
+                log.exception("answering %s failed", session.device_id)
+                self._fail(session, "internal", f"controller error: {type(exc).__name__}")
         self._record(verify_s=verify_s, devices=[
             {"device": s.device_id, "draft_len": len(i.draft_tokens),
              "accepted": o.accepted if o else None, "committed": committed.get(s.device_id, 0),
@@ -169,22 +196,51 @@ class EdgeController:
         self.metrics.round_s.observe(time.monotonic() - opened_at)
         self.metrics.batch.set(len(items))
 
-    def _verify(self, batch: list[Session], items: list[VerifyItem]) -> list[VerifyOutcome | None]:
+    def _verify(self, batch: list[Session], items: list[VerifyItem],
+                prefilling: Session | None) -> list[VerifyOutcome | None]:
+        chunk = (prefilling.slot, self.config.limits.prefill_chunk) if prefilling else None
         try:
-            return self.verifier.verify(items)
+            outcomes = self.verifier.verify(items, prefill=chunk)
+            if prefilling is not None:
+                self._prefilled(prefilling)
+            return outcomes
         except Exception:
             # Never let one session's bad state take the others down: retry one by one
             # and drop only the sessions that fail on their own.
             log.exception("batched verification failed; isolating sessions")
+        if prefilling is not None:
+            self._prefill(prefilling)
         outcomes: list[VerifyOutcome | None] = []
         for session, item in zip(batch, items, strict=True):
             try:
                 outcomes.extend(self.verifier.verify([item]))
             except Exception as exc:
                 log.exception("verification failed for %s", session.device_id)
-                self._fail(session, "internal", f"verification failed: {exc}")
+                self._fail(session, "internal", f"verification failed: {type(exc).__name__}")
                 outcomes.append(None)
         return outcomes
+
+    # ---- prefill -------------------------------------------------------------------------
+    def _prefilling(self) -> Session | None:
+        """The request whose prompt is prefilled next: the one that started first."""
+        waiting = [s for s in self.sessions if s.generating and s.prefill_left > 0]
+        return min(waiting, key=lambda s: s.drafted_at, default=None)
+
+    def _prefill(self, session: Session) -> None:
+        """One chunk of ``session``'s prompt in a forward of its own (no round is due)."""
+        try:
+            self.verifier.prefill(session.slot, self.config.limits.prefill_chunk)
+        except Exception as exc:
+            log.exception("prefill failed for %s", session.device_id)
+            self._fail(session, "internal", f"prefill failed: {type(exc).__name__}")
+            return
+        self._prefilled(session)
+
+    def _prefilled(self, session: Session) -> None:
+        session.prefill_left = self.verifier.prefill_left(session.slot)
+        if session.prefill_left == 0:
+            log.debug("%s: prompt prefilled", session.device_id)
+            self.scheduler.ready(session, time.monotonic())
 
     def _answer(self, session: Session, outcome: VerifyOutcome) -> int:
         """Commit a verified draft, send the verdict; return how many tokens it committed."""
@@ -240,7 +296,7 @@ class EdgeController:
             elif isinstance(msg, P.Draft):
                 self._on_draft(session, msg)
             elif isinstance(msg, P.Telemetry):
-                log.debug("%s telemetry: %s", session.device_id, msg)
+                log.debug("%s telemetry: %s", session.device_id, reprlib.repr(msg))
                 self.draft_control.on_telemetry(session.device_id, msg.spectral_efficiency,
                                                 msg.draft_s_per_token)
                 self.metrics.rtt.labels(session.device_id).set(msg.rtt_s)
@@ -250,8 +306,8 @@ class EdgeController:
             else:
                 raise P.ProtocolError("unexpected", f"{msg.TYPE} is not a device message")
         except P.ProtocolError as exc:
-            log.warning("rejected message from %s: [%s] %s",
-                        session.device_id if session else peer.label, exc.code, exc)
+            self._warnings.warn(session.device_id if session else peer.label,
+                                "rejected message: [%s] %s", exc.code, exc)
             self.metrics.rejected.labels(exc.code).inc()
             self._reply(peer.route, P.Error(exc.code, str(exc), fatal=exc.fatal), version)
             if exc.fatal and session is not None:  # it cannot go on: free what it holds
@@ -259,16 +315,16 @@ class EdgeController:
         except Exception as exc:  # a bug in a handler must not stop the controller
             log.exception("handler failed")
             if session is not None:
-                self._fail(session, "internal", f"controller error: {exc}")
+                self._fail(session, "internal", f"controller error: {type(exc).__name__}")
 
     def _on_hello(self, peer: Peer, msg: P.Hello, version: int) -> None:
         if msg.tokenizer_fingerprint != self.target.fingerprint:
             raise P.ProtocolError(
                 "tokenizer_mismatch",
-                f"draft model {msg.draft_model!r} has tokenizer fingerprint "
-                f"{msg.tokenizer_fingerprint[:16]}..., the target {self.target.name!r} has "
-                f"{self.target.fingerprint[:16]}...: their vocabularies differ, so its drafts "
-                "cannot be verified. Use a draft built from the target's tokenizer.",
+                f"the draft model's tokenizer fingerprint differs from the target's "
+                f"({self.target.name!r}: {self.target.fingerprint[:16]}...): their "
+                "vocabularies differ, so its drafts cannot be verified. Use a draft built "
+                "from the target's tokenizer.",
                 fatal=True,
             )
         name = self.sessions.name_for(peer.identity, peer.name if self.transport.secure
@@ -279,7 +335,8 @@ class EdgeController:
                                   time.monotonic(), version))
         self.draft_control.join(name)
         self.metrics.sessions.set(len(self.sessions))
-        log.info("%s registered (draft %s, protocol %d)", name, msg.draft_model, version)
+        log.info("%s registered (draft %s, protocol %d)", name, reprlib.repr(msg.draft_model),
+                 version)
         limits = self.config.limits
         self._reply(peer.route, P.Welcome(
             name, self.target.name, limits.max_new_tokens,
@@ -294,21 +351,26 @@ class EdgeController:
             raise P.ProtocolError(
                 "invalid", f"max_new_tokens {msg.max_new_tokens} exceeds {limits.max_new_tokens}")
         self._check_ids(msg.prompt_ids, "prompt")
+        if msg.top_k > self.target.vocab_size:
+            raise P.ProtocolError(
+                "invalid", f"top_k must be in 0..{self.target.vocab_size} (the vocabulary)")
         need = len(msg.prompt_ids) + msg.max_new_tokens + self.config.control.max_draft_len + 1
         if need > limits.max_len:
             raise P.ProtocolError(
                 "too_long", f"prompt + max_new_tokens + draft needs {need} positions; "
                 f"this controller holds {limits.max_len} per session")
-        try:
-            session.slot = self.verifier.open(msg.prompt_ids)
+        try:  # the prompt is prefilled in chunks, between and inside rounds
+            session.slot = self.verifier.open(msg.prompt_ids, prefill=False)
         except CapacityError as exc:
             raise P.ProtocolError("capacity", str(exc)) from None
         self.metrics.kv_slots.set(self.verifier.slots_in_use)
         session.request, session.next_round, session.pending = msg, 0, None
+        session.prefill_left = self.verifier.prefill_left(session.slot)
+        session.missed_rounds, session.drafted_at = 0, time.monotonic()
         session.stats = RequestStats()
         log.info("%s: request %s, %d prompt tokens, up to %d new, temperature %g",
-                 session.device_id, msg.request_id, len(msg.prompt_ids), msg.max_new_tokens,
-                 msg.temperature)
+                 session.device_id, reprlib.repr(msg.request_id), len(msg.prompt_ids),
+                 msg.max_new_tokens, msg.temperature)
         self.draft_control.on_request_start(session.device_id)
         self._send(session, _control(self.draft_control.decisions[session.device_id]))
         session.answered_at = time.monotonic()
@@ -316,7 +378,7 @@ class EdgeController:
     def _on_draft(self, session: Session, msg: P.Draft) -> None:
         request = session.request
         if request is None or msg.request_id != request.request_id:
-            raise P.ProtocolError("stale", f"no request {msg.request_id!r} in flight")
+            raise P.ProtocolError("stale", "no request of that id in flight")
         if session.pending is not None or msg.round != session.next_round:
             raise P.ProtocolError(
                 "stale", f"draft for round {msg.round}, expected round {session.next_round}")
@@ -337,10 +399,11 @@ class EdgeController:
             self._check_ids(ids, "q")
         session.pending = msg
         now = time.monotonic()
+        session.drafted_at = now
         self.draft_control.on_draft(session.device_id, len(msg.tokens), msg.draft_s,
                                     session.pending_bytes, now - session.answered_at,
                                     first_round=msg.round == 0)
-        self.scheduler.on_draft(now)
+        self.scheduler.on_draft(session, now)
 
     def _check_ids(self, ids: list[int], what: str) -> None:
         vocab = self.target.vocab_size
@@ -391,9 +454,16 @@ class EdgeController:
                          verify_time=self.draft_control.verify_time.coefficients())
 
     def _record(self, **event) -> None:
-        if self._timeline is not None:
-            event["t"] = round(time.monotonic() - self._started, 4)
+        if self._timeline is None:
+            return
+        event["t"] = round(time.monotonic() - self._started, 4)
+        try:
             self._timeline.write(json.dumps(event) + "\n")
+        except OSError as exc:  # a full disk must not stop serving: stop the timeline
+            log.error("timeline %s: %s; no more timeline events", self.config.server.timeline,
+                      exc)
+            self._timeline.close()
+            self._timeline = None
 
     def _show(self, device_id: str) -> None:
         self.metrics.show_device(device_id, self.draft_control.devices[device_id],
@@ -402,6 +472,13 @@ class EdgeController:
     def _fail(self, session: Session, code: str, message: str) -> None:
         self._end_request(session)
         self._send(session, P.Error(code, message, fatal=False))
+
+    def _end_idle(self, now: float) -> None:
+        limits, deadline = self.config.limits, self.config.server.round_deadline_s
+        for session in self.sessions:
+            if session.idle(now, limits.idle_rounds, limits.idle_s, deadline):
+                self._fail(session, "idle", f"no draft for {limits.idle_rounds} rounds and "
+                           f"{limits.idle_s:g} s: the request is ended and its KV slot freed")
 
     def _purge_silent(self, now: float) -> None:
         timeout = self.config.server.session_timeout_s

@@ -76,6 +76,7 @@ class DraftController:
         self.devices: dict[str, DeviceEstimates] = {}
         self.decisions: dict[str, Decision] = {}
         self.active: set[str] = set()  # devices with a request in flight: the round's members
+        self._planned: set[str] = set()  # devices some plan has decided for
         self.plan_goodput_tok_s = 0.0
         self._solved_inputs: np.ndarray | None = None
         self._membership_changed = True
@@ -92,11 +93,16 @@ class DraftController:
         self.devices.pop(device_id, None)
         self.decisions.pop(device_id, None)
         self.active.discard(device_id)
+        self._planned.discard(device_id)
         self._membership_changed = True
 
     def on_request_start(self, device_id: str) -> None:
+        """The device joins the rounds; until a plan covers it, it gets the first decision
+        for the devices active now (not the idle registered ones)."""
         self.active.add(device_id)
         self._membership_changed = True
+        if device_id not in self._planned:
+            self.decisions[device_id] = self._initial_decision()
 
     def on_draft(self, device_id: str, draft_len: int, draft_s: float, frame_bytes: int,
                  gap_s: float, first_round: bool = False) -> None:
@@ -190,6 +196,7 @@ class DraftController:
         self._solved_inputs, self._membership_changed = inputs, False
         self.plan_goodput_tok_s = plan.goodput_tok_s
         changed = {}
+        self._planned |= set(ids)
         for i, device_id in enumerate(ids):
             share = min(max(float(plan.bandwidth_share[i]), 0.0), 1.0)  # solver float noise
             # A zero share only happens when the model charges the upload nothing; the
@@ -207,8 +214,9 @@ class DraftController:
     def _initial_decision(self) -> Decision:
         if self.config.policy == FIXED_POLICY:
             return Decision(self.config.draft_len, 1.0, 0.0)
-        # Until estimates exist: the configured length, an equal share of the band.
-        share = 1.0 / max(len(self.devices), 1)
+        # Until estimates exist: the configured length, an equal share of the band among
+        # the devices in the rounds (idle registered ones take none of it).
+        share = 1.0 / max(len(self.active), 1)
         rate = share * self.config.bandwidth_hz * self.config.spectral_efficiency
         return Decision(self.config.draft_len, share, rate)
 

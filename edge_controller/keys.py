@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 import tempfile
 import threading
@@ -28,12 +27,14 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from edge_controller.protocol import DEVICE_NAME
+
 log = logging.getLogger(__name__)
 
 CONTROLLER = "controller"
 DEVICE = "device"
 ALLOWLIST = "devices"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe file name
+NAME_PATTERN = DEVICE_NAME  # a device's name is also its allowlist file's name
 Z85_KEY_CHARS = 40  # a 32-byte Curve25519 key in Z85
 MAX_FILE_BYTES = 16 * 1024  # a certificate is ~300 bytes
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,13 +44,28 @@ import msgpack
 
 PROTOCOL_VERSION = 2
 SERVED_VERSIONS = (PROTOCOL_VERSION - 1, PROTOCOL_VERSION)  # what a controller accepts
-MAX_FRAME_BYTES = 1 << 20  # 1 MiB: far above any legal message (a 16-token sparse draft ~3 KB)
+MAX_FRAME_BYTES = 1 << 20  # 1 MiB: the largest frame, a ping padded for an uplink probe
 MAX_PROMPT_TOKENS = 32_768
 MAX_DRAFT_TOKENS = 64
 MAX_TOP_K = 256  # sparse draft distribution: at most this many (id, count) pairs per position
 MIN_TEMPERATURE = 1e-3  # below this (but above 0) softmax under/overflows: use 0 (greedy)
 MAX_SEED = 2**63  # seeds are keyed into 64-bit signed integers on the verifier
 Q_SCALE = 1 << 16  # draft probabilities travel as integer counts; q = count / sum(counts)
+DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe file name
+MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; the controller checks its own size
+MAX_MAP_ENTRIES = 64  # capabilities, host state
+MAX_STR_CHARS = 256  # any string field, unless STR_LIMITS says otherwise
+STR_LIMITS = {"device_id": 64, "request_id": 64, "code": 32, "message": 2048}
+MIN_SPECTRAL_EFFICIENCY, MAX_SPECTRAL_EFFICIENCY = 0.1, 30.0  # bit/s/Hz a device may report
+# The largest legal frame of each type: a frame above its type's limit is refused before
+# its fields are walked (walking a list of ints costs a Python check per element).
+FRAME_LIMITS = {
+    "hello": 4096, "welcome": 4096, "control": 256, "verdict": 4096, "pong": 256,
+    "error": 4096, "bye": 64, "telemetry": 16 * 1024,
+    "start": 16 * MAX_PROMPT_TOKENS // 3 + 1024,  # ids of up to 5 bytes each, ~30% slack
+    "draft": 11 * 64 * 256 + 2048,  # 64 positions x 256 (id, count) pairs of <= 5 + 5 bytes
+    "ping": MAX_FRAME_BYTES,  # padded: the uplink probe (bytes: free to skip)
+}
 
 
 class ProtocolError(ValueError):
@@ -214,16 +230,22 @@ def decode_versioned(
     if len(frame) > max_bytes:
         raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds {max_bytes}")
     try:
-        body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        body = msgpack.unpackb(  # bounded before anything is built (C speed)
+            frame, raw=False, strict_map_key=True, max_str_len=max(STR_LIMITS.values()),
+            max_bin_len=max_bytes, max_array_len=MAX_PROMPT_TOKENS,
+            max_map_len=MAX_MAP_ENTRIES, max_ext_len=0)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError("malformed", f"frame is not valid msgpack: {exc}") from None
+        raise ProtocolError("malformed", f"frame is not valid msgpack within the limits "
+                            f"({type(exc).__name__})") from None
     if not isinstance(body, dict):
         raise ProtocolError("malformed", "frame body must be a msgpack map")
     version = body.pop("v", None)
     if type(version) is not int or version not in versions:
+        # Never echo what the peer sent beyond a small int: it may be a megabyte of text.
+        said = version if type(version) is int and abs(version) < 10**6 else type(version).__name__
         accepted = " or ".join(str(v) for v in versions)
         raise ProtocolError(
-            "version", f"protocol version {version!r} unsupported: this side speaks version "
+            "version", f"protocol version {said} unsupported: this side speaks version "
             f"{PROTOCOL_VERSION} and accepts {accepted}; upgrade the older side (a controller "
             "serves its own version and the one before, so upgrade the controller first)",
             fatal=True,
@@ -231,7 +253,10 @@ def decode_versioned(
     kind = body.pop("type", None)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+        raise ProtocolError("unknown_type", "unknown message type")
+    if len(frame) > FRAME_LIMITS[cls.TYPE]:
+        raise ProtocolError("oversized", f"{cls.TYPE} frame of {len(frame)} bytes exceeds "
+                            f"{FRAME_LIMITS[cls.TYPE]}")
     msg = _build(cls, body)
     _check_limits(msg)
     return msg, version
@@ -242,17 +267,21 @@ _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "bytes"
 
 def _build(cls: type[Message], body: dict[str, Any]) -> Message:
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(body) - set(fields)
-    if unknown:
-        raise ProtocolError("malformed", f"{cls.TYPE}: unknown fields {sorted(unknown)}")
+    unknown = sum(1 for key in body if key not in fields)
+    if unknown:  # named by count only: the names are the peer's text
+        raise ProtocolError("malformed", f"{cls.TYPE}: {unknown} unknown field(s)")
     for name, f in fields.items():
         if name not in body:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProtocolError("malformed", f"{cls.TYPE}: missing field {name!r}")
             continue
-        if not _conforms(body[name], str(f.type)):
-            got = type(body[name]).__name__
+        value = body[name]
+        if not _conforms(value, str(f.type)):
+            got = type(value).__name__
             raise ProtocolError("malformed", f"{cls.TYPE}.{name}: expected {f.type}, got {got}")
+        if type(value) is str and len(value) > STR_LIMITS.get(name, MAX_STR_CHARS):
+            raise ProtocolError("invalid", f"{cls.TYPE}.{name}: at most "
+                                f"{STR_LIMITS.get(name, MAX_STR_CHARS)} characters")
     return cls(**body)
 
 
@@ -263,12 +292,14 @@ def _conforms(value: Any, annotation: str) -> bool:
         if annotation == "float" and isinstance(value, float) and not math.isfinite(value):
             return False
         return isinstance(value, _SCALARS[annotation])
+    # Lists are the only large fields: one exact type check per element, no recursion.
     if annotation == "list[int]":
-        return isinstance(value, list) and all(_conforms(v, "int") for v in value)
+        return type(value) is list and all(type(v) is int for v in value)
     if annotation == "list[list[int]]":
-        return isinstance(value, list) and all(_conforms(v, "list[int]") for v in value)
+        return type(value) is list and all(
+            type(row) is list and all(type(v) is int for v in row) for row in value)
     if annotation == "dict[str, Any]":
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        return isinstance(value, dict) and all(type(k) is str for k in value)
     raise AssertionError(f"protocol field annotation {annotation!r} has no validator")
 
 
@@ -279,12 +310,12 @@ def _check_limits(msg: Message) -> None:
     if isinstance(msg, Start):
         if not 0 < len(msg.prompt_ids) <= MAX_PROMPT_TOKENS:
             raise bad(f"prompt must hold 1..{MAX_PROMPT_TOKENS} tokens")
-        if msg.max_new_tokens < 1:
+        if not 1 <= msg.max_new_tokens <= MAX_TOKEN_ID:
             raise bad("max_new_tokens must be >= 1")
         if not (msg.temperature == 0 or MIN_TEMPERATURE <= msg.temperature <= 100):
             raise bad(f"temperature must be 0 (greedy) or in {MIN_TEMPERATURE:g}..100")
-        if not 0 < msg.top_p <= 1 or msg.top_k < 0:
-            raise bad("need 0 < top_p <= 1 and top_k >= 0")
+        if not 0 < msg.top_p <= 1 or not 0 <= msg.top_k <= MAX_TOKEN_ID:
+            raise bad("need 0 < top_p <= 1 and top_k in 0..the vocabulary size")
         if not 0 <= msg.seed < MAX_SEED:
             raise bad("seed must be in 0..2**63-1")
         if not 1 <= msg.draft_top_k <= MAX_TOP_K:
@@ -307,13 +338,33 @@ def _check_limits(msg: Message) -> None:
         if not 0 <= msg.draft_s <= 3600:
             raise bad("draft_s must be in 0..3600 seconds")
     elif isinstance(msg, Telemetry):
-        for name, high in (("draft_s_per_token", 60.0), ("rtt_s", 60.0), ("uplink_bps", 1e12),
-                           ("spectral_efficiency", 50.0)):
+        for name, high in (("draft_s_per_token", 60.0), ("rtt_s", 60.0), ("uplink_bps", 1e12)):
             if not 0 <= getattr(msg, name) <= high:
                 raise bad(f"{name} must be in 0..{high:g}")
+        # A device's radio claim steers the shares (weak radios get more band): bounded, so
+        # one device cannot claim almost all of it.
+        if not (msg.spectral_efficiency == 0 or MIN_SPECTRAL_EFFICIENCY
+                <= msg.spectral_efficiency <= MAX_SPECTRAL_EFFICIENCY):
+            raise bad(f"spectral_efficiency must be 0 (unknown) or in "
+                      f"{MIN_SPECTRAL_EFFICIENCY:g}..{MAX_SPECTRAL_EFFICIENCY:g} bit/s/Hz")
     elif isinstance(msg, Control):
         if not (0 <= msg.draft_len <= MAX_DRAFT_TOKENS and 0 <= msg.bandwidth_share <= 1
-                and msg.uplink_rate_bps >= 0):
-            raise bad("need 0 <= draft_len <= 64, 0 <= bandwidth_share <= 1, uplink_rate_bps >= 0")
-    elif isinstance(msg, Hello) and msg.vocab_size < 1:
-        raise bad("vocab_size must be >= 1")
+                and 0 <= msg.uplink_rate_bps <= 1e12):
+            raise bad("need 0 <= draft_len <= 64, 0 <= bandwidth_share <= 1, "
+                      "0 <= uplink_rate_bps <= 1e12")
+    elif isinstance(msg, Hello):
+        if not 1 <= msg.vocab_size <= MAX_TOKEN_ID:
+            raise bad("vocab_size must be >= 1")
+        if msg.device_id and not DEVICE_NAME.fullmatch(msg.device_id):
+            raise bad("device_id must be empty or 1-64 letters, digits, '.', '_' or '-', "
+                      "starting with a letter or digit")
+    elif isinstance(msg, Verdict | Welcome):
+        ids = msg.tokens if isinstance(msg, Verdict) else msg.eos_token_ids
+        if any(not 0 <= t <= MAX_TOKEN_ID for t in ids):
+            raise bad("token ids must lie in 0..2**31-1")
+        if isinstance(msg, Welcome) and not (1 <= msg.max_new_tokens <= MAX_TOKEN_ID
+                                             and 0 <= msg.max_draft_len <= MAX_DRAFT_TOKENS):
+            raise bad(f"need max_new_tokens >= 1 and max_draft_len in 0..{MAX_DRAFT_TOKENS}")
+        if isinstance(msg, Verdict) and not (0 <= msg.draft_len <= MAX_DRAFT_TOKENS
+                                             and msg.round >= 0 and msg.accepted >= 0):
+            raise bad(f"need draft_len in 0..{MAX_DRAFT_TOKENS}, round and accepted >= 0")

@@ -53,11 +53,29 @@ class Session:
     pending: Draft | None = None  # this round's draft, waiting for the round to close
     pending_bytes: int = 0  # its frame size
     answered_at: float = 0.0  # when the last verdict (or the request's control) was sent
+    drafted_at: float = 0.0  # when its request last sent valid traffic (start, a draft)
+    prefill_left: int = 0  # prompt tokens the verifier has still to prefill (0: ready)
+    missed_rounds: int = 0  # rounds in a row that closed without its draft
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property
     def generating(self) -> bool:
         return self.request is not None
+
+    @property
+    def in_rounds(self) -> bool:
+        """Generating with its prompt prefilled: a member of the rounds."""
+        return self.request is not None and self.prefill_left == 0
+
+    def idle(self, now: float, rounds: int, seconds: float, round_deadline_s: float) -> bool:
+        """Its request has had no draft for ``rounds`` rounds in a row (closed without it,
+        or deadlines passed when none closed) and for at least ``seconds``, counted from
+        when it could draft (its last verdict or control)."""
+        if not self.in_rounds or self.pending is not None:
+            return False
+        silent = now - max(self.drafted_at, self.answered_at)
+        missed = max(self.missed_rounds, int(silent / round_deadline_s))
+        return missed >= rounds and silent >= seconds
 
     def commit_round(self, outcome, eos_token_ids: set[int]) -> tuple[list[int], bool]:
         """Apply the verifier's outcome (accepted, next_token, margin) to the pending draft:

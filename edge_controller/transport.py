@@ -26,7 +26,8 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from edge_controller import keys as K
 from edge_controller import protocol as P
-from edge_controller.config import SecurityConfig
+from edge_controller.config import ControllerConfig
+from edge_controller.logs import PeerWarnings
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ ZAP_DOMAIN = b"multispin"
 HEARTBEAT_IVL_MS = 1000  # ZMTP pings to every connection...
 HEARTBEAT_TIMEOUT_MS = 4000  # ...and a connection silent this long is closed, its route freed
 ALLOWLIST_CHECK_S = 0.5  # revocation takes effect within this (plus one loop tick)
+RECEIVE_QUEUE = 64  # frames libzmq holds per connection before it stops reading its socket
+SEND_QUEUE = 256  # frames queued to one device before sends to it fail (it is dropped)
+MAX_BUCKETS = 4096  # rate-limit state kept per identity; idle ones are forgotten first
 
 
 class TransportError(RuntimeError):
@@ -74,6 +78,41 @@ def is_loopback(endpoint: str) -> bool:
         return False  # "*", an interface name or a host name: reachable from outside
 
 
+class RateLimit:
+    """Token buckets per identity, in frames and in bytes: a frame that finds either empty
+    is dropped before anyone decodes it (docs/limits.md)."""
+
+    def __init__(self, frames_per_s: float, frame_burst: int, bytes_per_s: float,
+                 byte_burst: int):
+        self.rates = (frames_per_s, bytes_per_s)
+        self.bursts = (float(frame_burst), float(byte_burst))
+        self._buckets: dict[bytes, list[float]] = {}  # identity -> [frames, bytes, at]
+        self.dropped = 0
+
+    def admit(self, identity: bytes, size: int, now: float) -> bool:
+        bucket = self._buckets.get(identity)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._forget(now)
+            bucket = self._buckets[identity] = [*self.bursts, now]
+        elapsed, bucket[2] = now - bucket[2], now
+        bucket[0] = min(self.bursts[0], bucket[0] + elapsed * self.rates[0])
+        bucket[1] = min(self.bursts[1], bucket[1] + elapsed * self.rates[1])
+        if bucket[0] < 1 or bucket[1] < size:
+            self.dropped += 1
+            return False
+        bucket[0] -= 1
+        bucket[1] -= size
+        return True
+
+    def _forget(self, now: float) -> None:
+        """Drop the buckets that have refilled (idle ones), else the oldest."""
+        full = [i for i, b in self._buckets.items()
+                if now - b[2] >= max(self.bursts[k] / self.rates[k] for k in (0, 1))]
+        for identity in full or list(self._buckets)[: len(self._buckets) // 2]:
+            del self._buckets[identity]
+
+
 class Transport:
     """One ROUTER socket: bind, receive (peer + raw frames), send, watch the allowlist.
 
@@ -82,7 +121,7 @@ class Transport:
     """
 
     def __init__(self, bind: str, keys_dir: str | Path | None, *, insecure: bool = False,
-                 insecure_anywhere: bool = False):
+                 insecure_anywhere: bool = False, rate_limit: RateLimit | None = None):
         if keys_dir and insecure:
             raise TransportError("both a keys directory and insecure mode given: choose one")
         if not keys_dir and not insecure:
@@ -96,6 +135,8 @@ class Transport:
                 f"--insecure binds loopback only, and {bind} is reachable from other hosts: "
                 "use keys, or add --insecure-anywhere if you really mean plain TCP there")
         self.bind = bind
+        self.rate_limit = rate_limit
+        self._warnings = PeerWarnings(log)
         self.keys_dir = Path(keys_dir) if keys_dir else None
         self.allowlist: K.Allowlist | None = None
         self._allowlist_seen = 0  # the allowlist generation the controller last acted on
@@ -113,10 +154,13 @@ class Transport:
         self._allowlist_checked = 0.0
 
     @classmethod
-    def from_config(cls, bind: str, security: SecurityConfig) -> Transport:
-        """From ``server.bind`` and the ``[security]`` table (edge_controller.config)."""
-        return cls(bind, security.keys_dir or None, insecure=security.insecure,
-                   insecure_anywhere=security.insecure_anywhere)
+    def from_config(cls, config: ControllerConfig) -> Transport:
+        """From ``server.bind``, ``[security]`` and the per-device rates of ``[limits]``."""
+        security, limits = config.security, config.limits
+        return cls(config.server.bind, security.keys_dir or None, insecure=security.insecure,
+                   insecure_anywhere=security.insecure_anywhere,
+                   rate_limit=RateLimit(limits.messages_per_s, limits.message_burst,
+                                        limits.bytes_per_s, limits.bytes_burst))
 
     @property
     def secure(self) -> bool:
@@ -129,9 +173,11 @@ class Transport:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to vanished devices raise, not vanish
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a claimed routing id never takes a route over
-        # Memory guard only: ZeroMQ drops larger frames silently, so the protocol's own
-        # (smaller) limit is checked in decode() where the device can be told.
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_FRAME_BYTES)
+        # A larger frame never reaches memory: libzmq closes that connection instead (the
+        # device reconnects); the per-type limits below it are checked in decode().
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES + 64)  # + msgpack's own header
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+        sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self._socket = sock
@@ -158,16 +204,20 @@ class Transport:
         return bool(self._socket.poll(int(timeout_s * 1000)))
 
     def receive(self) -> tuple[Peer, list[bytes]] | None:
-        """The next message, if one is waiting: its sender and its body frames."""
-        try:
-            frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return None
-        key = None
-        if self.secure:
-            key = frames[-1].get("User-Id").encode("ascii")
-        name = self.allowlist.name_of(key) if key is not None else None
-        return Peer(frames[0].bytes, key, name), [f.bytes for f in frames[1:]]
+        """The next admitted message, if one is waiting: its sender and its body frames.
+        Messages over their sender's rate are dropped here, unread."""
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            key = frames[-1].get("User-Id").encode("ascii") if self.secure else None
+            peer = Peer(frames[0].bytes, key, self.allowlist.name_of(key) if key else None)
+            size = sum(len(f) for f in frames[1:])
+            if self.rate_limit is None or self.rate_limit.admit(peer.identity, size,
+                                                                time.monotonic()):
+                return peer, [f.bytes for f in frames[1:]]
+            self._warnings.warn(peer.label, "over its rate: a frame of %d bytes dropped", size)
 
     def send(self, route: bytes, frame: bytes) -> bool:
         """Queue one frame for a route; False if that connection is gone or its queue full."""

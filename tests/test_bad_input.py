@@ -14,7 +14,7 @@ import subprocess
 import msgpack
 import pytest
 
-from device_agent.link import ControllerLink
+from device_agent.link import ControllerLink, LinkTimeout
 from edge_controller import protocol as P
 from edge_controller.launch import AgentSpec, run_agents
 from tests.conftest import BIN
@@ -49,7 +49,14 @@ def test_bad_frames_and_bad_devices_leave_others_untouched(
             expect_error(link, "not_registered")
             link.send_raw([b"\xc1\xc1 this is not msgpack"])
             expect_error(link, "malformed")
+            # Above the largest frame, libzmq drops the connection unread (the link opens a
+            # new one); above its type's limit, the controller refuses it unwalked.
             link.send_raw([P.encode(P.Ping(0.0, b"x" * (2 * P.MAX_FRAME_BYTES)))])
+            with pytest.raises(LinkTimeout):
+                link.receive(timeout_s=3)
+            capabilities = {f"k{i}": "v" * 200 for i in range(40)}
+            link.send(P.Hello("raw-device", "handmade", target_info.fingerprint,
+                              target_info.vocab_size, capabilities))
             expect_error(link, "oversized")
             link.send_raw([msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "teleport"})])
             expect_error(link, "unknown_type")

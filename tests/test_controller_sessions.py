@@ -87,11 +87,14 @@ def test_draft_control_plans_without_a_device_that_has_no_measurements():
     fit.update(1, 0.05)
     fit.update(20, 0.25)
     dc = DraftController(ControlConfig(policy="heterogeneous", resolve_interval_s=0), fit)
-    joined = {device: dc.join(device) for device in ("measured", "new", "idle")}
+    for device in ("measured", "new", "idle"):
+        dc.join(device)
     dc.on_request_start("measured")
     estimates_for(dc, "measured")
     dc.on_request_start("new")  # in a request, but not one draft measured yet
+    first = dc.decisions["new"]
+    assert first.bandwidth_share == 0.5  # of the two in rounds; "idle" takes none
     estimates_for(dc, "idle")  # measured earlier, no request in flight now
     changed = dc.maybe_resolve(now=10.0)
     assert set(changed) == {"measured"}
-    assert dc.decisions["new"] == joined["new"]  # kept until it has measurements
+    assert dc.decisions["new"] == first  # kept until it has measurements

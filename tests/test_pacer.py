@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from device_agent.pacer import UplinkPacer
+from device_agent.pacer import MIN_RATE_BPS, UplinkPacer
 
 
 class FakeClock:
@@ -135,3 +135,14 @@ def test_real_stream_over_a_socket_is_paced_to_the_rate():
     assert len(arrivals) == count
     measured = (count - 1) * size * 8 / (arrivals[-1] - arrivals[0])
     assert measured == pytest.approx(rate_bps, rel=0.15)
+
+
+def test_a_tiny_or_absurd_rate_never_stalls_or_crashes_the_sender():
+    """A share of 1e-300 of the band used to overflow the sleep; now positive rates have a
+    floor, and non-finite ones are refused."""
+    pacer, clock = make_pacer(1e-300, 0)
+    pacer.wait(1000)
+    assert clock.now == pytest.approx(1000 * 8 / MIN_RATE_BPS)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            pacer.set_rate(bad)

@@ -91,5 +91,5 @@ def test_protocol_module_imports_only_msgpack():
         for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in node.names
     }
-    third_party = imported - {"__future__", "dataclasses", "math", "typing"}
+    third_party = imported - {"__future__", "dataclasses", "math", "re", "typing"}
     assert third_party == {"msgpack"}

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, **overrides)
-        transport = Transport.from_config(config.server.bind, config.security)
+        transport = Transport.from_config(config)
     except (ConfigError, KeyFileError, TransportError) as exc:
         print(f"edge-controller: {exc}", file=sys.stderr)
         return 2
