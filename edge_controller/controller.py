@@ -10,6 +10,7 @@ polls, the round runs when it is due.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import reprlib
@@ -145,7 +146,8 @@ class EdgeController:
                 self._end_request(session)
             self.transport.close()
             if self._timeline is not None:
-                self._timeline.close()
+                with contextlib.suppress(OSError):
+                    self._timeline.close()
             log.info("controller stopped")
 
     def _take_messages(self, started: float) -> None:
@@ -462,7 +464,8 @@ class EdgeController:
         except OSError as exc:  # a full disk must not stop serving: stop the timeline
             log.error("timeline %s: %s; no more timeline events", self.config.server.timeline,
                       exc)
-            self._timeline.close()
+            with contextlib.suppress(OSError):  # closing flushes: it fails the same way
+                self._timeline.close()
             self._timeline = None
 
     def _show(self, device_id: str) -> None:

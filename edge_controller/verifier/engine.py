@@ -88,6 +88,15 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return config.num_hidden_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
 
+def _free_bytes(device: torch.device) -> int:
+    """Memory the KV cache may take on ``device``: free GPU memory, or available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def sessions_for_budget(config, dtype: torch.dtype, max_len: int, budget_bytes: int) -> int:
     """How many slots of ``max_len`` tokens a KV budget of ``budget_bytes`` holds."""
     return budget_bytes // (kv_bytes_per_token(config, dtype) * max_len)
@@ -137,14 +146,18 @@ class Verifier:
         self.head_dim = attn.head_dim
         shape = (max_sessions, self.n_kv_heads, max_len, self.head_dim)
         self.kv_bytes = kv_bytes_per_token(config, self.dtype) * max_sessions * max_len
+        too_big = CapacityError(
+            f"KV cache of {self.kv_bytes / 2**30:.2f} GiB ({max_sessions} sessions x "
+            f"{max_len} tokens) does not fit on {self.device}; lower limits.max_sessions or "
+            "limits.max_len"
+        )
+        if self.kv_bytes > _free_bytes(self.device):
+            raise too_big
         try:
             self.k_cache = [self._zeros(shape) for _ in self.decoder.layers]
             self.v_cache = [self._zeros(shape) for _ in self.decoder.layers]
-        except torch.OutOfMemoryError:
-            raise CapacityError(
-                f"KV cache of {self.kv_bytes / 2**30:.2f} GiB ({max_sessions} sessions x "
-                f"{max_len} tokens) does not fit on {self.device}; lower the budget"
-            ) from None
+        except (torch.OutOfMemoryError, RuntimeError):  # the CPU allocator raises the latter
+            raise too_big from None
         self._tokens: list[list[int]] = [[] for _ in range(max_sessions)]  # per slot
         self._cached = [0] * max_sessions  # per slot: leading tokens whose K/V are cached
         self._open = [False] * max_sessions

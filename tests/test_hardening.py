@@ -1,0 +1,338 @@
+"""What an outside attack found, each fixed (docs/limits.md): one test per finding, with
+real sockets where the finding was about the running controller."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import threading
+import time
+
+import msgpack
+import pytest
+
+from device_agent.agent import ControllerBrokeProtocol, check_verdict
+from device_agent.link import ControllerLink
+from edge_controller import protocol as P
+from edge_controller.launch import AgentSpec
+from edge_controller.logs import PER_WINDOW, PeerWarnings
+from edge_controller.scheduler import SyncScheduler
+from edge_controller.sessions import Session
+from edge_controller.transport import RateLimit, Transport
+from tests.conftest import BIN
+from tests.test_e2e_greedy import compare_to_reference
+
+
+def hello(link: ControllerLink, target_info, device_id: str = "") -> None:
+    link.send(P.Hello(device_id, "handmade", target_info.fingerprint, target_info.vocab_size))
+    assert isinstance(link.receive(timeout_s=30), P.Welcome)
+
+
+def until(kind: type[P.Message], link: ControllerLink, timeout_s: float = 60) -> P.Message:
+    """The next message of ``kind`` (control updates and pongs in between are skipped)."""
+    while not isinstance(msg := link.receive(timeout_s=timeout_s), kind):
+        assert isinstance(msg, P.Control | P.Pong), msg
+    return msg
+
+
+# ---- 1. one long prompt stalled everyone --------------------------------------------------
+@pytest.mark.slow
+def test_other_devices_keep_their_rounds_while_a_long_prompt_is_prefilled(
+    run_controller, target, target_info, lab_keys
+):
+    _, tokenizer = target
+    long_prompt = tokenizer("A long report on the history of rivers. " * 200)["input_ids"][:1500]
+    with run_controller(control__policy="fixed", limits__prefill_chunk=64) as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("busy")) as busy, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("long")) as newcomer:
+        hello(busy, target_info)
+        hello(newcomer, target_info)
+        prompt = [1, 504, 3458, 314]
+        busy.send(P.Start("b", prompt, 400))
+        until(P.Control, busy)
+        newcomer.send(P.Start("n", long_prompt, 4))
+        until(P.Control, newcomer)  # answered at once: the prompt is prefilled later
+        newcomer.send(P.Draft("n", 0, len(long_prompt), [long_prompt[-1]]))
+        position, rounds = len(prompt), 0
+        while True:
+            busy.send(P.Draft("b", rounds, position, [42, 43]))
+            position += len(until(P.Verdict, busy).tokens)
+            rounds += 1
+            if newcomer._socket.poll(0):
+                break
+        assert isinstance(until(P.Verdict, newcomer), P.Verdict)
+    # 1,500 tokens in chunks of 64 ride along 23 rounds; before, the loop prefilled the
+    # whole prompt in the start handler and the other device waited it out.
+    assert rounds >= 10, f"only {rounds} rounds of the other device during the prefill"
+
+
+# ---- 2. idle and abandoned requests ---------------------------------------------------------
+def _member(name: str, pending: bool) -> Session:
+    session = Session(name.encode(), None, name, "d", 0.0)
+    session.request = P.Start("r", [1], 4)
+    session.pending = P.Draft("r", 0, 1, []) if pending else None
+    return session
+
+
+def test_rounds_stop_waiting_for_a_device_that_missed_the_last_one():
+    scheduler = SyncScheduler(deadline_s=0.25)
+    fast, slow = _member("fast", True), _member("slow", False)
+    scheduler.on_draft(fast, now=0.0)
+    assert not scheduler.due([fast, slow], now=0.1)  # waits for slow, the first time
+    assert scheduler.due([fast, slow], now=0.25)
+    assert scheduler.close([fast, slow]) == [fast] and slow.missed_rounds == 1
+    scheduler.on_draft(fast, now=1.0)
+    assert scheduler.due([fast, slow], now=1.0)  # slow missed the last one: not waited for
+    scheduler.close([fast, slow])
+    slow.pending = P.Draft("r", 0, 1, [])
+    scheduler.on_draft(slow, now=2.0)  # it drafts again: waited for from now on
+    fast.pending = None
+    assert slow.missed_rounds == 0 and not scheduler.due([fast, slow], now=2.0)
+
+
+@pytest.mark.slow
+def test_a_request_that_never_drafts_is_ended_and_pings_do_not_keep_it(
+    run_controller, target_info, lab_keys
+):
+    with run_controller(control__policy="fixed", limits__idle_rounds=2,
+                        limits__idle_s=1.0) as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("ghost")) as ghost:
+        hello(ghost, target_info)
+        ghost.send(P.Start("r", [1, 2, 3], 8))
+        until(P.Control, ghost)
+        started = time.monotonic()
+        while True:
+            ghost.send(P.Ping(0.0))  # valid traffic, but not the request's
+            msg = ghost.receive(timeout_s=10)
+            if isinstance(msg, P.Error):
+                break
+            time.sleep(0.2)
+        assert msg.code == "idle" and not msg.fatal
+        assert 1.0 <= time.monotonic() - started < 5.0
+        assert controller.verifier.slots_in_use == 0
+        ghost.send(P.Start("r2", [1, 2, 3], 8))  # still registered: it may start again
+        assert isinstance(until(P.Control, ghost), P.Control)
+
+
+# ---- 3. memory: strings, frames, queues -----------------------------------------------------
+@pytest.mark.parametrize("field, size", [("device_id", 65), ("draft_model", 257),
+                                         ("tokenizer_fingerprint", 257)])
+def test_every_string_is_capped(field, size):
+    fields = {"device_id": "", "draft_model": "d", "tokenizer_fingerprint": "f",
+              "vocab_size": 10, field: "x" * size}
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode(P.encode(P.Hello(**fields)))
+    assert info.value.code in ("invalid", "malformed")
+
+
+def test_big_hellos_are_refused_before_their_fields_are_read():
+    """The attack: 100 hellos carrying a huge device name (+174 MB of memory, +209 MB of
+    log). A string that long is refused by the unpacker; a hello bigger than any legal
+    one, by its size."""
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode(P.encode(P.Hello("x" * 2**19, "d", "f", 10)))
+    assert info.value.code == "malformed"
+    many = {f"k{i}": "v" * 1500 for i in range(60)}
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode(P.encode(P.Hello("dev", "d", "f", 10, many)))
+    assert info.value.code == "oversized"
+
+
+def test_device_text_is_never_echoed_in_errors():
+    secret = "ECHO-" + "A" * 500
+    frames = [
+        msgpack.packb({"v": P.PROTOCOL_VERSION, "type": secret}),
+        msgpack.packb({"v": secret, "type": "ping", "sent_at": 0.0}),
+        msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "ping", "sent_at": 0.0, secret: 1}),
+    ]
+    for frame in frames:
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode(frame)
+        assert "ECHO" not in str(info.value)
+
+
+# ---- 4. expensive rejection -------------------------------------------------------------------
+def test_a_huge_list_is_refused_without_walking_it():
+    huge = msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "start", "request_id": "r",
+                          "prompt_ids": [1] * (P.MAX_PROMPT_TOKENS + 1), "max_new_tokens": 4})
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode(huge)
+    assert info.value.code in ("malformed", "oversized")
+    mixed_keys = msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "ping", "sent_at": 0.0,
+                                "a": 1, b"b": 2}, use_bin_type=True)
+    with pytest.raises(P.ProtocolError) as info:  # used to raise TypeError inside sorted()
+        P.decode(mixed_keys)
+    assert info.value.code == "malformed"
+
+
+def test_frames_over_a_devices_rate_are_dropped():
+    limit = RateLimit(frames_per_s=10, frame_burst=5, bytes_per_s=1e6, byte_burst=2**20)
+    admitted = [limit.admit(b"dev", 100, now=0.0) for _ in range(8)]
+    assert admitted == [True] * 5 + [False] * 3
+    assert limit.admit(b"other", 100, now=0.0)  # per device
+    assert limit.admit(b"dev", 100, now=0.1)  # 0.1 s at 10/s earns one frame
+    assert not limit.admit(b"dev", 2**20 + 1, now=100.0)  # bytes: bigger than the burst
+
+
+@pytest.mark.slow
+def test_a_ping_flood_is_cut_to_its_rate_and_others_are_served(run_controller, target_info,
+                                                                lab_keys):
+    with run_controller(control__policy="fixed", limits__messages_per_s=50,
+                        limits__message_burst=50) as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("flood")) as flood, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("calm")) as calm:
+        hello(calm, target_info)
+        for i in range(1000):
+            flood.send(P.Ping(float(i)))
+        calm.send(P.Ping(-1.0))
+        assert until(P.Pong, calm, timeout_s=10).sent_at == -1.0
+        pongs = 0
+        while flood._socket.poll(1000):
+            flood._socket.recv()
+            pongs += 1
+    assert 50 <= pongs < 200, pongs
+
+
+# ---- 5. unbounded sampling parameters and radio claims --------------------------------------
+def test_sampling_parameters_and_radio_claims_are_bounded():
+    with pytest.raises(P.ProtocolError):
+        P.decode(P.encode(P.Start("r", [1], 4, 0.8, 1.0, 2**64 - 1)))
+    for claim in (1e-300, 1e-9, 0.05, 31.0):
+        with pytest.raises(P.ProtocolError, match="spectral_efficiency"):
+            P.decode(P.encode(P.Telemetry(spectral_efficiency=claim)))
+    assert P.decode(P.encode(P.Telemetry(spectral_efficiency=0.5))).spectral_efficiency == 0.5
+
+
+@pytest.mark.slow
+def test_top_k_beyond_the_vocabulary_is_refused_at_start(run_controller, target_info, lab_keys):
+    with run_controller() as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("k")) as link:
+        hello(link, target_info)
+        link.send(P.Start("r", [1, 2, 3], 4, 0.8, 1.0, target_info.vocab_size + 1))
+        refused = link.receive(timeout_s=30)
+        assert isinstance(refused, P.Error) and refused.code == "invalid"
+        assert "top_k" in refused.message
+
+
+# ---- 6. logs ----------------------------------------------------------------------------------
+def test_a_name_with_a_newline_cannot_forge_log_lines():
+    with pytest.raises(P.ProtocolError, match="device_id"):
+        P.decode(P.encode(P.Hello("good\n2026-12-01 INFO forged", "d", "f", 10)))
+
+
+def test_warnings_per_device_are_rate_limited(caplog):
+    warnings = PeerWarnings(logging.getLogger("test.peers"))
+    with caplog.at_level(logging.WARNING, logger="test.peers"):
+        for _ in range(100):
+            warnings.warn("noisy", "bad frame %d", 1)
+        warnings.warn("quiet", "bad frame %d", 2)
+    noisy = [r for r in caplog.records if r.getMessage().startswith("noisy")]
+    assert len(noisy) == PER_WINDOW
+    assert any(r.getMessage().startswith("quiet") for r in caplog.records)
+
+
+# ---- 8. the agent trusted its controller blindly ---------------------------------------------
+def test_verdicts_are_checked():
+    draft = [5, 6, 7]
+    check_verdict(P.Verdict("r", 3, 2, [5, 6, 9], False, 4), "r", 3, draft, 100, room=10)
+    check_verdict(P.Verdict("r", 3, 2, [5], True, 4), "r", 3, draft, 100, room=1)
+    for bad, room in [(P.Verdict("other", 3, 2, [5, 6, 9], False, 4), 10),  # request
+                      (P.Verdict("r", 4, 2, [5, 6, 9], False, 4), 10),  # round
+                      (P.Verdict("r", 3, 4, [5, 6, 7, 8, 9], False, 4), 10),  # accepted
+                      (P.Verdict("r", 3, 2, [5, 7, 9], False, 4), 10),  # not the draft's
+                      (P.Verdict("r", 3, 2, [5, 6, 100], False, 4), 10),  # vocabulary
+                      (P.Verdict("r", 3, 0, [], False, 4), 10),  # no token
+                      (P.Verdict("r", 3, 2, [5, 6, 9], False, 4), 2)]:  # beyond the room
+        with pytest.raises(ControllerBrokeProtocol):
+            check_verdict(bad, "r", 3, draft, vocab_size=100, room=room)
+
+
+def _broken_controller(reply_to_draft, ready: threading.Event, box: list) -> None:
+    """A controller that answers hello and start correctly, then breaks the protocol."""
+    transport = Transport("tcp://127.0.0.1:*", None, insecure=True)
+    box.append(transport.open())
+    ready.set()
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if not transport.poll(0.1):
+                continue
+            while (message := transport.receive()) is not None:
+                peer, body = message
+                msg = P.decode(body[0])
+                if isinstance(msg, P.Hello):
+                    transport.send(peer.route, P.encode(P.Welcome(msg.device_id, "t", 64, 4)))
+                elif isinstance(msg, P.Ping):
+                    transport.send(peer.route, P.encode(P.Pong(msg.sent_at, 0, time.monotonic())))
+                elif isinstance(msg, P.Start):
+                    transport.send(peer.route, P.encode(P.Control(4, 1.0, 0.0)))
+                elif isinstance(msg, P.Draft):
+                    transport.send(peer.route, reply_to_draft(msg))
+                elif isinstance(msg, P.Bye):
+                    return
+    finally:
+        transport.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reply, said", [
+    (lambda d: P.encode(P.Verdict("wrong-request", d.round, 0, [1], False, 4)),
+     "another request"),
+    (lambda d: P.encode(P.Verdict(d.request_id, d.round, 0, [10**9], False, 4)),
+     "outside the vocabulary"),
+    (lambda d: b"\xc1 garbage", "not valid msgpack"),
+], ids=["another-request", "out-of-vocabulary", "garbage"])
+def test_an_agent_told_nonsense_exits_4_with_a_clear_message(default_models, reply, said):
+    ready, box = threading.Event(), []
+    fake = threading.Thread(target=_broken_controller, args=(reply, ready, box), daemon=True)
+    fake.start()
+    assert ready.wait(10)
+    proc = subprocess.run(
+        [str(BIN / "device-agent"), "generate", "--controller", box[0], "--insecure",
+         "--device-id", "victim", "--draft", str(default_models.drafts["q4_0"]),
+         "--prompt", "Hello", "--timeout", "30"],
+        capture_output=True, text=True, timeout=300)
+    fake.join(10)
+    assert proc.returncode == 4, proc.stderr
+    assert "the controller broke the protocol" in proc.stderr and said in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---- 9. start-up errors: one clear line -----------------------------------------------------
+@pytest.mark.slow
+def test_start_up_failures_are_one_clear_line(tmp_path, default_models):
+    def start(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "edge-controller"), "start", "--insecure", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    missing = start("--target-gguf", str(tmp_path / "nope.gguf"))
+    assert missing.returncode == 1 and "nope.gguf does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = start("--bind", f"tcp://127.0.0.1:{port}", "--policy", "fixed")
+    assert busy.returncode == 1 and "cannot bind" in busy.stderr
+    assert "Traceback" not in busy.stderr
+    config = tmp_path / "big.toml"
+    config.write_text("[limits]\nmax_sessions = 4096\nmax_len = 1000000\nmax_new_tokens = 10\n")
+    huge = start("--config", str(config), "--policy", "fixed")
+    assert huge.returncode == 1 and "does not fit" in huge.stderr
+
+
+# ---- 10. an unguarded round ------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_full_disk_under_the_timeline_stops_the_timeline_not_the_controller(
+    run_controller, target, default_models, lab_keys
+):
+    from edge_controller.launch import run_agents
+
+    spec = AgentSpec("writer", default_models.drafts["q8_0"], "The sea at night is", 24)
+    with run_controller(control__policy="fixed", server__timeline="/dev/full") as controller:
+        result = run_agents(controller.endpoint, [spec], lab_keys)[0][0]
+        assert controller.rounds_run > 0
+    compare_to_reference(target, result, 24)
+    assert json.dumps(result)  # the agent finished with its whole result
