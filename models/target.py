@@ -51,3 +51,26 @@ def load_registry_target(
 ) -> tuple[Any, Any]:
     """Materialise the registry's target (default registry if None) and load it."""
     return load_target(ensure(registry, drafts=False).target.path, dtype, device)
+
+
+def reference_greedy(target: tuple[Any, Any], prompt_ids: list[int],
+                     max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """The target alone, what every greedy output must equal: transformers ``generate``,
+    greedy, in the target's precision. ``target`` is ``load_target``'s (model, tokenizer).
+    Returns (ids, margins); ``margins[i]`` is the top-2 logit margin where the reference
+    chose its i-th token (near ties, DESIGN.md section 3).
+    """
+    import torch
+
+    model, tokenizer = target
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    ids = out.sequences[0, len(prompt_ids):].tolist()
+    margins = []
+    for logits in out.logits:
+        top2 = torch.topk(logits[0].float(), 2).values
+        margins.append(float(top2[0] - top2[1]))
+    return ids, margins

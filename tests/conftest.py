@@ -72,24 +72,3 @@ def run_controller(target, target_info, lab_keys):
             yield controller
 
     return start
-
-
-def reference_greedy(target, prompt_ids: list[int], max_new_tokens: int):
-    """The target alone: transformers ``generate``, greedy, fp32. Returns (ids, margins).
-
-    ``margins[i]`` is the top-2 logit margin where the reference chose its i-th token.
-    """
-    import torch
-
-    model, tokenizer = target
-    out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-        output_logits=True, return_dict_in_generate=True,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    ids = out.sequences[0, len(prompt_ids):].tolist()
-    margins = []
-    for logits in out.logits:
-        top2 = torch.topk(logits[0].float(), 2).values
-        margins.append(float(top2[0] - top2[1]))
-    return ids, margins

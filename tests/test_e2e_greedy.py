@@ -11,7 +11,7 @@ import pytest
 
 from edge_controller.controller import NEAR_TIE_MARGIN
 from edge_controller.launch import AgentSpec, run_agents
-from tests.conftest import reference_greedy
+from models.target import reference_greedy
 
 pytestmark = pytest.mark.slow
 
