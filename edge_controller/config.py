@@ -48,7 +48,8 @@ class TargetConfig:
 class LimitsConfig:
     """What one device may cost the others (docs/limits.md)."""
 
-    max_sessions: int = 16
+    max_sessions: int = 16  # KV slots: requests in flight at once
+    max_devices: int = 1024  # registrations (devices known to the controller) at once
     max_len: int = 2048
     max_new_tokens: int = 1024
     prefill_chunk: int = 64  # prompt tokens prefilled per round (mixed into its forward)
@@ -56,7 +57,7 @@ class LimitsConfig:
     idle_s: float = 5.0  # ...and at least this long is ended, its KV slot freed
     messages_per_s: float = 200.0  # per device: frames beyond this rate are dropped...
     message_burst: int = 400  # ...after a burst of this many
-    bytes_per_s: float = 4 * 2**20  # per device: frame bytes beyond this rate are dropped...
+    bytes_per_s: float = 4.0 * 2**20  # per device: frame bytes beyond this rate are dropped...
     bytes_burst: int = 8 * 2**20  # ...after a burst of this many (an uplink probe: 256 KiB)
 
 
@@ -94,6 +95,8 @@ class ControllerConfig:
             (self.target.device.split(":")[0] in ("cpu", "cuda"),
              "target.device must be cpu or cuda"),
             (1 <= self.limits.max_sessions <= 4096, "limits.max_sessions must be in 1..4096"),
+            (1 <= self.limits.max_devices <= 1_000_000,
+             "limits.max_devices must be in 1..1000000"),
             (self.limits.max_len >= 16, "limits.max_len must be >= 16"),
             (1 <= self.limits.max_new_tokens < self.limits.max_len,
              "limits.max_new_tokens must be in 1..max_len-1"),

@@ -331,7 +331,11 @@ class EdgeController:
             )
         name = self.sessions.name_for(peer.identity, peer.name if self.transport.secure
                                       else None, msg.device_id)
-        for old in self.sessions.displaced_by(peer.identity, name):
+        displaced = self.sessions.displaced_by(peer.identity, name)
+        if not displaced and len(self.sessions) >= self.config.limits.max_devices:
+            raise P.ProtocolError("capacity", f"the controller holds {len(self.sessions)} "
+                                  "registrations, its limit: try again later", fatal=True)
+        for old in displaced:
             self._drop(old, "registered again; its old session is dropped")
         self.sessions.add(Session(peer.identity, peer.route, name, msg.draft_model,
                                   time.monotonic(), version))
