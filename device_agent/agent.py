@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from device_agent.drafter import Drafter
-from device_agent.link import ControllerLink
+from device_agent.link import ControllerLink, LinkLost, LinkTimeout
 from device_agent.telemetry import LinkProbe, LinkReport, host_state
 from edge_controller import protocol as P
 
@@ -25,25 +26,67 @@ class ControllerError(RuntimeError):
         self.fatal = error.fatal
 
 
+RESUME_FIRST_DELAY_S = 0.25  # reconnect backoff: doubling from this...
+RESUME_MAX_DELAY_S = 5.0  # ...up to this, with jitter
+LOST_STATE = frozenset({"not_registered", "stale", "idle"})  # a controller that forgot us
+RETRIED = frozenset({"capacity", "busy"})  # refusals worth another try while resuming
+
+
+class GaveUp(RuntimeError):
+    """Resuming failed for the whole resume timeout; ``result`` is the partial result."""
+
+    def __init__(self, message: str, request: _Request):
+        super().__init__(message)
+        self.request = request
+        self.result: GenerationResult | None = None
+
+
+@dataclass
+class _Request:
+    """A request as the device holds it: its committed output is the truth to resume from."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingOptions
+    committed: list[int] = field(default_factory=list)
+
+    def start(self) -> P.Start:
+        s = self.sampling
+        return P.Start(self.request_id, self.prompt_ids, self.max_new_tokens, s.temperature,
+                       s.top_p, s.top_k, s.seed, s.draft_top_k)
+
+    def resume(self, round_: int) -> P.Resume:
+        s = self.sampling
+        return P.Resume(self.request_id, self.prompt_ids, list(self.committed), round_,
+                        self.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed,
+                        s.draft_top_k)
+
+
 class ControllerBrokeProtocol(RuntimeError):
     """The controller sent what no correct controller sends (a verdict for another request
     or round, tokens outside the vocabulary, more tokens than the round allows)."""
 
 
 def check_verdict(verdict: P.Verdict, request_id: str, round_: int, draft: list[int],
-                  vocab_size: int, room: int) -> None:
+                  welcome: P.Welcome, vocab_size: int, room: int) -> None:
     """Raise ControllerBrokeProtocol unless ``verdict`` can answer round ``round_`` of
-    ``request_id`` for ``draft``: its committed tokens are the accepted draft prefix and one
-    token of the vocabulary, cut at most to ``room`` (the tokens the request has left)."""
-    n = len(verdict.tokens)
+    ``request_id`` for ``draft``: the accepted draft prefix and one token of the
+    vocabulary, all of it unless cut by the request's ``room`` (tokens it has left) or an
+    end of sequence (then ``done``), and a next draft length within the welcome's limit."""
+    n, accepted, tokens = len(verdict.tokens), verdict.accepted, verdict.tokens
+    full = min(accepted + 1, room)
+    cut_at_eos = 1 <= n < full and tokens[-1] in welcome.eos_token_ids and verdict.done
     problems = [
         (verdict.request_id != request_id, "a verdict for another request"),
         (verdict.round != round_, f"a verdict for round {verdict.round}, not {round_}"),
-        (not 0 <= verdict.accepted <= len(draft), "an accepted count beyond the draft"),
-        (not 1 <= n <= min(verdict.accepted + 1, room), "a token count the round cannot have"),
-        (verdict.tokens[: min(n, verdict.accepted)] != draft[: min(n, verdict.accepted)],
+        (not 0 <= accepted <= len(draft), "an accepted count beyond the draft"),
+        (n != full and not cut_at_eos, "a token count the round cannot have"),
+        (tokens[: min(n, accepted)] != draft[: min(n, accepted)],
          "accepted tokens that are not the draft's"),
-        (any(not 0 <= t < vocab_size for t in verdict.tokens), "a token outside the vocabulary"),
+        (any(not 0 <= t < vocab_size for t in tokens), "a token outside the vocabulary"),
+        (n == room and not verdict.done, "no end with the request's tokens all given"),
+        (verdict.draft_len > welcome.max_draft_len, "a draft length beyond its own limit"),
     ]
     for broken, what in problems:
         if broken:
@@ -69,6 +112,7 @@ class GenerationResult:
     tokens: list[int]
     text: str
     stats: GenerationStats
+    partial: bool = False  # the agent gave up resuming: ``tokens`` is what was committed
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -93,9 +137,12 @@ class TelemetryOptions:
 
 class DeviceAgent:
     def __init__(self, drafter: Drafter, link: ControllerLink, device_id: str | None = None,
-                 telemetry: TelemetryOptions | None = None):
+                 telemetry: TelemetryOptions | None = None, resume_timeout_s: float = 60.0,
+                 keepalive_s: float = 2.0):
         self.drafter = drafter
         self.link = link
+        self.resume_timeout_s = resume_timeout_s
+        self.keepalive_s = keepalive_s
         self.device_id = device_id or ""  # with keys, the controller names us (welcome)
         self.telemetry = telemetry or TelemetryOptions()
         self.welcome: P.Welcome | None = None
@@ -105,8 +152,8 @@ class DeviceAgent:
         self._draft_s = self._drafted = 0.0  # totals over this agent's life: its speed
         self._telemetry_sent_at = -float("inf")
 
-    def register(self) -> P.Welcome:
-        """Hello -> welcome, then measure the link and send the first telemetry."""
+    def register(self, measure: bool = True) -> P.Welcome:
+        """Hello -> welcome, then (``measure``) measure the link and send telemetry."""
         self.link.send(P.Hello(
             self.device_id, self.drafter.model_id, self.drafter.fingerprint,
             self.drafter.vocab_size, {"sampling": True, "max_top_k": P.MAX_TOP_K},
@@ -115,7 +162,8 @@ class DeviceAgent:
         self.device_id = self.welcome.device_id
         log.info("registered with %s as %s (target %s)", self.link.endpoint, self.device_id,
                  self.welcome.target_model)
-        self.measure_link()
+        if measure:
+            self.measure_link()
         return self.welcome
 
     def measure_link(self) -> LinkReport:
@@ -148,20 +196,33 @@ class DeviceAgent:
         sampling: SamplingOptions | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> GenerationResult:
-        """Run one request to completion; ``on_tokens`` sees each round's committed tokens."""
+        """Run one request to completion; ``on_tokens`` sees each round's committed tokens.
+
+        A lost link (no answer for the link's timeout, its connection closed, the
+        controller closing or restarted) is survived: the agent reconnects with backoff and
+        resumes the request from its own transcript for up to ``resume_timeout_s``, then
+        raises GaveUp holding the partial result."""
         sampling = sampling or SamplingOptions()
-        request_id = uuid.uuid4().hex[:12]
+        request = _Request(uuid.uuid4().hex[:12], prompt_ids, max_new_tokens, sampling)
         started = time.perf_counter()
-        self.link.send(P.Start(
-            request_id, prompt_ids, max_new_tokens, sampling.temperature, sampling.top_p,
-            sampling.top_k, sampling.seed, sampling.draft_top_k,
-        ))
+        self.link.send(request.start())
         draft_len = self._expect(P.Control).draft_len
         self.drafter.begin(prompt_ids)
-        tokens: list[int] = []
+        tokens = request.committed
         stats = GenerationStats()
         draft_s = 0.0
         first_draft_at = time.perf_counter()
+
+        def result(partial: bool = False) -> GenerationResult:
+            finished = time.perf_counter()
+            stats.acceptance_rate = stats.accepted / stats.drafted if stats.drafted else 0.0
+            stats.tokens_per_round = len(tokens) / stats.rounds if stats.rounds else 0.0
+            stats.tokens_per_s = len(tokens) / (finished - started)
+            stats.draft_tokens_per_s = stats.drafted / draft_s if draft_s > 0 else 0.0
+            stats.goodput_tok_s = len(tokens) / (finished - first_draft_at)
+            text = self.drafter.detokenize(tokens).decode("utf-8", errors="replace")
+            return GenerationResult(prompt_ids, list(tokens), text, stats, partial)
+
         while True:
             draft = self.drafter.draft(
                 draft_len, temperature=sampling.temperature, top_k=sampling.draft_top_k,
@@ -170,12 +231,20 @@ class DeviceAgent:
             draft_s += draft.seconds
             self._draft_s += draft.seconds
             self._drafted += len(draft.tokens)
-            self.link.send(P.Draft(
-                request_id, stats.rounds, len(prompt_ids) + len(tokens), draft.tokens,
-                draft.q_ids, draft.q_counts, draft.seconds,
-            ))
-            verdict = self._expect(P.Verdict)
-            check_verdict(verdict, request_id, stats.rounds, draft.tokens,
+            try:
+                self.link.send(P.Draft(
+                    request.request_id, stats.rounds, len(prompt_ids) + len(tokens),
+                    draft.tokens, draft.q_ids, draft.q_counts, draft.seconds,
+                ))
+                verdict = self._expect(P.Verdict)
+            except LinkLost as lost:
+                try:
+                    draft_len = self._resume(request, stats.rounds, lost)
+                except GaveUp as gave_up:
+                    gave_up.result = result(partial=True)
+                    raise
+                continue  # the same round, drafted again (from the same transcript)
+            check_verdict(verdict, request.request_id, stats.rounds, draft.tokens, self.welcome,
                           self.drafter.vocab_size, max_new_tokens - len(tokens))
             stats.rounds += 1
             stats.drafted += len(draft.tokens)
@@ -187,33 +256,74 @@ class DeviceAgent:
                 on_tokens(verdict.tokens)
             draft_len = verdict.draft_len
             if verdict.done:
-                break
+                return result()
             if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
                 self.send_telemetry()
-        finished = time.perf_counter()
-        stats.acceptance_rate = stats.accepted / stats.drafted if stats.drafted else 0.0
-        stats.tokens_per_round = len(tokens) / stats.rounds
-        stats.tokens_per_s = len(tokens) / (finished - started)
-        stats.draft_tokens_per_s = stats.drafted / draft_s if draft_s > 0 else 0.0
-        stats.goodput_tok_s = len(tokens) / (finished - first_draft_at)
-        text = self.drafter.detokenize(tokens).decode("utf-8", errors="replace")
-        return GenerationResult(prompt_ids, tokens, text, stats)
+
+    def _resume(self, request: _Request, round_: int, lost: LinkLost) -> int:
+        """Reconnect with backoff and resume ``request`` at ``round_``; its draft length.
+        Raises GaveUp after ``resume_timeout_s``; refusals that cannot pass (a key no longer
+        listed, a fatal error) raise as they are."""
+        log.warning("link lost (%s); resuming request %s at round %d", lost,
+                    request.request_id, round_)
+        give_up_at = time.monotonic() + self.resume_timeout_s
+        delay = RESUME_FIRST_DELAY_S
+        while True:
+            try:
+                self.link.reconnect()
+                self.register(measure=False)
+                self.link.send(request.resume(round_))
+                draft_len = self._expect(P.Control).draft_len
+                log.info("resumed request %s at position %d", request.request_id,
+                         len(request.prompt_ids) + len(request.committed))
+                return draft_len
+            except (LinkLost, ControllerError) as exc:
+                if isinstance(exc, ControllerError) and (exc.fatal or exc.code not in RETRIED):
+                    raise
+                if time.monotonic() + delay > give_up_at:
+                    raise GaveUp(f"gave up resuming after {self.resume_timeout_s:g} s: {exc}",
+                                 request) from None
+                log.info("resume failed (%s); again in %.1f s", exc, delay)
+                time.sleep(delay * random.uniform(0.8, 1.2))  # jitter: not all at once
+                delay = min(delay * 2, RESUME_MAX_DELAY_S)
 
     def close(self) -> None:
         """Say goodbye if the link can take it now (never blocks)."""
         self.link.send(P.Bye(), wait=False)
 
     def _expect(self, kind: type[P.Message]) -> P.Message:
-        """Wait for a message of ``kind``; errors raise, control updates are applied."""
+        """Wait for a message of ``kind``; control updates are applied on the way.
+
+        While it waits it pings every ``keepalive_s``, so that a controller busy with a
+        long prefill still answers; the link counts as lost (LinkLost) after the link's
+        timeout without any answer, when its connection closes, when the controller says
+        it is closing, or when its answer shows it lost our registration or request
+        (it restarted): all of which a resume mends. Other errors raise ControllerError."""
+        quiet_since = time.monotonic()
         while True:
-            msg = self._held.pop(0) if self._held else self.link.receive()
+            if self._held:
+                msg = self._held.pop(0)
+            else:
+                try:
+                    msg = self.link.receive(self.keepalive_s)
+                except LinkTimeout:
+                    silent = time.monotonic() - quiet_since
+                    if silent >= self.link.timeout_s:
+                        raise LinkTimeout(self.link.silence(silent)) from None
+                    self.link.send(P.Ping(time.monotonic()), wait=False)
+                    continue
+                quiet_since = time.monotonic()
             if isinstance(msg, P.Control):
                 self._apply(msg)
             if isinstance(msg, kind):
                 return msg
+            if isinstance(msg, P.Closing):
+                raise LinkLost("the controller is closing down")
             if isinstance(msg, P.Error):
+                if not msg.fatal and msg.code in LOST_STATE:
+                    raise LinkLost(f"the controller lost our state ({msg.code})")
                 raise ControllerError(msg)
-            if not isinstance(msg, P.Control):
+            if not isinstance(msg, P.Control | P.Pong):
                 log.debug("ignoring %s while waiting for %s", msg.TYPE, kind.TYPE)
 
     def _apply(self, control: P.Control) -> None:

@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from edge_controller.keys import CurveClient
 
-EXIT_REFUSED = 1  # the controller answered with an error, or refused our key
-EXIT_ERROR = 1  # a local failure (keys init)
+EXIT_FAILED = 1  # the controller refused us (an error reply, our key), or keys init failed
 EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3  # no answer from the controller
+EXIT_UNREACHABLE = 3  # no answer from the controller (after resuming for --resume-timeout)
 EXIT_PROTOCOL = 4  # the controller broke the protocol (a garbage frame, an impossible verdict)
 
 
@@ -31,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="generate text for one prompt",
-                         description="Generate text for one prompt with the controller's help.")
+                         description="Generate text for one prompt with the controller's help.",
+                         epilog="exit codes: 0 done; 1 refused by the controller (key not "
+                         "listed, an error reply); 2 bad usage; 3 no answer from the "
+                         "controller, after resuming for --resume-timeout; 4 the controller "
+                         "broke the protocol")
     gen.add_argument("--controller", required=True, metavar="tcp://HOST:PORT")
     add_link_arguments(gen)
     gen.add_argument("--draft", default="q4_0",
@@ -58,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
                      "one), reported to the controller's draft control; 0 = unknown")
     gen.add_argument("--probe-uplink", type=int, default=0, metavar="N",
                      help="measure uplink capacity at registration with N padded pings")
-    gen.add_argument("--timeout", type=float, default=60.0,
-                     help="seconds to wait for any answer from the controller")
+    gen.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                     help="how long without any answer from the controller before the link "
+                     "counts as lost (the agent pings while it waits; default 10)")
+    gen.add_argument("--resume-timeout", type=float, default=60.0, metavar="S",
+                     help="after a lost link, how long to keep reconnecting and resuming the "
+                     "request before giving up: exit 3, and with --json the partial result "
+                     "(default 60)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per request (prompt_tokens, tokens, text, "
                      "stats), one per line")
@@ -92,7 +100,7 @@ def keys_init(args: argparse.Namespace) -> int:
         keypair = init_keypair(args.dir, DEVICE, force=args.force)
     except KeyFileError as exc:
         print(f"device-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     print(keypair.public_text)
     print(f"device keypair in {args.dir}; on the controller run: edge-controller keys add NAME "
           f"{keypair.public_text} --dir DIR", file=sys.stderr)
@@ -182,15 +190,17 @@ def generate(args: argparse.Namespace) -> int:
         ControllerBrokeProtocol,
         ControllerError,
         DeviceAgent,
+        GaveUp,
         SamplingOptions,
         TelemetryOptions,
     )
-    from device_agent.link import ControllerLink, KeyRefused, LinkRefused, LinkTimeout
+    from device_agent.link import ControllerLink, KeyRefused, LinkLost, LinkRefused
     from edge_controller.protocol import ProtocolError
 
-    if min(args.max_new_tokens, args.requests) < 1 or args.temperature < 0 or args.timeout <= 0:
-        print("device-agent: need --max-new-tokens >= 1, --requests >= 1, --temperature >= 0 "
-              "and --timeout > 0", file=sys.stderr)
+    if (min(args.max_new_tokens, args.requests) < 1 or args.temperature < 0
+            or args.timeout <= 0 or args.resume_timeout < 0):
+        print("device-agent: need --max-new-tokens >= 1, --requests >= 1, --temperature >= 0, "
+              "--timeout > 0 and --resume-timeout >= 0", file=sys.stderr)
         return EXIT_USAGE
     curve, problem = link_security(args)
     if problem:
@@ -208,7 +218,8 @@ def generate(args: argparse.Namespace) -> int:
     stream = _TextStream(drafter) if not args.json else None
     with ControllerLink(args.controller, curve=curve, timeout_s=args.timeout) as link:
         telemetry = TelemetryOptions(args.spectral_efficiency, probe_bursts=args.probe_uplink)
-        agent = DeviceAgent(drafter, link, device_id, telemetry)
+        agent = DeviceAgent(drafter, link, device_id, telemetry,
+                            resume_timeout_s=args.resume_timeout)
         try:
             agent.register()
             for _ in range(args.requests):
@@ -222,14 +233,27 @@ def generate(args: argparse.Namespace) -> int:
                   f"{exc.public_key} not on its allowlist): on the controller, run "
                   f"`edge-controller keys add {name} {exc.public_key} --dir DIR`",
                   file=sys.stderr)
-            return EXIT_REFUSED
+            return EXIT_FAILED
         except (ControllerError, LinkRefused) as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
-            return EXIT_REFUSED
-        except LinkTimeout as exc:
+            return EXIT_FAILED
+        except GaveUp as exc:
+            if args.json and exc.result is not None:
+                print(json.dumps(exc.result.to_json()), flush=True)
+            print(f"device-agent: {exc} ({len(exc.request.committed)} tokens committed"
+                  f"{', printed as a partial result' if args.json else ''})", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except LinkLost as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
-        except (ControllerBrokeProtocol, ProtocolError) as exc:
+        except ProtocolError as exc:
+            if exc.code == "version":  # a controller of another version: not a broken one
+                print(f"device-agent: the controller speaks another protocol version: {exc}",
+                      file=sys.stderr)
+                return EXIT_FAILED
+            print(f"device-agent: the controller broke the protocol: {exc}", file=sys.stderr)
+            return EXIT_PROTOCOL
+        except ControllerBrokeProtocol as exc:
             print(f"device-agent: the controller broke the protocol: {exc}", file=sys.stderr)
             return EXIT_PROTOCOL
         finally:

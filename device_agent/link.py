@@ -29,7 +29,11 @@ _EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-class LinkTimeout(TimeoutError):
+class LinkLost(ConnectionError):
+    """The link to the controller is gone for now (a resume may mend it)."""
+
+
+class LinkTimeout(LinkLost, TimeoutError):
     """The controller did not answer in time."""
 
 
@@ -88,7 +92,7 @@ class ControllerLink:
             self._socket.send(frame, 0 if wait else zmq.NOBLOCK)
         except zmq.Again:
             if wait:
-                raise LinkTimeout(self._silence(self.timeout_s)) from None
+                raise LinkTimeout(self.silence(self.timeout_s)) from None
             return 0
         self.sent_bytes += len(frame)
         return len(frame)
@@ -97,18 +101,20 @@ class ControllerLink:
         """Send frames as they are (tests of the controller's input validation)."""
         self._socket.send_multipart(frames)
 
-    def receive(self, timeout_s: float | None = None) -> P.Message:
-        """The next message from the controller. LinkRefused at once if the handshake is
-        refused; LinkTimeout, saying what the silence most likely means, if none comes."""
+    def receive(self, timeout_s: float | None = None,
+                versions: tuple[int, ...] = (P.PROTOCOL_VERSION,)) -> P.Message:
+        """The next message from the controller, of one of ``versions``. LinkRefused at
+        once if the handshake is refused; LinkTimeout, saying what the silence most likely
+        means, if none comes."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
             ready = dict(self._poller.poll(remaining * 1000))
             if self._socket in ready:
-                return P.decode(self._socket.recv())
+                return P.decode_versioned(self._socket.recv(), versions)[0]
             if self._monitor in ready:
                 self._on_event(recv_monitor_message(self._monitor))
-        raise LinkTimeout(self._silence(timeout))
+        raise LinkTimeout(self.silence(timeout))
 
     def _on_event(self, event: dict) -> None:
         kind, value = event["event"], event["value"]
@@ -133,11 +139,13 @@ class ControllerLink:
                               "listed on the controller) and --controller-key KEY")
         elif kind == zmq.EVENT_DISCONNECTED and self._handshaken:
             # libzmq would reconnect with the same routing id, which the controller ignores
-            # while its side of the old connection lives: start over with a fresh one.
-            self._close_socket()
-            self._open()
+            # while its side of the old connection lives: start over with a fresh one. The
+            # controller has dropped (or will drop) what it held for the old connection.
+            self.reconnect()
+            raise LinkLost("the connection to the controller closed")
 
-    def _silence(self, timeout: float) -> str:
+    def silence(self, timeout: float) -> str:
+        """What ``timeout`` seconds without an answer most likely mean."""
         said = f"no answer from the controller at {self.endpoint} in {timeout:g} s"
         if self.curve is None:
             return said + " (is it running, and reachable from here?)"
@@ -147,6 +155,11 @@ class ControllerLink:
                     "likely wrong")
         return (said + " (is it running, and reachable from here? a wrong --controller-key "
                 "is a likely cause too: then the controller cannot answer)")
+
+    def reconnect(self) -> None:
+        """A new connection, with a fresh routing id (queued messages are dropped)."""
+        self._close_socket()
+        self._open()
 
     def close(self) -> None:
         self._close_socket()

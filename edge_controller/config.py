@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     round_deadline_s: float = 0.25
-    session_timeout_s: float = 60.0
+    session_timeout_s: float = 5.0  # no heartbeat (every 1 s) this long: registration dropped
     metrics_port: int = 0  # Prometheus /metrics on metrics_bind:PORT; 0 = off
     metrics_bind: str = "127.0.0.1"  # unauthenticated: loopback unless you mean otherwise
     timeline: str = ""  # append one JSON line per round and per plan here (trials, plots)
@@ -57,8 +57,8 @@ class LimitsConfig:
     idle_s: float = 5.0  # ...and at least this long is ended, its KV slot freed
     messages_per_s: float = 200.0  # per device: frames beyond this rate are dropped...
     message_burst: int = 400  # ...after a burst of this many
-    bytes_per_s: float = 4.0 * 2**20  # per device: frame bytes beyond this rate are dropped...
-    bytes_burst: int = 8 * 2**20  # ...after a burst of this many (an uplink probe: 256 KiB)
+    bytes_per_s: float = 512.0 * 2**10  # per device: frame bytes beyond this rate are dropped...
+    bytes_burst: int = 2**20  # ...after a burst of this many (an uplink probe: 256 KiB)
 
 
 @dataclass

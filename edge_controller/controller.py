@@ -17,7 +17,6 @@ import reprlib
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from edge_controller import protocol as P
@@ -30,7 +29,7 @@ from edge_controller.draft_control import (
     calibrate_verify_time,
     seed_verify_time,
 )
-from edge_controller.logs import PeerWarnings
+from edge_controller.logs import PeerLog
 from edge_controller.metrics import ControllerMetrics
 from edge_controller.scheduler import SyncScheduler
 from edge_controller.sessions import RequestStats, Session, SessionRegistry
@@ -45,6 +44,8 @@ NEAR_TIE_MARGIN = 1e-4  # DESIGN.md: greedy mismatches are tolerated only below 
 POLL_TICK_S = 0.05
 MAX_MESSAGES_PER_TICK = 256  # bound the work between round checks...
 MESSAGE_BUDGET_S = 0.02  # ...and its time, once a round is due
+CLOSING_RETRY_S = 1.0  # devices told the controller is stopping come back after this
+CLOSING_LINGER_S = 1.0  # how long the last answers and closings may take to go out
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,12 @@ class EdgeController:
         self.rounds_run = 0
         self.largest_batch = 0
         self._timeline = None  # open file of server.timeline while serving
-        self._warnings = PeerWarnings(log)
+        self._warnings = PeerLog(log)
+        self._events = PeerLog(log, logging.INFO)  # what devices do: no device floods the log
         self._started = time.monotonic()
 
     # ---- the loop --------------------------------------------------------------------
-    @contextmanager
+    @contextlib.contextmanager
     def running(self, ready_timeout_s: float = 60.0) -> Iterator[EdgeController]:
         """Serve in a background thread until the block ends (tests, benchmarks)."""
         stop, ready = threading.Event(), threading.Event()
@@ -126,36 +128,36 @@ class EdgeController:
                 ready.set()
             while not stop.is_set():
                 now = time.monotonic()
-                alone = self._prefilling() and not any(s.in_rounds for s in self.sessions)
-                wait = 0.0 if alone else self.scheduler.wait_s(now, POLL_TICK_S)
+                wait = 0.0 if self._prefill_alone() else self.scheduler.wait_s(now, POLL_TICK_S)
                 if self.transport.poll(wait):
-                    self._take_messages(now)
+                    self._take_messages()
                 now = time.monotonic()
                 if self.transport.allowlist_changed(now):
                     self._end_unlisted()
-                self._purge_silent(now)
+                self._drop_lost(now)
                 self._end_idle(now)
                 if self.scheduler.due(self.sessions, now):
                     self.run_round()
-                elif (prefilling := self._prefilling()) is not None and not any(
-                        s.in_rounds for s in self.sessions):
-                    self._prefill(prefilling)  # no rounds to ride along: a forward of its own
+                elif (prefilling := self._prefill_alone()) is not None:
+                    self._prefill(prefilling)
                 self._replan(now)
+            self._close_down()
         finally:
             for session in self.sessions:
                 self._end_request(session)
-            self.transport.close()
+            self.transport.close(linger_s=CLOSING_LINGER_S)
             if self._timeline is not None:
                 with contextlib.suppress(OSError):
                     self._timeline.close()
             log.info("controller stopped")
 
-    def _take_messages(self, started: float) -> None:
+    def _take_messages(self) -> None:
         """Handle waiting messages: at most MAX_MESSAGES_PER_TICK, and no longer than
         MESSAGE_BUDGET_S once a round is due, so that no flood holds a round."""
-        for count in range(MAX_MESSAGES_PER_TICK):
-            if count % 16 == 15 and time.monotonic() - started > MESSAGE_BUDGET_S \
-                    and self.scheduler.due(self.sessions, time.monotonic()):
+        started = time.monotonic()
+        for _ in range(MAX_MESSAGES_PER_TICK):
+            now = time.monotonic()
+            if now - started > MESSAGE_BUDGET_S and self.scheduler.due(self.sessions, now):
                 return
             message = self.transport.receive()
             if message is None:
@@ -170,11 +172,16 @@ class EdgeController:
         opened_at = self.scheduler.opened_at
         batch = self.scheduler.close(self.sessions)
         items = [_verify_item(s) for s in batch]
-        tokens = sum(len(i.draft_tokens) + 1 for i in items)
+        prefilling = self._prefilling()
+        chunk = min(self.config.limits.prefill_chunk, prefilling.prefill_left) if prefilling else 0
+        tokens = sum(len(i.draft_tokens) + 1 for i in items) + chunk  # what the forward ran
         started = time.perf_counter()
-        outcomes = self._verify(batch, items, self._prefilling())
+        outcomes = self._verify(batch, items, prefilling)
         verify_s = time.perf_counter() - started
-        self.draft_control.on_round(tokens, verify_s)
+        try:
+            self.draft_control.on_round(tokens, verify_s)
+        except Exception:  # the estimate is worth less than the round: keep serving
+            log.exception("verify-time estimate failed")
         self.rounds_run += 1
         self.largest_batch = max(self.largest_batch, len(items))
         log.debug("round: %d drafts, %d tokens, %.1f ms", len(items), tokens, verify_s * 1e3)
@@ -187,11 +194,12 @@ class EdgeController:
             except Exception as exc:
                 log.exception("answering %s failed", session.device_id)
                 self._fail(session, "internal", f"controller error: {type(exc).__name__}")
+        decisions = self.draft_control.decisions
         self._record(verify_s=verify_s, devices=[
             {"device": s.device_id, "draft_len": len(i.draft_tokens),
              "accepted": o.accepted if o else None, "committed": committed.get(s.device_id, 0),
-             "share": self.draft_control.decisions[s.device_id].bandwidth_share
-             if s.device_id in self.draft_control.decisions else None}
+             "share": decisions[s.device_id].bandwidth_share if s.device_id in decisions
+             else None}
             for s, i, o in zip(batch, items, outcomes, strict=True)
         ])
         self.metrics.verify_s.observe(verify_s)
@@ -226,7 +234,12 @@ class EdgeController:
     def _prefilling(self) -> Session | None:
         """The request whose prompt is prefilled next: the one that started first."""
         waiting = [s for s in self.sessions if s.generating and s.prefill_left > 0]
-        return min(waiting, key=lambda s: s.drafted_at, default=None)
+        return min(waiting, key=lambda s: s.started_at, default=None)
+
+    def _prefill_alone(self) -> Session | None:
+        """The request to prefill in a forward of its own now: only while no round is open
+        (every member is drafting), so that no round waits for more than one chunk."""
+        return self._prefilling() if self.scheduler.opened_at is None else None
 
     def _prefill(self, session: Session) -> None:
         """One chunk of ``session``'s prompt in a forward of its own (no round is due)."""
@@ -255,14 +268,17 @@ class EdgeController:
                                       len(tokens), time.monotonic())
         self._show(session.device_id)
         decision = self.draft_control.decisions[session.device_id]
-        self._send(session, P.Verdict(request.request_id, draft.round, outcome.accepted,
-                                      tokens, done, decision.draft_len))
+        verdict = P.Verdict(request.request_id, draft.round, outcome.accepted, tokens, done,
+                            decision.draft_len)
+        session.last_verdict = (verdict, draft)
+        self._send(session, verdict)
         session.answered_at = time.monotonic()
         if done:
             stats = session.stats
-            log.info("%s: request %s done: %d tokens in %d rounds, acceptance %.2f, "
-                     "smallest top-2 logit margin %.2e", session.device_id, request.request_id,
-                     stats.generated, stats.rounds, stats.acceptance_estimate, stats.min_margin)
+            self._events(session.device_id, "request %s done: %d tokens in %d rounds, "
+                         "acceptance %.2f, smallest top-2 logit margin %.2e",
+                         request.request_id, stats.generated, stats.rounds,
+                         stats.acceptance_estimate, stats.min_margin)
             self._end_request(session)
         return len(tokens)
 
@@ -295,6 +311,10 @@ class EdgeController:
                 raise P.ProtocolError("not_registered", "send hello before anything else")
             elif isinstance(msg, P.Start):
                 self._on_start(session, msg)
+            elif isinstance(msg, P.Resume):
+                self._on_resume(session, msg)
+            elif isinstance(msg, P.Cancel):
+                self._on_cancel(session, msg)
             elif isinstance(msg, P.Draft):
                 self._on_draft(session, msg)
             elif isinstance(msg, P.Telemetry):
@@ -308,7 +328,7 @@ class EdgeController:
             else:
                 raise P.ProtocolError("unexpected", f"{msg.TYPE} is not a device message")
         except P.ProtocolError as exc:
-            self._warnings.warn(session.device_id if session else peer.label,
+            self._warnings(session.device_id if session else peer.label,
                                 "rejected message: [%s] %s", exc.code, exc)
             self.metrics.rejected.labels(exc.code).inc()
             self._reply(peer.route, P.Error(exc.code, str(exc), fatal=exc.fatal), version)
@@ -341,8 +361,8 @@ class EdgeController:
                                   time.monotonic(), version))
         self.draft_control.join(name)
         self.metrics.sessions.set(len(self.sessions))
-        log.info("%s registered (draft %s, protocol %d)", name, reprlib.repr(msg.draft_model),
-                 version)
+        self._events(name, "registered (draft %s, protocol %d)", reprlib.repr(msg.draft_model),
+                     version)
         limits = self.config.limits
         self._reply(peer.route, P.Welcome(
             name, self.target.name, limits.max_new_tokens,
@@ -350,13 +370,42 @@ class EdgeController:
         ), version)
 
     def _on_start(self, session: Session, msg: P.Start) -> None:
-        limits = self.config.limits
         if session.generating:
             raise P.ProtocolError("busy", "a request is already in flight for this device")
+        self._open_request(session, msg, msg.prompt_ids)
+
+    def _on_resume(self, session: Session, msg: P.Resume) -> None:
+        """The device's transcript is the truth. A request the controller still holds at or
+        beyond it is rolled back to it (rounds the device never heard of are undone); any
+        other is re-created from it (its prompt and output prefilled again, in chunks)."""
+        transcript = msg.prompt_ids + msg.committed_ids
+        request, slot = session.request, session.slot
+        held = self.verifier.tokens(slot) if slot is not None else []
+        if (request is not None and request.request_id == msg.request_id
+                and held[: len(transcript)] == transcript
+                and (len(held) == len(transcript) or session.prefill_left == 0)):
+            self.verifier.truncate(slot, len(transcript))
+            session.pending, session.next_round = None, msg.round
+            session.stats.generated = len(msg.committed_ids)
+            self._events(session.device_id, "request %s resumed at position %d",
+                         msg.request_id, len(transcript))
+            self._send(session, _control(self.draft_control.decisions[session.device_id]))
+            session.answered_at = time.monotonic()
+            return
+        if request is not None:
+            self._end_request(session)
+        self._open_request(session, msg.as_start(), transcript, msg.round,
+                           generated=len(msg.committed_ids))
+
+    def _open_request(self, session: Session, msg: P.Start, tokens: list[int], round_: int = 0,
+                      generated: int = 0) -> None:
+        """Check a request, give it a KV slot for ``tokens`` (prefilled later, in chunks),
+        and answer with the device's control."""
+        limits = self.config.limits
         if msg.max_new_tokens > limits.max_new_tokens:
             raise P.ProtocolError(
                 "invalid", f"max_new_tokens {msg.max_new_tokens} exceeds {limits.max_new_tokens}")
-        self._check_ids(msg.prompt_ids, "prompt")
+        self._check_ids(tokens, "prompt")
         if msg.top_k > self.target.vocab_size:
             raise P.ProtocolError(
                 "invalid", f"top_k must be in 0..{self.target.vocab_size} (the vocabulary)")
@@ -365,26 +414,39 @@ class EdgeController:
             raise P.ProtocolError(
                 "too_long", f"prompt + max_new_tokens + draft needs {need} positions; "
                 f"this controller holds {limits.max_len} per session")
-        try:  # the prompt is prefilled in chunks, between and inside rounds
-            session.slot = self.verifier.open(msg.prompt_ids, prefill=False)
+        try:  # prefilled in chunks, between and inside rounds
+            session.slot = self.verifier.open(tokens, prefill=False)
         except CapacityError as exc:
             raise P.ProtocolError("capacity", str(exc)) from None
         self.metrics.kv_slots.set(self.verifier.slots_in_use)
-        session.request, session.next_round, session.pending = msg, 0, None
+        session.request, session.next_round, session.pending = msg, round_, None
+        session.last_verdict = None
         session.prefill_left = self.verifier.prefill_left(session.slot)
-        session.missed_rounds, session.drafted_at = 0, time.monotonic()
-        session.stats = RequestStats()
-        log.info("%s: request %s, %d prompt tokens, up to %d new, temperature %g",
-                 session.device_id, reprlib.repr(msg.request_id), len(msg.prompt_ids),
-                 msg.max_new_tokens, msg.temperature)
-        self.draft_control.on_request_start(session.device_id)
+        session.missed_rounds = 0
+        session.started_at = session.drafted_at = time.monotonic()
+        session.stats = RequestStats(generated=generated)
+        self._events(session.device_id, "request %s, %d prompt tokens (%d of them output), "
+                     "up to %d new, temperature %g", msg.request_id, len(tokens), generated,
+                     msg.max_new_tokens, msg.temperature)
+        others = self.draft_control.on_request_start(session.device_id)
         self._send(session, _control(self.draft_control.decisions[session.device_id]))
         session.answered_at = time.monotonic()
+        self._push_decisions(others)
+
+    def _on_cancel(self, session: Session, msg: P.Cancel) -> None:
+        """End the request if it is the one in flight; silent either way (idempotent)."""
+        if session.request is not None and session.request.request_id == msg.request_id:
+            self._events(session.device_id, "request %s cancelled", msg.request_id)
+            self._end_request(session)
 
     def _on_draft(self, session: Session, msg: P.Draft) -> None:
         request = session.request
         if request is None or msg.request_id != request.request_id:
             raise P.ProtocolError("stale", "no request of that id in flight")
+        last = session.last_verdict
+        if last is not None and msg.round == last[0].round and msg == last[1]:
+            self._send(session, last[0])  # a duplicate: the same verdict again, no commit
+            return
         if session.pending is not None or msg.round != session.next_round:
             raise P.ProtocolError(
                 "stale", f"draft for round {msg.round}, expected round {session.next_round}")
@@ -428,7 +490,7 @@ class EdgeController:
 
     def _drop(self, session: Session, why: str) -> None:
         """Forget a device: free its slot, its estimates and its metrics."""
-        log.info("%s %s", session.device_id, why)
+        self._events(session.device_id, "%s", why)
         self._end_request(session)
         self.sessions.remove(session)
         self.draft_control.leave(session.device_id)
@@ -487,10 +549,29 @@ class EdgeController:
                 self._fail(session, "idle", f"no draft for {limits.idle_rounds} rounds and "
                            f"{limits.idle_s:g} s: the request is ended and its KV slot freed")
 
-    def _purge_silent(self, now: float) -> None:
+    def _drop_lost(self, now: float) -> None:
+        """Drop the registrations whose connection is gone: closed by the device, or by the
+        transport after ``session_timeout_s`` without heartbeats (a link down). An idle
+        device with a live connection stays registered; one that comes back resumes."""
+        for route in self.transport.disconnected():
+            session = self.sessions.on_route(route)
+            if session is not None:
+                self._drop(session, "lost its connection; its session is dropped")
         timeout = self.config.server.session_timeout_s
-        for session in [s for s in self.sessions if now - s.last_seen > timeout]:
-            self._drop(session, f"silent for {timeout:.0f} s; its session is dropped")
+        for session in self.sessions:  # left without a route (another connection took it)
+            if session.route is None and now - session.last_seen > timeout:
+                self._drop(session, f"without a connection for {timeout:g} s; dropped")
+
+    def _close_down(self) -> None:
+        """Stop: the loop admits nothing more; the round in flight is finished, and every
+        device is told to resume against the next start."""
+        log.info("closing down: finishing the round in flight, telling %d device(s)",
+                 len(self.sessions))
+        if any(s.in_rounds and s.pending is not None for s in self.sessions):
+            self.run_round()
+        for session in self.sessions:
+            if session.route is not None and session.version >= 3:
+                self._reply(session.route, P.Closing(CLOSING_RETRY_S), session.version)
 
     def _end_unlisted(self) -> None:
         """The allowlist changed: end the sessions whose key is gone, or listed anew."""
@@ -510,9 +591,10 @@ class EdgeController:
             self._reply(peer.route, P.Error("revoked", REVOKED, fatal=True))
 
     def _expel(self, session: Session, why: str) -> None:
-        if session.route is not None:
-            self._reply(session.route, P.Error("revoked", why, fatal=True), session.version)
-        self._drop(session, "revoked; its session is dropped")
+        route = session.route
+        self._drop(session, "revoked; its session is dropped")  # gone before it is told
+        if route is not None:
+            self._reply(route, P.Error("revoked", why, fatal=True), session.version)
 
     def _send(self, session: Session, msg: P.Message) -> None:
         """Answer a registered device on its route, in its protocol version; a device that

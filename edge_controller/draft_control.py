@@ -96,13 +96,20 @@ class DraftController:
         self._planned.discard(device_id)
         self._membership_changed = True
 
-    def on_request_start(self, device_id: str) -> None:
-        """The device joins the rounds; until a plan covers it, it gets the first decision
-        for the devices active now (not the idle registered ones)."""
+    def on_request_start(self, device_id: str) -> dict[str, Decision]:
+        """The device joins the rounds. Until a plan covers them, the devices in rounds
+        share the band equally (idle registered ones take none): returns the decisions
+        this changed for the others, for the controller to push."""
         self.active.add(device_id)
         self._membership_changed = True
-        if device_id not in self._planned:
-            self.decisions[device_id] = self._initial_decision()
+        changed = {}
+        for other in self.active - self._planned:
+            decision = self._initial_decision()
+            if decision != self.decisions.get(other):
+                self.decisions[other] = decision
+                if other != device_id:
+                    changed[other] = decision
+        return changed
 
     def on_draft(self, device_id: str, draft_len: int, draft_s: float, frame_bytes: int,
                  gap_s: float, first_round: bool = False) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from edge_controller.draft_control import Decision, DeviceEstimates
 
 PREFIX = "multispin"
 ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -45,7 +49,8 @@ class ControllerMetrics:
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
 
-    def show_device(self, device_id: str, estimates, decision) -> None:
+    def show_device(self, device_id: str, estimates: DeviceEstimates,
+                    decision: Decision) -> None:
         """A device's estimates (draft_control.DeviceEstimates) and decision in force."""
         self.goodput.labels(device_id).set(estimates.goodput_tok_s)
         self.acceptance.labels(device_id).set(estimates.acceptance.mean)

@@ -17,6 +17,11 @@ Conversation of one device (D) with the controller (C)::
     ...                (draft / verdict until done; then another start, or bye)
     D -> C  ping       C -> D  pong            (round-trip time; liveness)
     D -> C  telemetry  measured draft speed, link quality, host state
+    D -> C  resume     after a lost link or a controller restart: the request again, with
+                       its committed output so far and the round it is at   (version 3)
+    C -> D  control    (as after start; the controller re-created it if it had lost it)
+    D -> C  cancel     end the request in flight now                          (version 3)
+    C -> D  closing    the controller is going away; resume against its next start (v3)
     D -> C  bye
 
 Handlers never see raw frames: :func:`decode` validates size, version, type and fields
@@ -30,6 +35,11 @@ Versions: every change to what goes on the wire, or to what a message means, bum
 * 2: identity is the device's CURVE key (docs/security.md): a device's name is the one its
   key is listed under on the controller, and ``welcome.device_id`` tells it; a hello's
   ``device_id`` may be empty, and if given must be that name. Same fields as version 1.
+* 3: nothing lost (docs/resume.md): a request is (device key, request id), a draft and its
+  verdict (request, round); ``resume`` re-creates a request from the device's committed
+  transcript, a draft for a round already verified gets that verdict again (never a
+  second commit); ``cancel`` ends a request; ``closing`` says the controller is stopping.
+  Version 2 devices are served as before and never sent ``closing``.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 SERVED_VERSIONS = (PROTOCOL_VERSION - 1, PROTOCOL_VERSION)  # what a controller accepts
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB: the largest frame, a ping padded for an uplink probe
 MAX_PROMPT_TOKENS = 32_768
@@ -52,6 +62,7 @@ MIN_TEMPERATURE = 1e-3  # below this (but above 0) softmax under/overflows: use 
 MAX_SEED = 2**63  # seeds are keyed into 64-bit signed integers on the verifier
 Q_SCALE = 1 << 16  # draft probabilities travel as integer counts; q = count / sum(counts)
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe file name
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,64}")  # logged: nothing that could forge a line
 MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; the controller checks its own size
 MAX_MAP_ENTRIES = 64  # capabilities, host state
 MAX_STR_CHARS = 256  # any string field, unless STR_LIMITS says otherwise
@@ -61,10 +72,18 @@ MIN_SPECTRAL_EFFICIENCY, MAX_SPECTRAL_EFFICIENCY = 0.1, 30.0  # bit/s/Hz a devic
 # its fields are walked (walking a list of ints costs a Python check per element).
 FRAME_LIMITS = {
     "hello": 4096, "welcome": 4096, "control": 256, "verdict": 4096, "pong": 256,
-    "error": 4096, "bye": 64, "telemetry": 16 * 1024,
-    "start": 16 * MAX_PROMPT_TOKENS // 3 + 1024,  # ids of up to 5 bytes each, ~30% slack
+    "error": 4096, "bye": 64, "telemetry": 16 * 1024, "cancel": 256, "closing": 64,
+    "start": 16 * MAX_PROMPT_TOKENS // 3 + 1024,  # ids of up to 5 bytes each, ~7% slack
+    "resume": 16 * MAX_PROMPT_TOKENS // 3 + 1024,  # prompt + output fit one slot
     "draft": 11 * 64 * 256 + 2048,  # 64 positions x 256 (id, count) pairs of <= 5 + 5 bytes
     "ping": MAX_FRAME_BYTES,  # padded: the uplink probe (bytes: free to skip)
+}
+# Per type: (items in a list, entries in a map) its fields may hold; any larger, or any
+# container where the type has none, is refused by the unpacker before it is built.
+UNPACK_LIMITS = {
+    "start": (MAX_PROMPT_TOKENS, 0), "resume": (MAX_PROMPT_TOKENS, 0),
+    "draft": (MAX_TOP_K, 0), "verdict": (MAX_DRAFT_TOKENS + 1, 0), "welcome": (64, 0),
+    "hello": (0, 16), "telemetry": (32, 32),
 }
 
 
@@ -202,14 +221,56 @@ class Error(Message):
 
 
 @dataclass
+class Resume(Message):
+    """Request ``request_id`` again, as it stands on the device: the start's fields, the
+    output committed so far (``committed_ids``: the device's transcript, the truth) and the
+    round it drafts next. Answered like a start (control); the sequence is then at
+    ``len(prompt_ids) + len(committed_ids)``."""
+
+    TYPE: ClassVar[str] = "resume"
+    request_id: str
+    prompt_ids: list[int]
+    committed_ids: list[int]
+    round: int
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    draft_top_k: int = 32
+
+    def as_start(self) -> Start:
+        return Start(self.request_id, self.prompt_ids, self.max_new_tokens, self.temperature,
+                     self.top_p, self.top_k, self.seed, self.draft_top_k)
+
+
+@dataclass
+class Cancel(Message):
+    """End request ``request_id`` now (a client hung up); answered by silence."""
+
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@dataclass
+class Closing(Message):
+    """The controller is stopping: reconnect and resume after ``retry_after_s``."""
+
+    TYPE: ClassVar[str] = "closing"
+    retry_after_s: float = 1.0
+
+
+@dataclass
 class Bye(Message):
     TYPE: ClassVar[str] = "bye"
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Welcome, Start, Control, Draft, Verdict, Ping, Pong, Telemetry, Error, Bye)
+    for cls in (Hello, Welcome, Start, Control, Draft, Verdict, Ping, Pong, Telemetry, Error, Bye,
+                Resume, Cancel, Closing)
 }
+V3_TYPES = frozenset({"resume", "cancel", "closing"})  # unknown to a version 2 peer
 
 
 def encode(msg: Message, version: int = PROTOCOL_VERSION) -> bytes:
@@ -226,22 +287,25 @@ def decode_versioned(
     frame: bytes, versions: tuple[int, ...] = SERVED_VERSIONS, max_bytes: int = MAX_FRAME_BYTES
 ) -> tuple[Message, int]:
     """Parse and validate one frame of any of ``versions``: (message, its version).
-    Raise ProtocolError saying what is wrong."""
+    Raise ProtocolError saying what is wrong.
+
+    What a frame may cost is bounded before it is built: its first two keys must be ``v``
+    and ``type`` (our encoder writes them first), read with no room for anything large;
+    then the type's frame size limit; then the fields, with the type's own limits on lists
+    and maps, which the unpacker enforces in C before it builds anything."""
     if len(frame) > max_bytes:
         raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds {max_bytes}")
     try:
-        body = msgpack.unpackb(  # bounded before anything is built (C speed)
-            frame, raw=False, strict_map_key=True, max_str_len=max(STR_LIMITS.values()),
-            max_bin_len=max_bytes, max_array_len=MAX_PROMPT_TOKENS,
-            max_map_len=MAX_MAP_ENTRIES, max_ext_len=0)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError("malformed", f"frame is not valid msgpack within the limits "
-                            f"({type(exc).__name__})") from None
-    if not isinstance(body, dict):
-        raise ProtocolError("malformed", "frame body must be a msgpack map")
-    version = body.pop("v", None)
+        head = _unpacker(frame, max_str_len=64)
+        entries = head.read_map_header()
+        keys_and_head = [head.unpack() for _ in range(4)]
+    except Exception:  # msgpack raises several unrelated types
+        raise ProtocolError("malformed", "a frame must be a msgpack map whose first keys are "
+                            "'v' and 'type', within the limits") from None
+    if keys_and_head[0] != "v" or keys_and_head[2] != "type":
+        raise ProtocolError("malformed", "a frame's first keys must be 'v' and 'type'")
+    version, kind = keys_and_head[1], keys_and_head[3]
     if type(version) is not int or version not in versions:
-        # Never echo what the peer sent beyond a small int: it may be a megabyte of text.
         said = version if type(version) is int and abs(version) < 10**6 else type(version).__name__
         accepted = " or ".join(str(v) for v in versions)
         raise ProtocolError(
@@ -250,16 +314,49 @@ def decode_versioned(
             "serves its own version and the one before, so upgrade the controller first)",
             fatal=True,
         )
-    kind = body.pop("type", None)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    if cls is None or (version < 3 and kind in V3_TYPES):
         raise ProtocolError("unknown_type", "unknown message type")
     if len(frame) > FRAME_LIMITS[cls.TYPE]:
         raise ProtocolError("oversized", f"{cls.TYPE} frame of {len(frame)} bytes exceeds "
                             f"{FRAME_LIMITS[cls.TYPE]}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if entries - 2 > len(fields):
+        raise ProtocolError("malformed", f"{cls.TYPE}: {entries - 2 - len(fields)} or more "
+                            "unknown field(s)")
+    body: dict[str, Any] = {}
+    try:
+        lists, maps = UNPACK_LIMITS.get(cls.TYPE, (0, 0))
+        rest = _unpacker(frame, max_str_len=max(STR_LIMITS.values()), max_bin_len=max_bytes,
+                         max_array_len=lists, max_map_len=maps)
+        rest.read_map_header()
+        for _ in range(4):
+            rest.skip()
+        for _ in range(entries - 2):
+            key = rest.unpack()
+            if key not in fields or key in body:  # named by count: the names are the peer's
+                raise ProtocolError("malformed", f"{cls.TYPE}: an unknown or repeated field")
+            body[key] = rest.unpack()
+        if rest.tell() != len(frame):
+            raise ProtocolError("malformed", f"{cls.TYPE}: bytes after the message")
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError("malformed", f"{cls.TYPE}: not valid msgpack within its limits "
+                            f"({type(exc).__name__})") from None
     msg = _build(cls, body)
     _check_limits(msg)
     return msg, version
+
+
+def _unpacker(frame: bytes, *, max_str_len: int, max_bin_len: int = 0, max_array_len: int = 0,
+              max_map_len: int = 0) -> msgpack.Unpacker:
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, max_buffer_size=max(len(frame), 1),
+        max_str_len=max_str_len, max_bin_len=max_bin_len, max_array_len=max_array_len,
+        max_map_len=max_map_len, max_ext_len=0)
+    unpacker.feed(frame)
+    return unpacker
 
 
 _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "bytes": bytes}
@@ -267,9 +364,6 @@ _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "bytes"
 
 def _build(cls: type[Message], body: dict[str, Any]) -> Message:
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sum(1 for key in body if key not in fields)
-    if unknown:  # named by count only: the names are the peer's text
-        raise ProtocolError("malformed", f"{cls.TYPE}: {unknown} unknown field(s)")
     for name, f in fields.items():
         if name not in body:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -307,7 +401,18 @@ def _check_limits(msg: Message) -> None:
     def bad(text: str) -> ProtocolError:
         return ProtocolError("invalid", f"{msg.TYPE}: {text}")
 
-    if isinstance(msg, Start):
+    request_id = getattr(msg, "request_id", "")
+    if not REQUEST_ID.fullmatch(request_id):
+        raise bad("request_id must be at most 64 of A-Z a-z 0-9 . _ : -")
+    if isinstance(msg, Resume):
+        _check_limits(msg.as_start())
+        if len(msg.prompt_ids) + len(msg.committed_ids) > MAX_PROMPT_TOKENS:
+            raise bad(f"prompt + committed output must hold at most {MAX_PROMPT_TOKENS} tokens")
+        if not 0 <= len(msg.committed_ids) < msg.max_new_tokens or msg.round < 0:
+            raise bad("need 0 <= len(committed_ids) < max_new_tokens and round >= 0")
+    elif isinstance(msg, Closing) and not 0 <= msg.retry_after_s <= 3600:
+        raise bad("retry_after_s must be in 0..3600")
+    elif isinstance(msg, Start):
         if not 0 < len(msg.prompt_ids) <= MAX_PROMPT_TOKENS:
             raise bad(f"prompt must hold 1..{MAX_PROMPT_TOKENS} tokens")
         if not 1 <= msg.max_new_tokens <= MAX_TOKEN_ID:

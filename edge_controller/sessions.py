@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from edge_controller.protocol import PROTOCOL_VERSION, Draft, ProtocolError, Start
+from edge_controller.protocol import PROTOCOL_VERSION, Draft, ProtocolError, Start, Verdict
+
+if TYPE_CHECKING:  # the verifier imports torch; sessions stay light
+    from edge_controller.verifier.engine import VerifyOutcome
 
 
 @dataclass
@@ -53,9 +57,11 @@ class Session:
     pending: Draft | None = None  # this round's draft, waiting for the round to close
     pending_bytes: int = 0  # its frame size
     answered_at: float = 0.0  # when the last verdict (or the request's control) was sent
+    started_at: float = 0.0  # when its request started (or was resumed): prefill order
     drafted_at: float = 0.0  # when its request last sent valid traffic (start, a draft)
     prefill_left: int = 0  # prompt tokens the verifier has still to prefill (0: ready)
     missed_rounds: int = 0  # rounds in a row that closed without its draft
+    last_verdict: tuple[Verdict, Draft] | None = None  # the last round answered, its draft
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property
@@ -71,13 +77,14 @@ class Session:
         """Its request has had no draft for ``rounds`` rounds in a row (closed without it,
         or deadlines passed when none closed) and for at least ``seconds``, counted from
         when it could draft (its last verdict or control)."""
-        if not self.in_rounds or self.pending is not None:
-            return False
+        if not self.generating or self.pending is not None:
+            return False  # (a prefilling request that sent no draft yet may idle too)
         silent = now - max(self.drafted_at, self.answered_at)
         missed = max(self.missed_rounds, int(silent / round_deadline_s))
         return missed >= rounds and silent >= seconds
 
-    def commit_round(self, outcome, eos_token_ids: set[int]) -> tuple[list[int], bool]:
+    def commit_round(self, outcome: VerifyOutcome,
+                     eos_token_ids: set[int]) -> tuple[list[int], bool]:
         """Apply the verifier's outcome (accepted, next_token, margin) to the pending draft:
         the tokens it commits and whether the request is done; counts it in ``stats``."""
         draft, stats = self.pending, self.stats
@@ -143,6 +150,9 @@ class SessionRegistry:
     def no_longer_listed(self, name_of: Callable[[bytes], str | None]) -> list[Session]:
         """Sessions whose key is no longer listed under their name (revoked or renamed)."""
         return [s for s in self if name_of(s.identity) != s.device_id]
+
+    def on_route(self, route: bytes) -> Session | None:
+        return self._by_route.get(route)
 
     def frame_on(self, route: bytes, identity: bytes) -> None:
         """A frame from ``identity`` came on ``route``: libzmq gave that route to its

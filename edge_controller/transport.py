@@ -23,21 +23,23 @@ from pathlib import Path
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from edge_controller import keys as K
 from edge_controller import protocol as P
 from edge_controller.config import ControllerConfig
-from edge_controller.logs import PeerWarnings
+from edge_controller.logs import PeerLog
 
 log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = b"multispin"
-HEARTBEAT_IVL_MS = 1000  # ZMTP pings to every connection...
-HEARTBEAT_TIMEOUT_MS = 4000  # ...and a connection silent this long is closed, its route freed
+HEARTBEAT_IVL_S = 1.0  # ZMTP pings to every connection; one silent for the heartbeat
+# timeout (server.session_timeout_s) is closed, and its device's registration dropped
 ALLOWLIST_CHECK_S = 0.5  # revocation takes effect within this (plus one loop tick)
-RECEIVE_QUEUE = 64  # frames libzmq holds per connection before it stops reading its socket
+RECEIVE_QUEUE = 16  # frames libzmq holds per connection before it stops reading its socket
 SEND_QUEUE = 256  # frames queued to one device before sends to it fail (it is dropped)
 MAX_BUCKETS = 4096  # rate-limit state kept per identity; idle ones are forgotten first
+MAX_DROPS_PER_RECEIVE = 256  # frames over their rate dropped in one receive() at most
 
 
 class TransportError(RuntimeError):
@@ -121,7 +123,8 @@ class Transport:
     """
 
     def __init__(self, bind: str, keys_dir: str | Path | None, *, insecure: bool = False,
-                 insecure_anywhere: bool = False, rate_limit: RateLimit | None = None):
+                 insecure_anywhere: bool = False, rate_limit: RateLimit | None = None,
+                 heartbeat_timeout_s: float = 5.0):
         if keys_dir and insecure:
             raise TransportError("both a keys directory and insecure mode given: choose one")
         if not keys_dir and not insecure:
@@ -136,7 +139,11 @@ class Transport:
                 "use keys, or add --insecure-anywhere if you really mean plain TCP there")
         self.bind = bind
         self.rate_limit = rate_limit
-        self._warnings = PeerWarnings(log)
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._fd_route: dict[int, bytes] = {}  # connection (its fd) -> the route it speaks on
+        self._lost: list[bytes] = []  # routes whose connection closed, not yet reported
+        self._monitor: zmq.Socket | None = None
+        self._warnings = PeerLog(log)
         self.keys_dir = Path(keys_dir) if keys_dir else None
         self.allowlist: K.Allowlist | None = None
         self._allowlist_seen = 0  # the allowlist generation the controller last acted on
@@ -160,7 +167,8 @@ class Transport:
         return cls(config.server.bind, security.keys_dir or None, insecure=security.insecure,
                    insecure_anywhere=security.insecure_anywhere,
                    rate_limit=RateLimit(limits.messages_per_s, limits.message_burst,
-                                        limits.bytes_per_s, limits.bytes_burst))
+                                        limits.bytes_per_s, limits.bytes_burst),
+                   heartbeat_timeout_s=config.server.session_timeout_s)
 
     @property
     def secure(self) -> bool:
@@ -175,11 +183,13 @@ class Transport:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a claimed routing id never takes a route over
         # A larger frame never reaches memory: libzmq closes that connection instead (the
         # device reconnects); the per-type limits below it are checked in decode().
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES + 64)  # + msgpack's own header
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
         sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_timeout_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, int(self.heartbeat_timeout_s * 1000))
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._socket = sock
         if self.secure:
             keypair = self._keypair
@@ -206,18 +216,39 @@ class Transport:
     def receive(self) -> tuple[Peer, list[bytes]] | None:
         """The next admitted message, if one is waiting: its sender and its body frames.
         Messages over their sender's rate are dropped here, unread."""
-        while True:
+        for _ in range(MAX_DROPS_PER_RECEIVE):
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return None
             key = frames[-1].get("User-Id").encode("ascii") if self.secure else None
             peer = Peer(frames[0].bytes, key, self.allowlist.name_of(key) if key else None)
+            # The events of this frame's connection (and of any earlier one on its fd) were
+            # queued before the frame: read them first, or a reused fd would map wrongly.
+            self._read_events()
+            self._fd_route[frames[-1].get(zmq.SRCFD)] = peer.route
             size = sum(len(f) for f in frames[1:])
             if self.rate_limit is None or self.rate_limit.admit(peer.identity, size,
                                                                 time.monotonic()):
                 return peer, [f.bytes for f in frames[1:]]
-            self._warnings.warn(peer.label, "over its rate: a frame of %d bytes dropped", size)
+            self._warnings(peer.label, "over its rate: a frame of %d bytes dropped", size)
+        return None  # the rest wait: a flood of drops must not hold the loop either
+
+    def disconnected(self) -> list[bytes]:
+        """Routes whose connection closed since the last call: the peer left, or its
+        heartbeats stopped for the heartbeat timeout (a link down)."""
+        self._read_events()
+        routes, self._lost = self._lost, []
+        return routes
+
+    def _read_events(self) -> None:
+        """Connections opened and closed, in order: a closed one's route is lost; a new one
+        on a reused fd starts without a route until it speaks."""
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            route = self._fd_route.pop(event["value"], None)
+            if route is not None and event["event"] == zmq.EVENT_DISCONNECTED:
+                self._lost.append(route)
 
     def send(self, route: bytes, frame: bytes) -> bool:
         """Queue one frame for a route; False if that connection is gone or its queue full."""
@@ -243,13 +274,16 @@ class Transport:
         log.info("allowlist re-read: %d device(s) listed", len(self.allowlist.names))
         return True
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close everything; ``linger_s``: how long queued answers may still go out."""
+        if self._socket is not None:
+            self._socket.disable_monitor()
         if self._auth is not None:
             if self._auth.is_alive():
                 self._auth.stop()
             else:  # died: its sockets are still open, and term() would wait for them
                 log.error("the ZAP authenticator thread had died")
             self._auth = None
-        if self._context is not None:
-            self._context.destroy(linger=0)  # closes every socket of ours, then terms
-            self._context = self._socket = None
+        if self._context is not None:  # closes every socket of ours, then terms
+            self._context.destroy(linger=int(linger_s * 1000))
+            self._context = self._socket = self._monitor = None

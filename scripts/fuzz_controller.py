@@ -7,7 +7,7 @@ drawn by Hypothesis from every message type and field (edge_controller/fuzzing.p
 ``--pool`` of them; a longer run cycles through cheap mutations of that pool). After every
 frame a fuzzer sends a ping and waits for its pong: what came back in between is the
 frame's answer. A crash is: the controller dies, logs an unhandled exception, or a frame
-that must be answered (fuzzing.expected_reply) is not, or the pong never comes.
+that must be answered (fuzzing.expected_answer) is not, or the pong never comes.
 
 The agent's speed is compared with a baseline run in which the fuzzers send valid pings
 at the same rate: ``agent_slowdown`` = baseline tokens/s / tokens/s under fuzzing.
@@ -66,7 +66,8 @@ class Fuzzer(threading.Thread):
             if answers is None:
                 self.lost += 1
                 self.examples.append(frame[:64].hex())
-            elif fuzzing.expected_reply(frame) and not answers:
+            elif (expected := fuzzing.expected_answer(frame)) and not any(
+                    isinstance(answer, expected) for answer in answers):
                 self.missing_replies += 1
                 self.examples.append(frame[:64].hex())
         self.link.close()
@@ -145,14 +146,17 @@ def main() -> int:
                                                   default_models)
             alive = answers_a_ping(endpoint, keys)
         tracebacks = log_path.read_text().count("Traceback")
-    prompt_ids = next(r["prompt_tokens"] for r in base_results + results if "tokens" in r)
-    reference, _ = reference_greedy(target, prompt_ids, NEW_TOKENS)
     runs = [r for r in results if "tokens" in r]
-    lossless = bool(runs) and all(r["tokens"] == reference for r in runs) and not any(
-        "error" in r for r in results)
+    base_runs = [r for r in base_results if "tokens" in r]
+    if not runs or not base_runs:
+        print(f"fuzz: the agent finished no request: {(results + base_results)[:2]}",
+              file=sys.stderr)
+        return 1
+    reference, _ = reference_greedy(target, runs[0]["prompt_tokens"], NEW_TOKENS)
+    lossless = all(r["tokens"] == reference for r in runs + base_runs) and not any(
+        "error" in r for r in results + base_results)
 
-    def rate(rs: list[dict]) -> float:
-        done = [r for r in rs if "tokens" in r]
+    def rate(done: list[dict]) -> float:
         return sum(len(r["tokens"]) for r in done) / sum(
             len(r["tokens"]) / r["stats"]["tokens_per_s"] for r in done)
 
@@ -163,7 +167,7 @@ def main() -> int:
         "crashes": missing + lost + tracebacks + (0 if alive else 1),
         "controller_alive": alive,
         "agent_lossless": lossless,
-        "agent_slowdown": rate(base_results) / rate(results),
+        "agent_slowdown": rate(base_runs) / rate(runs),
         "missing_replies": missing, "lost_pongs": lost, "tracebacks": tracebacks,
         "agent_requests": len(runs), "seconds": seconds, "rate": args.rate, "seed": args.seed,
         "pool": len(pool), "examples": [e for f in fuzzers for e in f.examples][:10],

@@ -98,3 +98,15 @@ def test_draft_control_plans_without_a_device_that_has_no_measurements():
     changed = dc.maybe_resolve(now=10.0)
     assert set(changed) == {"measured"}
     assert dc.decisions["new"] == first  # kept until it has measurements
+
+
+def test_first_shares_of_devices_in_rounds_never_add_up_beyond_the_band():
+    dc = DraftController(ControlConfig(policy="heterogeneous"), AffineFit())
+    for device in ("a", "b", "c", "idle"):
+        dc.join(device)
+    pushed = {}
+    for device in ("a", "b", "c"):
+        pushed.update(dc.on_request_start(device))
+        assert sum(dc.decisions[d].bandwidth_share for d in dc.active) <= 1 + 1e-12
+    assert set(pushed) == {"a", "b"}  # the earlier ones were told their smaller share
+    assert dc.decisions["a"].bandwidth_share == 1 / 3

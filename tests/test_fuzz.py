@@ -34,9 +34,9 @@ def test_the_regression_corpus_is_answered_and_breaks_nothing(
             link.send_raw([frame])
             answers = fuzzing.answers_before_pong(link, float(i))
             assert answers is not None, f"{path.name}: the controller stopped answering"
-            if fuzzing.expected_reply(frame):
-                assert answers, f"{path.name}: no answer"
-                assert all(isinstance(a, P.Error) for a in answers), (path.name, answers)
+            expected = fuzzing.expected_answer(frame)
+            if expected:
+                assert any(isinstance(a, expected) for a in answers), (path.name, answers)
         assert controller.verifier.slots_in_use == 0
     assert not [r for r in caplog.records if r.exc_info], "an unhandled exception was logged"
 
@@ -46,7 +46,7 @@ def test_the_fuzzer_sample_finds_nothing_and_the_agent_stays_exact():
     run): a real controller, a real agent, Hypothesis frames of every type at a fixed rate."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "fuzz_controller.py"), "--frames", "10000",
-         "--rate", "600", "--seed", "7", "--json"],
+         "--baseline-frames", "2000", "--rate", "600", "--seed", "7", "--json"],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     result = json.loads(proc.stdout)

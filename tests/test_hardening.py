@@ -17,7 +17,7 @@ from device_agent.agent import ControllerBrokeProtocol, check_verdict
 from device_agent.link import ControllerLink
 from edge_controller import protocol as P
 from edge_controller.launch import AgentSpec
-from edge_controller.logs import PER_WINDOW, PeerWarnings
+from edge_controller.logs import PER_WINDOW, PeerLog
 from edge_controller.scheduler import SyncScheduler
 from edge_controller.sessions import Session
 from edge_controller.transport import RateLimit, Transport
@@ -103,13 +103,13 @@ def test_a_request_that_never_drafts_is_ended_and_pings_do_not_keep_it(
         ghost.send(P.Start("r", [1, 2, 3], 8))
         until(P.Control, ghost)
         started = time.monotonic()
-        while True:
+        while time.monotonic() - started < 10:  # before the fix, pings kept it forever
             ghost.send(P.Ping(0.0))  # valid traffic, but not the request's
             msg = ghost.receive(timeout_s=10)
             if isinstance(msg, P.Error):
                 break
             time.sleep(0.2)
-        assert msg.code == "idle" and not msg.fatal
+        assert isinstance(msg, P.Error) and msg.code == "idle" and not msg.fatal
         assert 1.0 <= time.monotonic() - started < 5.0
         assert controller.verifier.slots_in_use == 0
         ghost.send(P.Start("r2", [1, 2, 3], 8))  # still registered: it may start again
@@ -129,15 +129,29 @@ def test_every_string_is_capped(field, size):
 
 def test_big_hellos_are_refused_before_their_fields_are_read():
     """The attack: 100 hellos carrying a huge device name (+174 MB of memory, +209 MB of
-    log). A string that long is refused by the unpacker; a hello bigger than any legal
-    one, by its size."""
-    with pytest.raises(P.ProtocolError) as info:
-        P.decode(P.encode(P.Hello("x" * 2**19, "d", "f", 10)))
-    assert info.value.code == "malformed"
-    many = {f"k{i}": "v" * 1500 for i in range(60)}
-    with pytest.raises(P.ProtocolError) as info:
-        P.decode(P.encode(P.Hello("dev", "d", "f", 10, many)))
-    assert info.value.code == "oversized"
+    log). A hello bigger than any legal one is refused by its size; a string longer than
+    any field's is refused by the unpacker; a name longer than its field's cap, by it."""
+    for frame, code in [(P.encode(P.Hello("x" * 2**19, "d", "f", 10)), "oversized"),
+                        (P.encode(P.Hello("x" * 3000, "d", "f", 10)), "malformed"),
+                        (P.encode(P.Hello("x" * 65, "d", "f", 10)), "invalid")]:
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode(frame)
+        assert info.value.code == code
+
+
+def test_containers_a_type_has_no_room_for_are_refused_unbuilt():
+    """A million tiny containers cost ~0.2 s to build and walk (the review put a million
+    empty lists in a ping): now each type's limits on lists and maps are enforced by the
+    unpacker, and ``v`` and ``type`` come first, so nothing is built before they are known."""
+    V = P.PROTOCOL_VERSION
+    for body in ({"v": V, "type": "ping", "sent_at": 0.0, "payload": [[]] * 32_000},
+                 {"v": V, "type": "telemetry", "host": {f"k{i}": {} for i in range(33)}},
+                 {"v": V, "type": "draft", "request_id": "r", "round": 0, "position": 0,
+                  "tokens": [[]] * (P.MAX_TOP_K + 1)},
+                 {"payload": [[]] * 30_000, "v": V, "type": "ping", "sent_at": 0.0}):
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode(msgpack.packb(body))
+        assert info.value.code == "malformed"
 
 
 def test_device_text_is_never_echoed_in_errors():
@@ -217,17 +231,20 @@ def test_top_k_beyond_the_vocabulary_is_refused_at_start(run_controller, target_
 
 
 # ---- 6. logs ----------------------------------------------------------------------------------
-def test_a_name_with_a_newline_cannot_forge_log_lines():
+def test_a_name_or_request_id_with_a_newline_cannot_forge_log_lines():
     with pytest.raises(P.ProtocolError, match="device_id"):
         P.decode(P.encode(P.Hello("good\n2026-12-01 INFO forged", "d", "f", 10)))
+    for msg in (P.Start("r\nINFO forged", [1], 4), P.Draft("r\n", 0, 1, []), P.Cancel("\n")):
+        with pytest.raises(P.ProtocolError, match="request_id"):
+            P.decode(P.encode(msg))
 
 
 def test_warnings_per_device_are_rate_limited(caplog):
-    warnings = PeerWarnings(logging.getLogger("test.peers"))
+    warnings = PeerLog(logging.getLogger("test.peers"))
     with caplog.at_level(logging.WARNING, logger="test.peers"):
         for _ in range(100):
-            warnings.warn("noisy", "bad frame %d", 1)
-        warnings.warn("quiet", "bad frame %d", 2)
+            warnings("noisy", "bad frame %d", 1)
+        warnings("quiet", "bad frame %d", 2)
     noisy = [r for r in caplog.records if r.getMessage().startswith("noisy")]
     assert len(noisy) == PER_WINDOW
     assert any(r.getMessage().startswith("quiet") for r in caplog.records)
@@ -235,18 +252,27 @@ def test_warnings_per_device_are_rate_limited(caplog):
 
 # ---- 8. the agent trusted its controller blindly ---------------------------------------------
 def test_verdicts_are_checked():
-    draft = [5, 6, 7]
-    check_verdict(P.Verdict("r", 3, 2, [5, 6, 9], False, 4), "r", 3, draft, 100, room=10)
-    check_verdict(P.Verdict("r", 3, 2, [5], True, 4), "r", 3, draft, 100, room=1)
+    draft, welcome = [5, 6, 7], P.Welcome("dev", "t", 64, 8, [2])
+
+    def check(verdict: P.Verdict, room: int = 10, drafted: list[int] = draft) -> None:
+        check_verdict(verdict, "r", 3, drafted, welcome, vocab_size=100, room=room)
+
+    check(P.Verdict("r", 3, 2, [5, 6, 9], False, 4))
+    check(P.Verdict("r", 3, 2, [5], True, 4), room=1)  # cut by the request's end
+    check(P.Verdict("r", 3, 3, [5, 2], True, 4), drafted=[5, 2, 7])  # cut at end of sequence
+    check(P.Verdict("r", 3, 0, [2], True, 4))  # an end of sequence as the correction
     for bad, room in [(P.Verdict("other", 3, 2, [5, 6, 9], False, 4), 10),  # request
                       (P.Verdict("r", 4, 2, [5, 6, 9], False, 4), 10),  # round
                       (P.Verdict("r", 3, 4, [5, 6, 7, 8, 9], False, 4), 10),  # accepted
                       (P.Verdict("r", 3, 2, [5, 7, 9], False, 4), 10),  # not the draft's
                       (P.Verdict("r", 3, 2, [5, 6, 100], False, 4), 10),  # vocabulary
                       (P.Verdict("r", 3, 0, [], False, 4), 10),  # no token
-                      (P.Verdict("r", 3, 2, [5, 6, 9], False, 4), 2)]:  # beyond the room
+                      (P.Verdict("r", 3, 2, [5, 6, 9], False, 4), 2),  # beyond the room
+                      (P.Verdict("r", 3, 3, [5, 6], False, 4), 10),  # too few, no end
+                      (P.Verdict("r", 3, 2, [5, 6, 9], False, 4), 3),  # all given, not done
+                      (P.Verdict("r", 3, 2, [5, 6, 9], False, 9), 10)]:  # draft length
         with pytest.raises(ControllerBrokeProtocol):
-            check_verdict(bad, "r", 3, draft, vocab_size=100, room=room)
+            check(bad, room)
 
 
 def _broken_controller(reply_to_draft, ready: threading.Event, box: list) -> None:
@@ -282,7 +308,7 @@ def _broken_controller(reply_to_draft, ready: threading.Event, box: list) -> Non
      "another request"),
     (lambda d: P.encode(P.Verdict(d.request_id, d.round, 0, [10**9], False, 4)),
      "outside the vocabulary"),
-    (lambda d: b"\xc1 garbage", "not valid msgpack"),
+    (lambda d: b"\xc1 garbage", "must be a msgpack map"),
 ], ids=["another-request", "out-of-vocabulary", "garbage"])
 def test_an_agent_told_nonsense_exits_4_with_a_clear_message(default_models, reply, said):
     ready, box = threading.Event(), []
@@ -324,6 +350,40 @@ def test_start_up_failures_are_one_clear_line(tmp_path, default_models):
 
 
 # ---- 10. an unguarded round ------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_failure_answering_one_device_ends_its_request_only(
+    run_controller, target_info, lab_keys, monkeypatch
+):
+    """What used to stop the controller: an exception while answering one device in a
+    round. Injected here for the device "doomed"; "fine", in the same round, goes on."""
+    from edge_controller.controller import EdgeController
+
+    answer = EdgeController._answer
+
+    def failing(self, session, outcome):
+        if session.device_id == "doomed":
+            raise RuntimeError("injected")
+        return answer(self, session, outcome)
+
+    monkeypatch.setattr(EdgeController, "_answer", failing)
+    with run_controller(control__policy="fixed") as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("doomed")) as doomed, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("fine")) as fine:
+        for link in (doomed, fine):
+            hello(link, target_info)
+            link.send(P.Start("r", [1, 2, 3], 8))
+            until(P.Control, link)
+        doomed.send(P.Draft("r", 0, 3, [42]))
+        fine.send(P.Draft("r", 0, 3, [42]))
+        error = until(P.Error, doomed)
+        assert error.code == "internal" and "injected" not in error.message
+        assert isinstance(until(P.Verdict, fine), P.Verdict)
+        fine.send(P.Ping(3.0))
+        assert until(P.Pong, fine).sent_at == 3.0  # the loop goes on
+        assert controller.verifier.slots_in_use == 1
+
+
+
 @pytest.mark.slow
 def test_a_full_disk_under_the_timeline_stops_the_timeline_not_the_controller(
     run_controller, target, default_models, lab_keys

@@ -196,22 +196,6 @@ def test_the_previous_protocol_version_is_served_and_older_refused(run_controlle
         assert f"speaks version {P.PROTOCOL_VERSION}" in refused["message"]
 
 
-def test_a_version_1_agent_is_served_on_an_insecure_controller(run_controller, target_info):
-    """Version 1 agents had no keys: a controller with --insecure still serves them, by the
-    name their hello gives, and answers in version 1."""
-    with run_controller(insecure=True) as controller, \
-            ControllerLink(controller.endpoint) as link:
-        link.send_raw([P.encode(P.Hello("v1-board", "old", target_info.fingerprint,
-                                        target_info.vocab_size), version=1)])
-        assert link._socket.poll(30_000)
-        welcome, version = P.decode_versioned(link._socket.recv())
-        assert (version, welcome.device_id) == (1, "v1-board")
-        link.send_raw([P.encode(P.Start("r", [1, 2, 3], 4), version=1)])
-        assert link._socket.poll(30_000)
-        control, version = P.decode_versioned(link._socket.recv())
-        assert version == 1 and isinstance(control, P.Control)
-
-
 def test_device_id_must_match_the_keys_listed_name(run_controller, default_models, lab_keys):
     with run_controller() as controller:
         lab_keys.device_dir("orin")

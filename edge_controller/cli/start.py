@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -76,18 +79,39 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         controller = build_controller(config, transport)
-        controller.serve()
-    except KeyboardInterrupt:
+        controller.serve(stop_on_signals())
+    except KeyboardInterrupt:  # before serving: nothing to close down
         log.info("interrupted")
     except zmq.ZMQError as exc:
-        print(f"edge-controller: cannot bind {config.server.bind}: {exc.strerror} (another "
-              "controller on that port? choose another --bind)", file=sys.stderr)
+        hint = (" (another controller on that port? choose another --bind)"
+                if exc.errno == errno.EADDRINUSE else "")
+        print(f"edge-controller: cannot bind {config.server.bind}: {exc.strerror}{hint}",
+              file=sys.stderr)
         return 1
     except (CapacityError, TargetLoadError, NotImplementedError, OSError) as exc:
         # The KV budget does not fit, no such GPU, an unsupported model, a port or file.
         print(f"edge-controller: cannot serve: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a corrupt model file, a broken registry, a device torch refuses
+        log.debug("start-up failed", exc_info=True)
+        print(f"edge-controller: cannot serve: {type(exc).__name__}: {exc} (-v shows where)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM and SIGINT set: the controller then closes down gracefully
+    (finishes its round, tells the devices) instead of dying mid-round."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        log.info("%s: closing down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
 
 
 def build_controller(
