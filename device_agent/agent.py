@@ -172,8 +172,12 @@ class DeviceAgent:
         Run between requests: pongs are told apart from other messages, which are held."""
         probe = LinkProbe(self.link)
         opts = self.telemetry
-        self.link_report = probe.measure(rtt_count=3, burst_bytes=opts.probe_bytes,
-                                         burst_count=opts.probe_bursts)
+        try:
+            self.link_report = probe.measure(rtt_count=3, burst_bytes=opts.probe_bytes,
+                                             burst_count=opts.probe_bursts)
+        except ValueError as exc:  # pongs that cannot time a burst: no uplink figure
+            log.warning("uplink probe: %s; reporting no uplink capacity", exc)
+            self.link_report = LinkReport(probe.rtt(3), 0.0, time.monotonic())
         self._held += probe.held
         self.send_telemetry()
         return self.link_report
@@ -299,8 +303,13 @@ class DeviceAgent:
         timeout without any answer, when its connection closes, when the controller says
         it is closing, or when its answer shows it lost our registration or request
         (it restarted): all of which a resume mends. Other errors raise ControllerError."""
-        quiet_since = time.monotonic()
+        quiet_since = waiting_since = time.monotonic()
         while True:
+            if time.monotonic() - waiting_since > max(self.link.timeout_s, self.resume_timeout_s):
+                # Answers, but never the one we wait for: as good as lost (a resume asks
+                # again; a controller that never answers it ends with GaveUp).
+                raise LinkLost(f"no {kind.TYPE} from the controller in "
+                               f"{time.monotonic() - waiting_since:.0f} s")
             if self._held:
                 msg = self._held.pop(0)
             else:

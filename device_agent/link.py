@@ -66,6 +66,7 @@ class ControllerLink:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, secrets.token_hex(16).encode())
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)  # a controller cannot flood memory
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if self.curve is not None:

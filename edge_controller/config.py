@@ -55,6 +55,7 @@ class LimitsConfig:
     prefill_chunk: int = 64  # prompt tokens prefilled per round (mixed into its forward)
     idle_rounds: int = 8  # a request with no draft for this many rounds in a row...
     idle_s: float = 5.0  # ...and at least this long is ended, its KV slot freed
+    max_request_s: float = 900.0  # a request still going after this long is ended
     messages_per_s: float = 200.0  # per device: frames beyond this rate are dropped...
     message_burst: int = 400  # ...after a burst of this many
     bytes_per_s: float = 512.0 * 2**10  # per device: frame bytes beyond this rate are dropped...
@@ -102,8 +103,9 @@ class ControllerConfig:
              "limits.max_new_tokens must be in 1..max_len-1"),
             (1 <= self.limits.prefill_chunk <= self.limits.max_len,
              "limits.prefill_chunk must be in 1..max_len"),
-            (self.limits.idle_rounds >= 1 and self.limits.idle_s > 0,
-             "limits.idle_rounds must be >= 1 and limits.idle_s > 0"),
+            (self.limits.idle_rounds >= 1 and self.limits.idle_s > 0
+             and self.limits.max_request_s > 0,
+             "limits.idle_rounds must be >= 1, limits.idle_s and max_request_s > 0"),
             (self.limits.messages_per_s > 0 and self.limits.message_burst >= 1
              and self.limits.bytes_per_s > 0 and self.limits.bytes_burst >= MAX_FRAME_BYTES,
              "limits.messages_per_s and bytes_per_s must be > 0, message_burst >= 1, "

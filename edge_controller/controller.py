@@ -44,6 +44,7 @@ NEAR_TIE_MARGIN = 1e-4  # DESIGN.md: greedy mismatches are tolerated only below 
 POLL_TICK_S = 0.05
 MAX_MESSAGES_PER_TICK = 256  # bound the work between round checks...
 MESSAGE_BUDGET_S = 0.02  # ...and its time, once a round is due
+MIN_RIDE_ALONG = 16  # prompt tokens a round carries at least, however small the round
 CLOSING_RETRY_S = 1.0  # devices told the controller is stopping come back after this
 CLOSING_LINGER_S = 1.0  # how long the last answers and closings may take to go out
 
@@ -73,7 +74,8 @@ class EdgeController:
         self.config = config
         self.verifier = verifier
         self.target = target
-        self.draft_control = DraftController(config.control, verify_time or AffineFit())
+        self.draft_control = DraftController(config.control, verify_time or AffineFit(),
+                                             max_delay_s=config.server.round_deadline_s)
         self.scheduler = SyncScheduler(config.server.round_deadline_s)
         self.metrics = ControllerMetrics()
         self.sessions = SessionRegistry()
@@ -173,15 +175,20 @@ class EdgeController:
         batch = self.scheduler.close(self.sessions)
         items = [_verify_item(s) for s in batch]
         prefilling = self._prefilling()
-        chunk = min(self.config.limits.prefill_chunk, prefilling.prefill_left) if prefilling else 0
-        tokens = sum(len(i.draft_tokens) + 1 for i in items) + chunk  # what the forward ran
+        round_tokens = sum(len(i.draft_tokens) + 1 for i in items)
+        # A chunk rides along at most as big as the round itself: the forward at most
+        # doubles, however many prompts are queued and however often a device restarts one.
+        chunk = min(self.config.limits.prefill_chunk, max(round_tokens, MIN_RIDE_ALONG),
+                    prefilling.prefill_left) if prefilling else 0
+        tokens = round_tokens + chunk  # what the forward ran
         started = time.perf_counter()
-        outcomes = self._verify(batch, items, prefilling)
+        outcomes = self._verify(batch, items, prefilling, chunk)
         verify_s = time.perf_counter() - started
         try:
             self.draft_control.on_round(tokens, verify_s)
-        except Exception:  # the estimate is worth less than the round: keep serving
-            log.exception("verify-time estimate failed")
+        except Exception as exc:  # the estimate is worth less than the round: keep serving
+            self._warnings("draft control", "verify-time estimate failed: %r", exc,
+                           exc_info=True)
         self.rounds_run += 1
         self.largest_batch = max(self.largest_batch, len(items))
         log.debug("round: %d drafts, %d tokens, %.1f ms", len(items), tokens, verify_s * 1e3)
@@ -192,7 +199,7 @@ class EdgeController:
             try:
                 committed[session.device_id] = self._answer(session, outcome)
             except Exception as exc:
-                log.exception("answering %s failed", session.device_id)
+                self._warnings(session.device_id, "answering failed: %r", exc, exc_info=True)
                 self._fail(session, "internal", f"controller error: {type(exc).__name__}")
         decisions = self.draft_control.decisions
         self._record(verify_s=verify_s, devices=[
@@ -206,18 +213,19 @@ class EdgeController:
         self.metrics.round_s.observe(time.monotonic() - opened_at)
         self.metrics.batch.set(len(items))
 
-    def _verify(self, batch: list[Session], items: list[VerifyItem],
-                prefilling: Session | None) -> list[VerifyOutcome | None]:
-        chunk = (prefilling.slot, self.config.limits.prefill_chunk) if prefilling else None
+    def _verify(self, batch: list[Session], items: list[VerifyItem], prefilling: Session | None,
+                chunk: int) -> list[VerifyOutcome | None]:
         try:
-            outcomes = self.verifier.verify(items, prefill=chunk)
+            outcomes = self.verifier.verify(
+                items, prefill=(prefilling.slot, chunk) if prefilling else None)
             if prefilling is not None:
                 self._prefilled(prefilling)
             return outcomes
-        except Exception:
+        except Exception as exc:
             # Never let one session's bad state take the others down: retry one by one
             # and drop only the sessions that fail on their own.
-            log.exception("batched verification failed; isolating sessions")
+            self._warnings("verifier", "batched verification failed (%r); isolating sessions",
+                           exc, exc_info=True)
         if prefilling is not None:
             self._prefill(prefilling)
         outcomes: list[VerifyOutcome | None] = []
@@ -225,16 +233,18 @@ class EdgeController:
             try:
                 outcomes.extend(self.verifier.verify([item]))
             except Exception as exc:
-                log.exception("verification failed for %s", session.device_id)
+                self._warnings(session.device_id, "verification failed: %r", exc,
+                               exc_info=True)
                 self._fail(session, "internal", f"verification failed: {type(exc).__name__}")
                 outcomes.append(None)
         return outcomes
 
     # ---- prefill -------------------------------------------------------------------------
     def _prefilling(self) -> Session | None:
-        """The request whose prompt is prefilled next: the one that started first."""
+        """The request whose prompt is prefilled next: the one with the least left (a short
+        prompt is not stuck behind long ones), then the one that started first."""
         waiting = [s for s in self.sessions if s.generating and s.prefill_left > 0]
-        return min(waiting, key=lambda s: s.started_at, default=None)
+        return min(waiting, key=lambda s: (s.prefill_left, s.started_at), default=None)
 
     def _prefill_alone(self) -> Session | None:
         """The request to prefill in a forward of its own now: only while no round is open
@@ -246,7 +256,7 @@ class EdgeController:
         try:
             self.verifier.prefill(session.slot, self.config.limits.prefill_chunk)
         except Exception as exc:
-            log.exception("prefill failed for %s", session.device_id)
+            self._warnings(session.device_id, "prefill failed: %r", exc, exc_info=True)
             self._fail(session, "internal", f"prefill failed: {type(exc).__name__}")
             return
         self._prefilled(session)
@@ -335,7 +345,8 @@ class EdgeController:
             if exc.fatal and session is not None:  # it cannot go on: free what it holds
                 self._drop(session, f"refused [{exc.code}]; its session is dropped")
         except Exception as exc:  # a bug in a handler must not stop the controller
-            log.exception("handler failed")
+            self._warnings(session.device_id if session else peer.label, "handler failed: %r",
+                           exc, exc_info=True)
             if session is not None:
                 self._fail(session, "internal", f"controller error: {type(exc).__name__}")
 
@@ -380,6 +391,7 @@ class EdgeController:
         other is re-created from it (its prompt and output prefilled again, in chunks)."""
         transcript = msg.prompt_ids + msg.committed_ids
         request, slot = session.request, session.slot
+        session.last_verdict = None  # rolled back or re-created: no round is answered yet
         held = self.verifier.tokens(slot) if slot is not None else []
         if (request is not None and request.request_id == msg.request_id
                 and held[: len(transcript)] == transcript
@@ -500,8 +512,9 @@ class EdgeController:
     def _replan(self, now: float) -> None:
         try:
             changed = self.draft_control.maybe_resolve(now)
-        except Exception:  # a solver failure must not stop serving: keep the decisions
-            log.exception("draft control failed; keeping the current decisions")
+        except Exception as exc:  # a solver failure must not stop serving: keep the decisions
+            self._warnings("draft control", "failed (%r); keeping the current decisions", exc,
+                           exc_info=True)
             return
         self._push_decisions(changed)
 
@@ -519,7 +532,8 @@ class EdgeController:
             self._record(plan={d: vars(decisions[d]) for d in in_force},
                          predicted_goodput_tok_s=self.draft_control.plan_goodput_tok_s,
                          estimates=self.draft_control.snapshot(),
-                         verify_time=self.draft_control.verify_time.coefficients())
+                         verify_time=self.draft_control.verify_time.coefficients(),
+                         max_delay_s=self.draft_control.max_delay_s)
 
     def _record(self, **event) -> None:
         if self._timeline is None:
@@ -548,6 +562,9 @@ class EdgeController:
             if session.idle(now, limits.idle_rounds, limits.idle_s, deadline):
                 self._fail(session, "idle", f"no draft for {limits.idle_rounds} rounds and "
                            f"{limits.idle_s:g} s: the request is ended and its KV slot freed")
+            elif session.generating and now - session.started_at > limits.max_request_s:
+                self._fail(session, "too_slow", f"the request took more than "
+                           f"{limits.max_request_s:g} s: ended, its KV slot freed")
 
     def _drop_lost(self, now: float) -> None:
         """Drop the registrations whose connection is gone: closed by the device, or by the

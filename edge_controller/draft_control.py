@@ -70,9 +70,13 @@ class DeviceEstimates:
 
 
 class DraftController:
-    def __init__(self, config: ControlConfig, verify_time: AffineFit):
+    def __init__(self, config: ControlConfig, verify_time: AffineFit,
+                 max_delay_s: float = float("inf")):
         self.config = config
         self.verify_time = verify_time
+        # The round waits for no device longer than its deadline, so no plan may either: a
+        # device slower than that (or claiming to be) must not stretch everyone's round.
+        self.max_delay_s = max_delay_s
         self.devices: dict[str, DeviceEstimates] = {}
         self.decisions: dict[str, Decision] = {}
         self.active: set[str] = set()  # devices with a request in flight: the round's members
@@ -195,8 +199,11 @@ class DraftController:
         self._last_solve = now
         try:
             problem = problem_from_snapshot(snapshot, self.verify_time.coefficients(),
-                                            self.config.bandwidth_hz, self.config.max_draft_len)
+                                            self.config.bandwidth_hz, self.config.max_draft_len,
+                                            self.max_delay_s)
             plan = solve(self.config.policy, *problem)
+            if not (np.isfinite(plan.bandwidth_share).all() and np.isfinite(plan.goodput_tok_s)):
+                raise ValueError("the solver returned a plan with non-finite numbers")
         except ValueError as exc:
             log.warning("draft control: %s; keeping the current decisions", exc)
             return {}
@@ -234,12 +241,13 @@ MODEL_INPUTS = ("draft_s_per_token", "acceptance", "spectral_efficiency", "delay
 
 def problem_from_snapshot(
     estimates: dict[str, dict], verify_time: tuple[float, float], bandwidth_hz: float,
-    max_draft_len: int = 16,
+    max_draft_len: int = 16, max_delay_s: float = float("inf"),
 ) -> tuple[SystemParams, UserParams]:
     """The solvers' inputs from per-device estimates (``DraftController.snapshot()``, or a
-    timeline's plan event), devices in sorted order."""
+    timeline's plan event), devices in sorted order; delays capped at ``max_delay_s``."""
     ids = sorted(estimates)
     t, a, s, d, b0, b = np.array([[estimates[i][k] for k in MODEL_INPUTS] for i in ids]).T
+    d = np.minimum(d, max_delay_s)
     system = SystemParams(
         bandwidth_hz=bandwidth_hz, bits_per_token=b, overhead_bits=b0,
         verify_time=VerifyTime(*verify_time), max_draft_len=max_draft_len,

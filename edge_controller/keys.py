@@ -115,7 +115,12 @@ def init_keypair(directory: Path, name: str, *, force: bool = False) -> Keypair:
     # its first byte, then open the public one to everybody.
     old_umask = os.umask(0o077)
     try:
-        zmq.auth.create_certificates(str(directory), name)
+        # A Z85 key may start with "-", which command lines take for an option (keys add
+        # NAME -KEY, --controller-key -KEY): make keypairs until it does not (1 in 85).
+        while True:
+            zmq.auth.create_certificates(str(directory), name)
+            if not _load(public_path)[0].startswith(b"-"):
+                break
     finally:
         os.umask(old_umask)
     public_path.chmod(0o644)

@@ -69,7 +69,7 @@ class LabKeys:
     def agent_args(self, name: str) -> list[str]:
         if self.insecure:
             return ["--insecure"]
-        return ["--keys", str(self.device_dir(name)), "--controller-key", self.controller_key]
+        return ["--keys", str(self.device_dir(name)), f"--controller-key={self.controller_key}"]
 
     def client(self, name: str) -> K.CurveClient | None:
         """A ControllerLink's ``curve`` for device ``name`` (None when insecure)."""
@@ -120,37 +120,55 @@ def free_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def start_controller(
+    log_path: Path, keys: LabKeys, endpoint: str, *args: str, ready_timeout_s: float = 300.0,
+    spawn: Spawn = subprocess.Popen, append: bool = False,
+) -> subprocess.Popen:
+    """Start ``edge-controller start`` with ``keys`` on ``endpoint``; return it serving.
+    ``append`` keeps what ``log_path`` holds (a restart logs after the run before it)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = log_path.stat().st_size if append and log_path.exists() else 0
+    with open(log_path, "a" if append else "w") as log:
+        proc = spawn([str(BIN / "edge-controller"), "start", "--bind", endpoint,
+                      *keys.controller_args(), *args], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + ready_timeout_s
+    while "serving" not in log_path.read_text()[start:]:
+        if proc.poll() is not None:
+            raise RuntimeError(f"controller exited ({proc.returncode}); see {log_path}")
+        if time.monotonic() > deadline:
+            stop_controller(proc)
+            raise RuntimeError(f"controller not serving after {ready_timeout_s:.0f} s; "
+                               f"see {log_path}")
+        time.sleep(0.2)
+    return proc
+
+
+def stop_controller(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """SIGTERM (it closes down gracefully), then SIGKILL after ``timeout_s``; its code."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 @contextmanager
 def controller_process(
     log_path: Path, keys: LabKeys, *args: str, endpoint: str | None = None,
     ready_timeout_s: float = 300.0, spawn: Spawn = subprocess.Popen,
 ) -> Iterator[str]:
-    """Run ``edge-controller start`` with ``keys`` until the block ends (then Ctrl-C it);
+    """Run ``edge-controller start`` with ``keys`` until the block ends (then stop it);
     yield its endpoint.
 
     ``spawn`` starts the process (e.g. inside a network namespace of a trial lab)."""
     endpoint = endpoint or free_endpoint()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        proc = spawn([str(BIN / "edge-controller"), "start", "--bind", endpoint,
-                      *keys.controller_args(), *args], stdout=log, stderr=subprocess.STDOUT)
+    proc = start_controller(log_path, keys, endpoint, *args, ready_timeout_s=ready_timeout_s,
+                            spawn=spawn)
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while "serving" not in log_path.read_text():
-            if proc.poll() is not None:
-                raise RuntimeError(f"controller exited ({proc.returncode}); see {log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"controller not serving after {ready_timeout_s:.0f} s; "
-                                   f"see {log_path}")
-            time.sleep(0.2)
         yield endpoint
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_controller(proc)
 
 
 def run_agents(

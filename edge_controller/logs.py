@@ -26,7 +26,7 @@ class PeerLog:
         self.log, self.level = logger, level
         self._windows: dict[str, _Window] = {}
 
-    def __call__(self, peer: str, fmt: str, *args) -> None:
+    def __call__(self, peer: str, fmt: str, *args, exc_info: bool = False) -> None:
         now = time.monotonic()
         window = self._windows.get(peer)
         if window is None or now - window.started >= WINDOW_S:
@@ -38,7 +38,7 @@ class PeerLog:
             window = self._windows[peer] = _Window(now)
         if window.shown < PER_WINDOW:
             window.shown += 1
-            self.log.log(self.level, "%s: " + fmt, peer, *args)
+            self.log.log(self.level, "%s: " + fmt, peer, *args, exc_info=exc_info)
         else:
             window.hidden += 1
 

@@ -371,7 +371,8 @@ def _build(cls: type[Message], body: dict[str, Any]) -> Message:
             continue
         value = body[name]
         if not _conforms(value, str(f.type)):
-            got = type(value).__name__
+            got = ("a non-finite number" if isinstance(value, float) and not math.isfinite(value)
+                   else type(value).__name__)
             raise ProtocolError("malformed", f"{cls.TYPE}.{name}: expected {f.type}, got {got}")
         if type(value) is str and len(value) > STR_LIMITS.get(name, MAX_STR_CHARS):
             raise ProtocolError("invalid", f"{cls.TYPE}.{name}: at most "

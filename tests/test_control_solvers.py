@@ -199,3 +199,24 @@ def test_unknown_policy_and_infeasible_brute_force_raise():
         solve("brute-force", system, users)
     with pytest.raises(ValueError, match="fixed_draft_len"):
         solve("fixed-L", system, users, fixed_draft_len=17)
+
+
+@pytest.mark.parametrize("overhead_bits", [1e-12, 1e-9, 1e-8, 1e-6])
+def test_uploads_below_float_resolution_never_make_a_plan_nan(overhead_bits):
+    """What an attack found: a device that steers its frames so that its fitted overhead
+    is rounding noise (w below the float resolution of its compute time) made Newton start
+    at zero slack, and every device got a NaN share."""
+    from edge_controller.draft_control import problem_from_snapshot
+
+    honest = dict(draft_s_per_token=0.008, acceptance=0.6, spectral_efficiency=3.0,
+                  delay_s=0.002, overhead_bits=800, bits_per_token=24)
+    for t in (0.001, 3600.0):
+        for d in (0.2, 4.5):
+            attacker = dict(draft_s_per_token=t, acceptance=0.3, spectral_efficiency=30.0,
+                            delay_s=d, overhead_bits=overhead_bits, bits_per_token=0.0)
+            problem = problem_from_snapshot({"honest": honest, "attacker": attacker},
+                                            (0.06, 0.0026), 10e6)
+            for policy in POLICIES:
+                plan = solve(policy, *problem)
+                assert np.isfinite(plan.bandwidth_share).all(), (policy, t, d)
+                assert np.isfinite(plan.goodput_tok_s), (policy, t, d)

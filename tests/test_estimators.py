@@ -87,3 +87,11 @@ def test_verify_time_seeded_from_a_bench_file(tmp_path):
     # packed form at context 500: 0.1 + (0.006 + 500e-6) * n
     assert base == pytest.approx(0.1, rel=1e-6)
     assert per_token == pytest.approx(0.0065, rel=1e-6)
+
+
+def test_an_intercept_at_rounding_noise_is_zero():
+    fit = AffineFit()
+    for x in (1, 2, 3, 5, 8):
+        fit.update(x, 8 * 137 * x + 1e-9)  # frames whose size is all slope
+    base, slope = fit.coefficients()
+    assert base == 0.0 and slope == pytest.approx(8 * 137)

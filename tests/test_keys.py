@@ -231,3 +231,10 @@ def test_a_file_revoked_mid_scan_drops_only_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(type(allowlist.directory), "glob", glob)
     allowlist.reload()
     assert sorted(allowlist.names.values()) == ["a", "c"]
+
+
+def test_public_keys_never_start_like_an_option(tmp_path):
+    """A Z85 key starting with "-" broke `--controller-key KEY` (argparse took it for an
+    option), one key in 85; keys init makes keypairs until it does not."""
+    for i in range(300):
+        assert not K.init_keypair(tmp_path / str(i), K.DEVICE).public_text.startswith("-")

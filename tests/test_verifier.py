@@ -334,3 +334,17 @@ def test_chunked_prefill_mixed_into_rounds_equals_prefill_at_once(target, prompt
         assert a.next_token == b.next_token
         assert abs(a.margin - b.margin) < 1e-3
     assert verifier.tokens(whole) == verifier.tokens(chunked)
+
+
+def test_an_empty_sampled_draft_is_one_decode_step(target, prompts):
+    """L = 0 under sampling (the solver may switch a device's drafting off): no q, one
+    token from p; it used to fail the whole batch ("sampling needs q_ids")."""
+    model, _ = target
+    verifier = Verifier(model, max_sessions=2, max_len=128)
+    sampled, greedy = verifier.open(prompts[0]), verifier.open(prompts[1])
+    outcomes = verifier.verify([
+        VerifyItem(sampled, [], SamplingParams(temperature=0.9, seed=5)),
+        VerifyItem(greedy, [], GREEDY),
+    ])
+    assert [o.accepted for o in outcomes] == [0, 0]
+    assert verifier.length(sampled) == len(prompts[0]) + 1

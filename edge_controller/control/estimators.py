@@ -85,4 +85,7 @@ class AffineFit:
             raise ValueError("an affine fit needs observations at two distinct x at least")
         s_w, s_x, s_xx, s_y, s_xy = self.sums
         slope = max((s_w * s_xy - s_x * s_y) / (s_w * s_xx - s_x * s_x), 0.0)
-        return max((s_y - slope * s_x) / s_w, 0.0), slope
+        base = (s_y - slope * s_x) / s_w
+        # An intercept at rounding-noise level of the data is zero (a device can steer its
+        # own frames' sizes to put it there; the solvers must not see 1e-11 for 0).
+        return (base if base > 1e-9 * abs(s_y / s_w) else 0.0), slope

@@ -245,6 +245,9 @@ def equalised_finish_time_s(
     sends = w > 0
     c_max = c.max(axis=-1)
     tau = np.maximum(np.where(sends, c + w, -np.inf).max(axis=-1), c_max)
+    # An upload below the float resolution of its compute time (c + w == c) would start
+    # Newton at zero slack (w / 0, then inf / inf); start one ulp above instead.
+    tau = np.where(sends.any(axis=-1), np.maximum(tau, np.nextafter(c_max, np.inf)), tau)
     active = sends.any(axis=-1)
     for _ in range(_NEWTON_STEPS):
         slack = tau[..., None] - c

@@ -239,6 +239,13 @@ class NetworkLab:
         log.info("%s link: %s", device, new)
         return new
 
+    def set_up(self, device: str, up: bool) -> None:
+        """Take a device's link down (its interface, inside its namespace: nothing gets
+        through either way, as when Wi-Fi drops) or bring it up again."""
+        dev = self.devices[device]
+        _run(["ip", "-n", dev.netns, "link", "set", "dev", dev.iface, "up" if up else "down"])
+        log.info("%s link %s", device, "up" if up else "down")
+
     def counters(self, device: str) -> dict[str, int]:
         """Packets the wire forwarded and dropped on a link, per direction."""
         return self._wire_command({"link": self.devices[device].index})

@@ -150,7 +150,8 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     _, decisions, event = plans[-1]
     result["predicted_tok_s"] = (weighted / (end - start) if weighted
                                  else event["predicted_goodput_tok_s"])
-    system, users = problem_from_snapshot(event["estimates"], event["verify_time"], bandwidth_hz)
+    system, users = problem_from_snapshot(event["estimates"], event["verify_time"], bandwidth_hz,
+                                          max_delay_s=event.get("max_delay_s", float("inf")))
     ids = sorted(devices)
     plan = evaluate(policy, system, users, [decisions[i]["draft_len"] for i in ids],
                     [decisions[i]["bandwidth_share"] for i in ids])

@@ -353,11 +353,12 @@ class Verifier:
 
     def _sparse_q(self, items: list[VerifyItem], length: int) -> tuple[Tensor, Tensor]:
         """Pad the sparse draft distributions: q_ids [B, L, Kq] int64, q_probs [B, L, Kq]."""
-        support = max((len(ids) for it in items for ids in it.q_ids), default=1)
+        support = max((len(ids) for it in items for ids in it.q_ids or []), default=1)
         q_ids = torch.zeros(len(items), length, support, dtype=torch.int64)
         counts = torch.zeros(len(items), length, support, dtype=torch.float64)
         for b, item in enumerate(items):
-            for i, (ids, cnt) in enumerate(zip(item.q_ids, item.q_counts, strict=True)):
+            for i, (ids, cnt) in enumerate(zip(item.q_ids or [], item.q_counts or [],
+                                               strict=True)):
                 q_ids[b, i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
                 counts[b, i, : len(cnt)] = torch.tensor(cnt, dtype=torch.float64)
         total = counts.sum(dim=-1, keepdim=True).clamp(min=1)
@@ -390,8 +391,8 @@ class Verifier:
                 self._check_sparse_q(item)
 
     def _check_sparse_q(self, item: VerifyItem) -> None:
-        q_ids, q_counts, n = item.q_ids, item.q_counts, len(item.draft_tokens)
-        if q_ids is None or q_counts is None or len(q_ids) != n or len(q_counts) != n:
+        q_ids, q_counts, n = item.q_ids or [], item.q_counts or [], len(item.draft_tokens)
+        if len(q_ids) != n or len(q_counts) != n:  # an empty draft (L = 0) has no q
             raise ValueError(f"slot {item.slot}: sampling needs q_ids/q_counts per draft token")
         for token, ids, counts in zip(item.draft_tokens, q_ids, q_counts, strict=True):
             if not 0 < len(ids) == len(counts) or min(counts) <= 0 or token not in ids:
