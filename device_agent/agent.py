@@ -29,16 +29,26 @@ class ControllerError(RuntimeError):
 RESUME_FIRST_DELAY_S = 0.25  # reconnect backoff: doubling from this...
 RESUME_MAX_DELAY_S = 5.0  # ...up to this, with jitter
 LOST_STATE = frozenset({"not_registered", "stale", "idle"})  # a controller that forgot us
-RETRIED = frozenset({"capacity", "busy"})  # refusals worth another try while resuming
+RETRIED = frozenset({"capacity", "busy", "name_taken"})  # worth another try while resuming
+
+
+class StateLost(LinkLost):
+    """The controller answers but lost our registration or request (``code``), or is
+    closing down (``retry_after_s``): a resume mends both."""
+
+    def __init__(self, message: str, code: str = "", retry_after_s: float = 0.0):
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
 
 
 class GaveUp(RuntimeError):
-    """Resuming failed for the whole resume timeout; ``result`` is the partial result."""
+    """Resuming failed: nothing committed for the link timeout plus the resume timeout."""
 
-    def __init__(self, message: str, request: _Request):
-        super().__init__(message)
-        self.request = request
-        self.result: GenerationResult | None = None
+
+def partial_result(exc: BaseException) -> GenerationResult | None:
+    """What a request that failed with ``exc`` had committed (None if it had not started)."""
+    return getattr(exc, "partial_result", None)
 
 
 @dataclass
@@ -112,7 +122,7 @@ class GenerationResult:
     tokens: list[int]
     text: str
     stats: GenerationStats
-    partial: bool = False  # the agent gave up resuming: ``tokens`` is what was committed
+    partial: bool = False  # the request failed: ``tokens`` is what was committed
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -151,6 +161,8 @@ class DeviceAgent:
         self._held: list[P.Message] = []  # messages that arrived during a link probe
         self._draft_s = self._drafted = 0.0  # totals over this agent's life: its speed
         self._telemetry_sent_at = -float("inf")
+        self._progress_at = time.monotonic()  # the request's start or last verdict
+        self._request_id = ""  # the request in flight (errors about others are ignored)
 
     def register(self, measure: bool = True) -> P.Welcome:
         """Hello -> welcome, then (``measure``) measure the link and send telemetry."""
@@ -203,19 +215,19 @@ class DeviceAgent:
         """Run one request to completion; ``on_tokens`` sees each round's committed tokens.
 
         A lost link (no answer for the link's timeout, its connection closed, the
-        controller closing or restarted) is survived: the agent reconnects with backoff and
-        resumes the request from its own transcript for up to ``resume_timeout_s``, then
-        raises GaveUp holding the partial result."""
+        controller closing or restarted, before or during the request) is survived: the
+        agent reconnects with backoff and resumes the request from its own transcript. It
+        gives up (GaveUp) once nothing was committed for the link's timeout plus
+        ``resume_timeout_s``. Whatever ends a request early carries what it had committed:
+        ``partial_result(exc)``."""
         sampling = sampling or SamplingOptions()
         request = _Request(uuid.uuid4().hex[:12], prompt_ids, max_new_tokens, sampling)
+        self._request_id = request.request_id
         started = time.perf_counter()
-        self.link.send(request.start())
-        draft_len = self._expect(P.Control).draft_len
-        self.drafter.begin(prompt_ids)
+        self._progress_at = time.monotonic()
         tokens = request.committed
         stats = GenerationStats()
         draft_s = 0.0
-        first_draft_at = time.perf_counter()
 
         def result(partial: bool = False) -> GenerationResult:
             finished = time.perf_counter()
@@ -227,69 +239,109 @@ class DeviceAgent:
             text = self.drafter.detokenize(tokens).decode("utf-8", errors="replace")
             return GenerationResult(prompt_ids, list(tokens), text, stats, partial)
 
-        while True:
-            draft = self.drafter.draft(
-                draft_len, temperature=sampling.temperature, top_k=sampling.draft_top_k,
-                seed=sampling.seed,
-            )
-            draft_s += draft.seconds
-            self._draft_s += draft.seconds
-            self._drafted += len(draft.tokens)
-            try:
-                self.link.send(P.Draft(
-                    request.request_id, stats.rounds, len(prompt_ids) + len(tokens),
-                    draft.tokens, draft.q_ids, draft.q_counts, draft.seconds,
-                ))
-                verdict = self._expect(P.Verdict)
-            except LinkLost as lost:
+        first_draft_at = started
+        try:
+            draft_len = self._start(request)
+            self.drafter.begin(prompt_ids)
+            first_draft_at = time.perf_counter()
+            while True:
+                draft = self.drafter.draft(
+                    draft_len, temperature=sampling.temperature, top_k=sampling.draft_top_k,
+                    seed=sampling.seed,
+                )
+                draft_s += draft.seconds
+                self._draft_s += draft.seconds
+                self._drafted += len(draft.tokens)
                 try:
+                    self.link.send(P.Draft(
+                        request.request_id, stats.rounds, len(prompt_ids) + len(tokens),
+                        draft.tokens, draft.q_ids, draft.q_counts, draft.seconds,
+                    ))
+                    verdict = self._expect(P.Verdict)
+                except LinkLost as lost:
                     draft_len = self._resume(request, stats.rounds, lost)
-                except GaveUp as gave_up:
-                    gave_up.result = result(partial=True)
-                    raise
-                continue  # the same round, drafted again (from the same transcript)
-            check_verdict(verdict, request.request_id, stats.rounds, draft.tokens, self.welcome,
-                          self.drafter.vocab_size, max_new_tokens - len(tokens))
-            stats.rounds += 1
-            stats.drafted += len(draft.tokens)
-            stats.accepted += verdict.accepted
-            stats.draft_len.append(len(draft.tokens))
-            self.drafter.accept(verdict.tokens)
-            tokens += verdict.tokens
-            if on_tokens is not None:
-                on_tokens(verdict.tokens)
-            draft_len = verdict.draft_len
-            if verdict.done:
-                return result()
-            if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
-                self.send_telemetry()
+                    continue  # the same round, drafted again (from the same transcript)
+                check_verdict(verdict, request.request_id, stats.rounds, draft.tokens,
+                              self.welcome, self.drafter.vocab_size, max_new_tokens - len(tokens))
+                self._progress_at = time.monotonic()
+                stats.rounds += 1
+                stats.drafted += len(draft.tokens)
+                stats.accepted += verdict.accepted
+                stats.draft_len.append(len(draft.tokens))
+                self.drafter.accept(verdict.tokens)
+                tokens += verdict.tokens
+                if on_tokens is not None:
+                    on_tokens(verdict.tokens)
+                draft_len = verdict.draft_len
+                if verdict.done:
+                    return result()
+                if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
+                    self.send_telemetry()
+        except Exception as exc:  # whatever ends it early: what it committed goes with it
+            exc.partial_result = result(partial=True)
+            raise
+
+    def _start(self, request: _Request) -> int:
+        """Start ``request``; its first draft length. A link lost before the answer (the
+        controller restarted between requests, say) resumes it at its first round."""
+        try:
+            self.link.send(request.start())
+            return self._expect(P.Control).draft_len
+        except LinkLost as lost:
+            return self._resume(request, 0, lost)
 
     def _resume(self, request: _Request, round_: int, lost: LinkLost) -> int:
         """Reconnect with backoff and resume ``request`` at ``round_``; its draft length.
-        Raises GaveUp after ``resume_timeout_s``; refusals that cannot pass (a key no longer
-        listed, a fatal error) raise as they are."""
+
+        Raises GaveUp once nothing was committed for the link's timeout plus
+        ``resume_timeout_s``; refusals that cannot pass (a key no longer listed, a fatal
+        error) raise as they are."""
         log.warning("link lost (%s); resuming request %s at round %d", lost,
                     request.request_id, round_)
-        give_up_at = time.monotonic() + self.resume_timeout_s
+        give_up_at = self._progress_at + self.link.timeout_s + self.resume_timeout_s
         delay = RESUME_FIRST_DELAY_S
-        while True:
+        exc: Exception = lost
+        if isinstance(lost, StateLost) and lost.retry_after_s > 0:  # closing: as it asked
+            time.sleep(min(lost.retry_after_s, RESUME_MAX_DELAY_S))
+        # Resumes that succeed but never lead to a verdict (a controller that fails on this
+        # request each time) end too: the limit counts from the last commit, not this loss.
+        while time.monotonic() < give_up_at:
             try:
                 self.link.reconnect()
-                self.register(measure=False)
-                self.link.send(request.resume(round_))
-                draft_len = self._expect(P.Control).draft_len
+                draft_len = self._ask_resume(request, round_)
                 log.info("resumed request %s at position %d", request.request_id,
                          len(request.prompt_ids) + len(request.committed))
                 return draft_len
-            except (LinkLost, ControllerError) as exc:
-                if isinstance(exc, ControllerError) and (exc.fatal or exc.code not in RETRIED):
+            except (LinkLost, ControllerError) as failed:
+                if isinstance(failed, ControllerError) and (failed.fatal
+                                                            or failed.code not in RETRIED):
                     raise
+                exc = failed
                 if time.monotonic() + delay > give_up_at:
-                    raise GaveUp(f"gave up resuming after {self.resume_timeout_s:g} s: {exc}",
-                                 request) from None
+                    break
                 log.info("resume failed (%s); again in %.1f s", exc, delay)
                 time.sleep(delay * random.uniform(0.8, 1.2))  # jitter: not all at once
                 delay = min(delay * 2, RESUME_MAX_DELAY_S)
+        raise GaveUp(f"gave up resuming request {request.request_id}: nothing committed for "
+                     f"{time.monotonic() - self._progress_at:.0f} s (--timeout "
+                     f"{self.link.timeout_s:g} + --resume-timeout {self.resume_timeout_s:g}): "
+                     f"{exc}")
+
+    def _ask_resume(self, request: _Request, round_: int) -> int:
+        """Resume on the new connection. With keys the controller keeps our registration
+        across a reconnect (it is keyed by our key), so the resume goes first and the
+        request keeps its KV cache, rolled back to our transcript; a controller that lost
+        us (restarted, or dropped us when the heartbeats stopped) hears a hello first."""
+        if self.link.curve is not None:
+            self.link.send(request.resume(round_))
+            try:
+                return self._expect(P.Control).draft_len
+            except StateLost as exc:
+                if exc.code != "not_registered":
+                    raise
+        self.register(measure=False)
+        self.link.send(request.resume(round_))
+        return self._expect(P.Control).draft_len
 
     def close(self) -> None:
         """Say goodbye if the link can take it now (never blocks)."""
@@ -327,10 +379,14 @@ class DeviceAgent:
             if isinstance(msg, kind):
                 return msg
             if isinstance(msg, P.Closing):
-                raise LinkLost("the controller is closing down")
+                raise StateLost("the controller is closing down",
+                                retry_after_s=msg.retry_after_s)
+            if isinstance(msg, P.Error) and msg.request_id not in ("", self._request_id):
+                log.debug("ignoring an error about an earlier request: %s", msg.message)
+                continue
             if isinstance(msg, P.Error):
                 if not msg.fatal and msg.code in LOST_STATE:
-                    raise LinkLost(f"the controller lost our state ({msg.code})")
+                    raise StateLost(f"the controller lost our state ({msg.code})", msg.code)
                 raise ControllerError(msg)
             if not isinstance(msg, P.Control | P.Pong):
                 log.debug("ignoring %s while waiting for %s", msg.TYPE, kind.TYPE)

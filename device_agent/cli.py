@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 EXIT_FAILED = 1  # the controller refused us (an error reply, our key), or keys init failed
 EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3  # no answer from the controller (after resuming for --resume-timeout)
+EXIT_UNREACHABLE = 3  # no answer from the controller (at start, or after resuming)
 EXIT_PROTOCOL = 4  # the controller broke the protocol (a garbage frame, an impossible verdict)
 
 
@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
                          description="Generate text for one prompt with the controller's help.",
                          epilog="exit codes: 0 done; 1 refused by the controller (key not "
                          "listed, an error reply); 2 bad usage; 3 no answer from the "
-                         "controller, after resuming for --resume-timeout; 4 the controller "
-                         "broke the protocol")
+                         "controller (at registration, or nothing committed for --timeout + "
+                         "--resume-timeout); 4 the controller broke the protocol. A request "
+                         "that fails part-way prints what it committed (with --json, marked "
+                         "partial)")
     gen.add_argument("--controller", required=True, metavar="tcp://HOST:PORT")
     add_link_arguments(gen)
     gen.add_argument("--draft", default="q4_0",
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                      "counts as lost (the agent pings while it waits; default 10)")
     gen.add_argument("--resume-timeout", type=float, default=60.0, metavar="S",
                      help="after a lost link, how long to keep reconnecting and resuming the "
-                     "request before giving up: exit 3, and with --json the partial result "
-                     "(default 60)")
+                     "request: it gives up once nothing was committed for --timeout + this, "
+                     "with exit 3, and with --json the partial result (default 60)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per request (prompt_tokens, tokens, text, "
                      "stats), one per line")
@@ -193,6 +195,7 @@ def generate(args: argparse.Namespace) -> int:
         GaveUp,
         SamplingOptions,
         TelemetryOptions,
+        partial_result,
     )
     from device_agent.link import ControllerLink, KeyRefused, LinkLost, LinkRefused
     from edge_controller.protocol import ProtocolError
@@ -227,35 +230,17 @@ def generate(args: argparse.Namespace) -> int:
                                         on_tokens=stream.write if stream else None)
                 if args.json:
                     print(json.dumps(result.to_json()), flush=True)
-        except KeyRefused as exc:
-            name = device_id or "NAME"
-            print(f"device-agent: the controller refused this device's key ({name}/"
-                  f"{exc.public_key} not on its allowlist): on the controller, run "
-                  f"`edge-controller keys add {name} {exc.public_key} --dir DIR`",
-                  file=sys.stderr)
-            return EXIT_FAILED
-        except (ControllerError, LinkRefused) as exc:
-            print(f"device-agent: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        except GaveUp as exc:
-            if args.json and exc.result is not None:
-                print(json.dumps(exc.result.to_json()), flush=True)
-            print(f"device-agent: {exc} ({len(exc.request.committed)} tokens committed"
-                  f"{', printed as a partial result' if args.json else ''})", file=sys.stderr)
-            return EXIT_UNREACHABLE
-        except LinkLost as exc:
-            print(f"device-agent: {exc}", file=sys.stderr)
-            return EXIT_UNREACHABLE
-        except ProtocolError as exc:
-            if exc.code == "version":  # a controller of another version: not a broken one
-                print(f"device-agent: the controller speaks another protocol version: {exc}",
+        except (KeyRefused, ControllerError, LinkRefused, GaveUp, LinkLost, ProtocolError,
+                ControllerBrokeProtocol) as exc:
+            code = _report_failure(exc, device_id)
+            partial = partial_result(exc)
+            if partial is not None and (partial.tokens or args.json):
+                if args.json:
+                    print(json.dumps(partial.to_json()), flush=True)
+                print(f"device-agent: {len(partial.tokens)} tokens of the request were "
+                      f"committed{', printed as a partial result' if args.json else ''}",
                       file=sys.stderr)
-                return EXIT_FAILED
-            print(f"device-agent: the controller broke the protocol: {exc}", file=sys.stderr)
-            return EXIT_PROTOCOL
-        except ControllerBrokeProtocol as exc:
-            print(f"device-agent: the controller broke the protocol: {exc}", file=sys.stderr)
-            return EXIT_PROTOCOL
+            return code
         finally:
             agent.close()  # bye: the controller frees our slot now, not after a timeout
     if not args.json:
@@ -263,6 +248,32 @@ def generate(args: argparse.Namespace) -> int:
         print(f"\n[{len(result.tokens)} tokens, {s.rounds} rounds, acceptance "
               f"{s.acceptance_rate:.2f}, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def _report_failure(exc: Exception, device_id: str | None) -> int:
+    """Say why the agent stops, in one line; the exit code that says it too."""
+    from device_agent.agent import ControllerBrokeProtocol, ControllerError, GaveUp
+    from device_agent.link import KeyRefused, LinkLost, LinkRefused
+    from edge_controller.protocol import ProtocolError
+
+    if isinstance(exc, KeyRefused):
+        name = device_id or "NAME"
+        said = (f"the controller refused this device's key ({name}/{exc.public_key} not on "
+                f"its allowlist): on the controller, run `edge-controller keys add {name} "
+                f"{exc.public_key} --dir DIR`")
+        code = EXIT_FAILED
+    elif isinstance(exc, ControllerError | LinkRefused):
+        said, code = str(exc), EXIT_FAILED
+    elif isinstance(exc, GaveUp | LinkLost):
+        said, code = str(exc), EXIT_UNREACHABLE
+    elif isinstance(exc, ProtocolError) and exc.code == "version":
+        # A controller of another version: not a broken one.
+        said, code = f"the controller speaks another protocol version: {exc}", EXIT_FAILED
+    else:
+        assert isinstance(exc, ProtocolError | ControllerBrokeProtocol)
+        said, code = f"the controller broke the protocol: {exc}", EXIT_PROTOCOL
+    print(f"device-agent: {said}", file=sys.stderr)
+    return code
 
 
 class _TextStream:

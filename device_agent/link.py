@@ -21,7 +21,9 @@ from edge_controller import protocol as P
 from edge_controller.keys import CurveClient
 
 HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 8000  # longer than the controller's: its stale route goes first
+# Both sides ping every second; the controller asks (its TTL) to be dropped after its
+# session timeout (5 s), which usually comes first; this bounds a link on its own.
+HEARTBEAT_TIMEOUT_MS = 8000
 MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 ZAP_DENIED = 400  # ZAP's status for "not allowed" (300 is a temporary error, 500 internal)
 _EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -69,6 +71,7 @@ class ControllerLink:
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)  # a controller cannot flood memory
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
         if self.curve is not None:
             self.curve.apply(sock)
         self._monitor = sock.get_monitor_socket(_EVENTS)

@@ -22,7 +22,9 @@ class ServerConfig:
     session_timeout_s: float = 5.0  # no heartbeat (every 1 s) this long: registration dropped
     metrics_port: int = 0  # Prometheus /metrics on metrics_bind:PORT; 0 = off
     metrics_bind: str = "127.0.0.1"  # unauthenticated: loopback unless you mean otherwise
-    timeline: str = ""  # append one JSON line per round and per plan here (trials, plots)
+    # Append one JSON line per start ("serving", with the wall clock), per round and per
+    # plan here (trials, plots); "t" counts seconds from the start.
+    timeline: str = ""
 
 
 @dataclass

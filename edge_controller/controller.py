@@ -36,11 +36,11 @@ from edge_controller.sessions import RequestStats, Session, SessionRegistry
 from edge_controller.transport import Peer, Transport
 from edge_controller.verifier.engine import CapacityError, Verifier, VerifyItem, VerifyOutcome
 from edge_controller.verifier.sampling import SamplingParams
+from models.target import NEAR_TIE_MARGIN
 
 log = logging.getLogger(__name__)
 
 REVOKED = "this device's key is no longer on the controller's allowlist"
-NEAR_TIE_MARGIN = 1e-4  # DESIGN.md: greedy mismatches are tolerated only below this logit margin
 POLL_TICK_S = 0.05
 MAX_MESSAGES_PER_TICK = 256  # bound the work between round checks...
 MESSAGE_BUDGET_S = 0.02  # ...and its time, once a round is due
@@ -125,6 +125,8 @@ class EdgeController:
                                   "another --metrics-port)") from None
             if server.timeline:
                 self._timeline = open(server.timeline, "a", buffering=1)  # noqa: SIM115
+                # Event times count from this start; the wall clock ties restarts together.
+                self._record(serving=self.target.name, wall=time.time())
             log.info("serving %s on %s", self.target.name, self.endpoint)
             if ready is not None:
                 ready.set()
@@ -296,6 +298,7 @@ class EdgeController:
     def _on_frames(self, peer: Peer, body: list[bytes]) -> None:
         now = time.monotonic()
         version = P.PROTOCOL_VERSION  # of our answers, until the frame tells the device's
+        msg: P.Message | None = None
         session = self.sessions.get(peer.identity)
         self.sessions.frame_on(peer.route, peer.identity)
         try:
@@ -341,7 +344,11 @@ class EdgeController:
             self._warnings(session.device_id if session else peer.label,
                                 "rejected message: [%s] %s", exc.code, exc)
             self.metrics.rejected.labels(exc.code).inc()
-            self._reply(peer.route, P.Error(exc.code, str(exc), fatal=exc.fatal), version)
+            # A refused draft, start or resume names its request: the device can tell an
+            # answer about an old request from one about the request it waits on.
+            self._reply(peer.route, P.Error(exc.code, str(exc), fatal=exc.fatal,
+                                            request_id=getattr(msg, "request_id", "")),
+                        exc.answer_version or version)
             if exc.fatal and session is not None:  # it cannot go on: free what it holds
                 self._drop(session, f"refused [{exc.code}]; its session is dropped")
         except Exception as exc:  # a bug in a handler must not stop the controller
@@ -365,7 +372,7 @@ class EdgeController:
         displaced = self.sessions.displaced_by(peer.identity, name)
         if not displaced and len(self.sessions) >= self.config.limits.max_devices:
             raise P.ProtocolError("capacity", f"the controller holds {len(self.sessions)} "
-                                  "registrations, its limit: try again later", fatal=True)
+                                  "registrations, its limit: try again later")
         for old in displaced:
             self._drop(old, "registered again; its old session is dropped")
         self.sessions.add(Session(peer.identity, peer.route, name, msg.draft_model,
@@ -452,13 +459,15 @@ class EdgeController:
             self._end_request(session)
 
     def _on_draft(self, session: Session, msg: P.Draft) -> None:
+        last = session.last_verdict
+        if last is not None and _same_draft(msg, last[1]):
+            # A duplicate (its verdict was lost, even the request's last): the same verdict
+            # again, no second commit.
+            self._send(session, last[0])
+            return
         request = session.request
         if request is None or msg.request_id != request.request_id:
             raise P.ProtocolError("stale", "no request of that id in flight")
-        last = session.last_verdict
-        if last is not None and msg.round == last[0].round and msg == last[1]:
-            self._send(session, last[0])  # a duplicate: the same verdict again, no commit
-            return
         if session.pending is not None or msg.round != session.next_round:
             raise P.ProtocolError(
                 "stale", f"draft for round {msg.round}, expected round {session.next_round}")
@@ -622,6 +631,12 @@ class EdgeController:
 
     def _reply(self, route: bytes, msg: P.Message, version: int = P.PROTOCOL_VERSION) -> bool:
         return self.transport.send(route, P.encode(msg, version))
+
+
+def _same_draft(a: P.Draft, b: P.Draft) -> bool:
+    """The same round's draft sent again (its timing may be measured anew)."""
+    return (a.request_id, a.round, a.position, a.tokens) == (b.request_id, b.round, b.position,
+                                                              b.tokens)
 
 
 def _control(decision: Decision) -> P.Control:

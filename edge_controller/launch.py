@@ -8,6 +8,7 @@ launch runs CURVE with keys made for it (:class:`LabKeys`) unless told ``insecur
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import socket
@@ -153,22 +154,44 @@ def stop_controller(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
         return proc.wait()
 
 
+class ControllerProcess:
+    """``edge-controller start`` with ``keys`` on ``endpoint`` (serving once built), which
+    ``restart`` stops (as a crash, or gracefully) and starts again where it was."""
+
+    def __init__(self, log_path: Path, keys: LabKeys, endpoint: str, *args: str,
+                 ready_timeout_s: float = 300.0, spawn: Spawn = subprocess.Popen):
+        self.endpoint = endpoint
+        self._start = functools.partial(start_controller, log_path, keys, endpoint, *args,
+                                        ready_timeout_s=ready_timeout_s, spawn=spawn)
+        self.proc = self._start()
+
+    def restart(self, crash: bool = True) -> None:
+        """kill -9 (``crash``) or SIGTERM, then start again, logging after the run before."""
+        if crash:
+            self.proc.kill()
+            self.proc.wait()
+        else:
+            stop_controller(self.proc)
+        self.proc = self._start(append=True)
+
+    def stop(self) -> int:
+        return stop_controller(self.proc)
+
+
 @contextmanager
 def controller_process(
     log_path: Path, keys: LabKeys, *args: str, endpoint: str | None = None,
     ready_timeout_s: float = 300.0, spawn: Spawn = subprocess.Popen,
-) -> Iterator[str]:
-    """Run ``edge-controller start`` with ``keys`` until the block ends (then stop it);
-    yield its endpoint.
+) -> Iterator[ControllerProcess]:
+    """Run ``edge-controller start`` with ``keys`` until the block ends (then stop it).
 
     ``spawn`` starts the process (e.g. inside a network namespace of a trial lab)."""
-    endpoint = endpoint or free_endpoint()
-    proc = start_controller(log_path, keys, endpoint, *args, ready_timeout_s=ready_timeout_s,
-                            spawn=spawn)
+    controller = ControllerProcess(log_path, keys, endpoint or free_endpoint(), *args,
+                                   ready_timeout_s=ready_timeout_s, spawn=spawn)
     try:
-        yield endpoint
+        yield controller
     finally:
-        stop_controller(proc)
+        controller.stop()
 
 
 def run_agents(

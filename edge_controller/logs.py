@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-PER_WINDOW = 5
+PER_WINDOW = 20  # a device's normal life (requests starting, ending) stays visible
 WINDOW_S = 10.0
 MAX_PEERS = 4096  # windows kept; older ones are forgotten first
 

@@ -91,10 +91,12 @@ class ProtocolError(ValueError):
     """A frame that cannot be accepted; ``code`` is machine readable, str() is for humans.
     ``fatal``: the device cannot go on as it is (its session, if any, is ended)."""
 
-    def __init__(self, code: str, message: str, fatal: bool = False):
+    def __init__(self, code: str, message: str, fatal: bool = False,
+                 answer_version: int | None = None):
         super().__init__(message)
         self.code = code
         self.fatal = fatal
+        self.answer_version = answer_version  # a version the sender reads, where known
 
 
 @dataclass
@@ -313,6 +315,9 @@ def decode_versioned(
             f"{PROTOCOL_VERSION} and accepts {accepted}; upgrade the older side (a controller "
             "serves its own version and the one before, so upgrade the controller first)",
             fatal=True,
+            # An older side reads the refusal in its own version (errors never changed).
+            answer_version=version if type(version) is int and 1 <= version < PROTOCOL_VERSION
+            else None,
         )
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None or (version < 3 and kind in V3_TYPES):

@@ -138,8 +138,10 @@ class SessionRegistry:
                                 "the hello", fatal=True)
         holder = self.named(asked)
         if holder is not None and holder.identity != identity:
+            # Not fatal: the holder may be this device's own connection before a reconnect,
+            # which the controller drops once it notices; a resume tries again.
             raise ProtocolError("name_taken", f"device id {asked!r} is registered by another "
-                                "connection; choose another --device-id", fatal=True)
+                                "connection; choose another --device-id")
         return asked
 
     def displaced_by(self, identity: bytes, name: str) -> list[Session]:

@@ -139,8 +139,8 @@ def run_system(args: argparse.Namespace, specs: list[AgentSpec], insecure: bool)
     with LabKeys(insecure=insecure) as keys, controller_process(
             args.out / "controller.log", keys, "--config",
             str(ROOT / "configs" / "controller.toml"), "--draft-len", str(args.draft_len), *extra
-    ) as endpoint:
-        return [runs[0] for runs in run_agents(endpoint, specs, keys)]
+    ) as controller:
+        return [runs[0] for runs in run_agents(controller.endpoint, specs, keys)]
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def main() -> int:
     ]
     print(f"starting the controller (log: {log_path}) ...", flush=True)
     with LabKeys() as keys, controller_process(
-            log_path, keys, "--config", str(ROOT / "configs" / "controller.toml")) as ep:
+            log_path, keys, "--config", str(ROOT / "configs" / "controller.toml")) as controller:
+        ep = controller.endpoint
         print(f"controller serving on {ep} (CURVE, keys in {keys.root}); running 3 device "
               "agents at once ...", flush=True)
         results = [runs[0] for runs in run_agents(ep, specs, keys)]

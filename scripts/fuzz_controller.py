@@ -139,7 +139,8 @@ def main() -> int:
 
     with LabKeys() as keys:
         log_path = args.out / "controller.log"
-        with controller_process(log_path, keys, "--policy", "fixed") as endpoint:
+        with controller_process(log_path, keys, "--policy", "fixed") as controller:
+            endpoint = controller.endpoint
             base_fuzzers, base_results, _ = run_phase(endpoint, keys, pings, args.rate, info,
                                                       default_models)
             fuzzers, results, seconds = run_phase(endpoint, keys, frames, args.rate, info,

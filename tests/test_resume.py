@@ -15,7 +15,13 @@ import pytest
 
 from device_agent.link import ControllerLink
 from edge_controller import protocol as P
-from edge_controller.launch import AgentSpec, free_endpoint, start_controller, stop_controller
+from edge_controller.launch import (
+    BIN,
+    AgentSpec,
+    free_endpoint,
+    start_controller,
+    stop_controller,
+)
 from tests.test_e2e_greedy import compare_to_reference
 
 pytestmark = pytest.mark.slow
@@ -94,8 +100,35 @@ def test_seeded_sampling_survives_a_restart_unchanged(tmp_path, default_models, 
     out, err = straight.communicate(timeout=300)
     stop_controller(controller)
     assert straight.returncode == 0, err
-    result, _, _ = interrupted(tmp_path, lab_keys, spec, "kill")
+    result, err, _ = interrupted(tmp_path, lab_keys, spec, "kill")
+    assert "resuming request" in err  # it was cut, not finished before the kill
     assert result["tokens"] == json.loads(out)["tokens"]
+
+
+def test_an_idle_agent_survives_a_restart_between_requests(tmp_path, target, default_models,
+                                                           lab_keys):
+    """The controller closes down while the agent waits between requests (its `closing`
+    sits unread): the next request starts against the next controller all the same."""
+    from device_agent.agent import DeviceAgent
+    from device_agent.drafter import Drafter
+
+    endpoint, log = free_endpoint(), tmp_path / "controller.log"
+    controller = start_controller(log, lab_keys, endpoint, "--policy", "fixed")
+    drafter = Drafter(default_models.drafts["q8_0"], n_ctx=512)
+    prompt = drafter.tokenize(PROMPT)
+    try:
+        with ControllerLink(endpoint, curve=lab_keys.client("idler"), timeout_s=10) as link:
+            device = DeviceAgent(drafter, link, resume_timeout_s=60)
+            device.register()
+            first = device.generate(prompt, 24)
+            assert stop_controller(controller) == 0
+            controller = start_controller(log, lab_keys, endpoint, "--policy", "fixed",
+                                          append=True)
+            second = device.generate(prompt, 24)
+    finally:
+        stop_controller(controller)
+    assert second.tokens == first.tokens
+    compare_to_reference(target, second.to_json(), 24)
 
 
 def test_sigterm_closes_down_gracefully_and_the_agent_resumes_on_the_next_start(
@@ -155,10 +188,26 @@ def test_duplicate_and_replayed_drafts_never_commit_twice(run_controller, target
         again = link.receive()
         assert (again.accepted, again.tokens) == (first.accepted, first.tokens)
         assert controller.verifier.length(session.slot) == length
-        link.send(P.Cancel("r"))  # ends it, silently
-        link.send(P.Ping(1.0))
-        assert isinstance(link.receive(), P.Pong)
-        assert controller.verifier.slots_in_use == 0
+        # A reconnect (same key, new connection) resumes without a hello: the controller
+        # kept the registration and the request, and rolls its KV cache back in place.
+        with ControllerLink(controller.endpoint, curve=lab_keys.client("dup")) as moved:
+            moved.send(P.Resume("r", prompt, [], 0, 32))
+            assert isinstance(moved.receive(), P.Control)
+            assert controller.verifier.length(session.slot) == len(prompt)
+            moved.send(P.Cancel("r"))  # ends it, silently
+            moved.send(P.Ping(1.0))
+            assert isinstance(moved.receive(), P.Pong)
+            assert controller.verifier.slots_in_use == 0
+            # The duplicate of a request's last round (its verdict lost) gets that verdict.
+            moved.send(P.Start("last", prompt, 1))
+            assert isinstance(moved.receive(), P.Control)
+            final = P.Draft("last", 0, len(prompt), [28, 253])
+            moved.send(final)
+            done = moved.receive()
+            assert isinstance(done, P.Verdict) and done.done
+            moved.send(P.Draft("last", 0, len(prompt), [28, 253], draft_s=0.5))  # timed anew
+            assert moved.receive() == done
+            assert controller.verifier.slots_in_use == 0
 
 
 def test_an_idle_device_stays_registered_while_its_connection_lives(run_controller,
@@ -212,7 +261,7 @@ def test_a_link_down_for_10_s_loses_nothing(tmp_path, target, default_models, la
 def test_the_controller_systemd_unit_verifies(tmp_path):
     unit = (ROOT / "configs" / "edge-controller.service").read_text()
     # The unit names the install path of docs/resume.md; point it at this checkout.
-    unit = unit.replace("/opt/multispin/.venv/bin", str(ROOT / ".venv" / "bin"))
+    unit = unit.replace("/opt/multispin/.venv/bin", str(BIN))
     path = tmp_path / "edge-controller.service"
     path.write_text(unit)
     proc = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,

@@ -38,6 +38,27 @@ def test_shipped_trials_load(path):
          "rate_mbit must exceed"),
         (f"{DEVICE}{DEVICE}", "distinct"),
         ('[[devices]]\nname = "a b"\n', "device names"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\n", "chaos[0] needs exactly one of"),
+        (f"{DEVICE}[[chaos]]\nrestart_controller = true\nlink_down = {{device = 'a', "
+         "seconds = 1}\n", "exactly one"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\nrestart_controller = false\n", "must be true"),
+        (f"{DEVICE}[[chaos]]\nrestart_controller = true\n", "chaos[0] needs at_s"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\nlink_down = {{device = 'b', seconds = 1}}\n",
+         "device 'b' is not one of"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\nlink_down = {{device = 'a'}}\n", "needs seconds"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\nlink_down = {{device = 'a', seconds = 0}}\n",
+         "seconds must"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\nlink_down = {{device = 'a', seconds = '5'}}\n",
+         "must be a number"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\nloss_burst = {{device = 'a', seconds = 2, "
+         "percent = 100}\n",
+         "percent must be in"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\nloss_burst = {{device = 'a', seconds = 2, pct = 5}}\n",
+         "chaos[0].loss_burst.pct"),
+        (f"{DEVICE}[[chaos]]\nat_s = -1\nrestart_controller = true\n", "at_s must be"),
+        (f"{DEVICE}[[chaos]]\nat_s = 'soon'\nrestart_controller = true\n",
+         "chaos[0].at_s must be a float"),
+        (f"chaos = 5\n{DEVICE}", "chaos must be"),
     ],
 )
 def test_bad_trials_name_the_problem(tmp_path, text, needle):
@@ -45,3 +66,15 @@ def test_bad_trials_name_the_problem(tmp_path, text, needle):
     path.write_text(text)
     with pytest.raises(TrialError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         load_trial(path)
+
+
+def test_chaos_entries_load_in_order_of_the_file(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(f"{DEVICE}[[chaos]]\nat_s = 9\nrestart_controller = true\n"
+                    "[[chaos]]\nat_s = 2\nloss_burst = {device = 'a', percent = 20, "
+                    "seconds = 3}\n")
+    first, second = load_trial(path).chaos
+    assert (first.kind, first.at_s, first.label) == ("restart_controller", 9.0,
+                                                     "controller restart")
+    assert (second.kind, second.device, second.percent, second.seconds) == (
+        "loss_burst", "a", 20.0, 3.0)

@@ -78,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
     from models.target import TargetLoadError
 
     try:
+        # Stopped while loading: nothing to close down, so SIGTERM stops at once, as SIGINT.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         controller = build_controller(config, transport)
         controller.serve(stop_on_signals())
     except KeyboardInterrupt:  # before serving: nothing to close down
-        log.info("interrupted")
+        log.info("stopped before serving")
     except zmq.ZMQError as exc:
         hint = (" (another controller on that port? choose another --bind)"
                 if exc.errno == errno.EADDRINUSE else "")

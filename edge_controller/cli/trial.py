@@ -56,4 +56,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"heterogeneous vs agnostic: measured {g['measured']:+.1%}"
               + (f", predicted {g['predicted']:+.1%}" if "predicted" in g else ""))
     print(f"report: {args.out / 'report.md'}")
+    differs = [f"{name}/{u['name']}: {u['lossless_problem']}"
+               for name, p in report["policies"].items() for u in p["users"]
+               if not u.get("lossless", True)]
+    if differs:
+        print(f"edge-controller: output differs from the target's: {'; '.join(differs)}",
+              file=sys.stderr)
+        return 1
     return 0

@@ -10,10 +10,12 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     plot_goodput(report, out / "goodput.png")
-    for policy in report["policies"]:
+    for policy, summary in report["policies"].items():
         timeline = out / policy / "timeline.jsonl"
         if timeline.exists():
             plot_timeline(policy, timeline, out / f"timeline-{policy}.png")
+            if "chaos" in summary:
+                plot_chaos(policy, summary["chaos"], timeline, out / f"chaos-{policy}.png")
 
 
 def gains(report: dict) -> dict[str, float]:
@@ -56,6 +58,14 @@ def markdown(report: dict) -> str:
                          f"{u['goodput_tok_s']:.2f} | {u['acceptance_rate']:.2f} | "
                          f"{u['mean_draft_len']:.1f} | {u['mean_share']:.3f} | "
                          f"{u['draft_tokens_per_s']:.1f} |")
+        if all("lossless" in u for u in p["users"]):
+            bad = [f"{u['name']} ({u['lossless_problem']})" for u in p["users"]
+                   if not u["lossless"]]
+            lines += ["", "Output against the target alone (greedy): "
+                      + (f"**differs** for {', '.join(bad)}." if bad
+                         else "identical for every device and request.")]
+        if "chaos" in p:
+            lines += chaos_lines(name, p["chaos"])
     lines += ["", "## Interference", "",
               "Draft speed of each drafter alone on its cores vs during the trial (the "
               "verifier and the other drafters share the host):", "",
@@ -65,6 +75,61 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {row['alone_tok_s']:.1f} | {row['in_trial_tok_s']:.1f} | "
                      f"{row['slowdown']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def chaos_lines(policy: str, chaos: dict) -> list[str]:
+    lines = ["", f"### Faults ({policy})", "",
+             "Seconds since the devices started. Longest gap: the longest stretch without a "
+             "commit for that device that overlaps the fault; recovered after: from the "
+             f"fault's end to its next commit (plot: chaos-{policy}.png).", "",
+             "| fault | from (s) | to (s) |", "| --- | ---: | ---: |"]
+    lines += [f"| {f['label']} | {f['at_s']:.1f} | {f.get('ended_s', f['at_s']):.1f} |"
+              for f in chaos["faults"]]
+    lines += ["", "| fault | device | longest gap (s) | recovered after (s) |",
+              "| --- | --- | ---: | ---: |"]
+    lines += [f"| {r['fault']} | {r['device']} | {r['longest_gap_s']:.2f} | "
+              f"{r['recovered_after_s']:.2f} |" for r in chaos["recovery"]]
+    return lines
+
+
+def plot_chaos(policy: str, chaos: dict, timeline: Path, path: Path, bin_s: float = 1.0) -> None:
+    """Per device, on one time axis: committed tokens per second (``bin_s`` bins), with
+    the faults shaded (a restart as a line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge_controller.trial.runner import commits
+
+    events = [json.loads(line) for line in timeline.read_text().splitlines()]
+    series = commits(events, chaos["started_wall"])
+    devices = sorted(series)
+    end = max((t for s in series.values() for t, _ in s), default=1.0)
+    bins = int(end / bin_s) + 1
+    fig, axes = plt.subplots(len(devices), 1, figsize=(8, 1.8 * len(devices) + 1),
+                             sharex=True, squeeze=False)
+    for ax, device in zip(axes[:, 0], devices, strict=True):
+        rate = [0.0] * bins
+        for t, committed in series[device]:
+            rate[min(max(int(t / bin_s), 0), bins - 1)] += committed / bin_s
+        ax.step([i * bin_s for i in range(bins)], rate, where="post", color="tab:blue")
+        ax.set_ylabel(f"{device}\ntok/s")
+        for fault in chaos["faults"]:
+            start, stop = fault["at_s"], fault.get("ended_s", fault["at_s"])
+            if fault["kind"] == "restart_controller":
+                ax.axvspan(start, stop, color="tab:red", alpha=0.25)
+            elif fault["device"] == device:
+                ax.axvspan(start, stop, color="tab:orange", alpha=0.3)
+    for fault in chaos["faults"]:
+        axes[0, 0].annotate(fault["label"], (fault["at_s"], 1.0), fontsize="small",
+                            xycoords=("data", "axes fraction"), va="bottom", rotation=20)
+    axes[-1, 0].set_xlabel("seconds since the devices started")
+    fig.suptitle(f"policy {policy}: committed tokens per second, faults shaded "
+                 "(red: controller restart)", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_goodput(report: dict, path: Path) -> None:

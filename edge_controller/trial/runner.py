@@ -14,13 +14,23 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
-from edge_controller.launch import BIN, AgentSpec, LabKeys, controller_process, run_agents
+from edge_controller.launch import (
+    BIN,
+    AgentSpec,
+    ControllerProcess,
+    LabKeys,
+    controller_process,
+    run_agents,
+)
 from edge_controller.trial.netns import LinkShape, NetworkLab, check_requirements
-from edge_controller.trial.spec import TrialDevice, TrialSpec
+from edge_controller.trial.spec import ChaosEvent, TrialDevice, TrialSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,8 @@ def run_trial(spec: TrialSpec, out: Path, on_policy=None) -> dict:
             if on_policy is not None:
                 on_policy(policy)
     report["interference"] = _interference(spec, alone, report["policies"])
+    if spec.temperature == 0:
+        _check_lossless(spec, report["policies"], out)
     return report
 
 
@@ -58,13 +70,17 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
         f"[control]\npolicy = {json.dumps(policy)}\nbandwidth_hz = {spec.bandwidth_hz}\n"
     )
     specs = [_agent(spec, d, i) for i, d in enumerate(spec.devices)]
-    with lab_controller(lab, keys, out / "controller.log", config, spec.verifier_cpus):
-        results = lab_agents(lab, keys, specs, spec.drafter_cpus)
+    faults: list[dict] = []
+    with lab_controller(lab, keys, out / "controller.log", config,
+                        spec.verifier_cpus) as controller:
+        started = time.time()
+        with inject_faults(lab, controller, spec.chaos, started, faults):
+            results = lab_agents(lab, keys, specs, spec.drafter_cpus)
     (out / "agents.json").write_text(json.dumps(results))
     events = [json.loads(line) for line in timeline.read_text().splitlines()]
     users = [_user_summary(d, runs, events) for d, runs in zip(spec.devices, results, strict=True)]
     steady = steady_state(events, [d.name for d in spec.devices], spec.bandwidth_hz, policy)
-    return {
+    summary = {
         "goodput_tok_s": steady.get("measured_tok_s", sum(u["goodput_tok_s"] for u in users)),
         "predicted_goodput_tok_s": steady.get("predicted_tok_s"),
         "simulated_goodput_tok_s": steady.get("simulated_tok_s"),
@@ -72,19 +88,112 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
         "rounds": sum(1 for e in events if "devices" in e),
         "users": users,
     }
+    if spec.chaos:
+        summary["chaos"] = {"started_wall": started, "faults": faults,
+                            "recovery": recovery(commits(events, started), faults)}
+    return summary
+
+
+@contextmanager
+def inject_faults(lab: NetworkLab, controller: ControllerProcess, chaos: Sequence[ChaosEvent],
+                  started: float, record: list[dict]) -> Iterator[None]:
+    """Inject ``chaos`` at its times (seconds after ``started``, wall clock) while the
+    block runs, each fault on its own timer (they may overlap); each goes into ``record``
+    with when it began and ended. Faults still on when the block ends are undone, and a
+    restart in progress is waited for."""
+    stop = threading.Event()
+    restarting = threading.Lock()  # one restart at a time
+    failed: list[BaseException] = []
+
+    def at(t: float) -> bool:  # False once stopped
+        return not stop.wait(max(started + t - time.time(), 0.0))
+
+    def inject(fault: ChaosEvent) -> None:
+        try:
+            if not at(fault.at_s):
+                return
+            began = time.time() - started
+            log.info("chaos at %.1f s: %s", began, fault.label)
+            entry = {"kind": fault.kind, "label": fault.label, "device": fault.device,
+                     "at_s": round(began, 3)}
+            record.append(entry)
+            if fault.kind == "restart_controller":
+                with restarting:
+                    controller.restart(crash=True)
+            else:
+                _fault(lab, fault, on=True)
+                at(fault.at_s + fault.seconds)  # undone early when stopped
+                _fault(lab, fault, on=False)
+            entry["ended_s"] = round(time.time() - started, 3)
+        except BaseException as exc:  # raised in the trial, not lost with the thread
+            failed.append(exc)
+
+    timers = [threading.Thread(target=inject, args=(f,), name=f"chaos-{i}", daemon=True)
+              for i, f in enumerate(chaos)]
+    for timer in timers:
+        timer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for timer in timers:
+            timer.join()
+    if failed:
+        raise RuntimeError(f"chaos: {failed[0]}") from failed[0]
+
+
+def _fault(lab: NetworkLab, fault: ChaosEvent, on: bool) -> None:
+    if fault.kind == "link_down":
+        lab.set_up(fault.device, not on)
+    else:
+        lab.set_link(fault.device, loss_pct=fault.percent if on else 0.0)
+
+
+def commits(events: list[dict], started: float) -> dict[str, list[tuple[float, int]]]:
+    """Each device's committed tokens per round, at seconds after ``started`` (wall clock),
+    across the controller's restarts (each ``serving`` event starts its own clock)."""
+    out: dict[str, list[tuple[float, int]]] = {}
+    base = None
+    for event in events:
+        if "serving" in event:
+            base = event["wall"] - event["t"] - started
+        elif "devices" in event and base is not None:
+            for d in event["devices"]:
+                out.setdefault(d["device"], []).append((base + event["t"], d["committed"]))
+    return out
+
+
+def recovery(device_commits: dict[str, list[tuple[float, int]]],
+             faults: list[dict]) -> list[dict]:
+    """Per fault and device: the longest stretch without a commit that overlaps the fault
+    (the dip), and how long after the fault ended the device committed again."""
+    rows = []
+    for fault in faults:
+        start, end = fault["at_s"], fault.get("ended_s", fault["at_s"])
+        for device, series in device_commits.items():
+            times = [t for t, _ in series]
+            before = [t for t in times if t <= start]
+            after = [t for t in times if t >= end]
+            if not before or not after:
+                continue  # not generating across this fault
+            inside = [before[-1], *[t for t in times if start < t < end], after[0]]
+            rows.append({"fault": fault["label"], "device": device,
+                         "longest_gap_s": round(max(b - a for a, b in pairwise(inside)), 3),
+                         "recovered_after_s": round(after[0] - end, 3)})
+    return rows
 
 
 @contextmanager
 def lab_controller(lab: NetworkLab, keys: LabKeys, log_path: Path, config: Path,
-                   cpus: Sequence[int]) -> Iterator[None]:
+                   cpus: Sequence[int]) -> Iterator[ControllerProcess]:
     """``edge-controller start --keys ... --config CONFIG`` in the lab's hub namespace, on
     ``cpus``, listening on CONTROLLER_PORT, until the block ends."""
     def hub(argv, **kw):
         return lab.spawn(None, argv, cpus=cpus, **kw)
 
     with controller_process(log_path, keys, "--config", str(config),
-                            endpoint=f"tcp://0.0.0.0:{CONTROLLER_PORT}", spawn=hub):
-        yield
+                            endpoint=f"tcp://0.0.0.0:{CONTROLLER_PORT}", spawn=hub) as controller:
+        yield controller
 
 
 def lab_agents(lab: NetworkLab, keys: LabKeys, specs: Sequence[AgentSpec],
@@ -160,10 +269,13 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
 
 
 def _agent(spec: TrialSpec, device: TrialDevice, index: int) -> AgentSpec:
+    # A long --timeout: a busy 2-core host must not look like a lost link. Lost links and
+    # restarts are still noticed at once (heartbeats, closed connections) and resumed.
     extra = ("--draft-pace", str(device.draft_pace_s),
              "--spectral-efficiency", str(device.spectral_efficiency),
              "--temperature", str(spec.temperature), "--seed", str(index),
-             "--draft-top-k", str(spec.draft_top_k), "--timeout", "300")
+             "--draft-top-k", str(spec.draft_top_k), "--timeout", "300",
+             "--resume-timeout", "120")
     return AgentSpec(device.name, device.draft, device.prompt, spec.max_new_tokens, extra,
                      spec.requests)
 
@@ -183,6 +295,31 @@ def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict]) -> 
         "mean_share": sum(d["share"] or 0.0 for d in rounds) / max(len(rounds), 1),
         "draft_tokens_per_s": sum(r["stats"]["draft_tokens_per_s"] for r in runs) / len(runs),
     }
+
+
+def _check_lossless(spec: TrialSpec, policies: dict, out: Path) -> None:
+    """Greedy trials: every run of every device against the target alone (each user's
+    ``lossless``: true, or what differs); near ties are tolerated as DESIGN.md says."""
+    from models import ensure
+    from models.target import greedy_mismatch, load_target
+
+    target = load_target(ensure().target_gguf)
+    references: dict[str, tuple[str | None, str | None]] = {}
+    for policy, summary in policies.items():
+        runs = json.loads((out / policy / "agents.json").read_text())
+        for user, device_runs in zip(summary["users"], runs, strict=True):
+            problems = []
+            for run in device_runs:
+                key = json.dumps([run["prompt_tokens"], run["tokens"]])
+                if key not in references:
+                    references[key] = greedy_mismatch(target, run["prompt_tokens"],
+                                                      run["tokens"], spec.max_new_tokens)
+                problems += [p for p in references[key][:1] if p]
+            user["lossless"] = not problems
+            if problems:
+                user["lossless_problem"] = problems[0]
+                log.error("%s / %s: output differs from the target's: %s", policy,
+                          user["name"], problems[0])
 
 
 def _draft_speed_alone(lab: NetworkLab, spec: TrialSpec, device: TrialDevice) -> float:

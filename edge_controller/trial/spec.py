@@ -28,6 +28,32 @@ class TrialDevice:
     rate_mbit: float = 0.0  # tbf cap on the device's uplink; must sit above its paced rate
 
 
+CHAOS_KINDS = ("link_down", "restart_controller", "loss_burst")
+MAX_FAULT_S = 600.0
+
+
+@dataclass(frozen=True)
+class ChaosEvent:
+    """A fault injected ``at_s`` seconds after a policy's devices start (docs/trials.md).
+
+    ``link_down``: the device's interface is down for ``seconds`` (nothing gets through).
+    ``restart_controller``: the controller is killed (-9, a crash) and started again.
+    ``loss_burst``: ``percent`` of the device's uplink packets are lost for ``seconds``."""
+
+    at_s: float
+    kind: str
+    device: str = ""
+    seconds: float = 0.0
+    percent: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.kind == "restart_controller":
+            return "controller restart"
+        what = "down" if self.kind == "link_down" else f"{self.percent:g}% loss"
+        return f"{self.device} {what} {self.seconds:g} s"
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     name: str
@@ -42,6 +68,7 @@ class TrialSpec:
     verifier_cpus: tuple[int, ...] = (0,)
     drafter_cpus: tuple[int, ...] = (1,)
     round_deadline_s: float = 1.0
+    chaos: tuple[ChaosEvent, ...] = ()
 
 
 def load_trial(path: str | Path) -> TrialSpec:
@@ -55,15 +82,51 @@ def load_trial(path: str | Path) -> TrialSpec:
     devices = raw.pop("devices", None)
     if not isinstance(devices, list) or not devices:
         raise TrialError(f"{path}: needs at least one [[devices]] table")
-    top = _typed(TrialSpec, raw, "trial", skip=("devices", "name"))
+    chaos = raw.pop("chaos", [])
+    if not isinstance(chaos, list):
+        raise TrialError(f"{path}: chaos must be [[chaos]] tables")
+    top = _typed(TrialSpec, raw, "trial", skip=("devices", "name", "chaos"))
     spec = TrialSpec(
         name=str(raw.get("name", path.stem)),
         devices=tuple(TrialDevice(**_typed(TrialDevice, d, f"devices[{i}]"))
                       for i, d in enumerate(devices)),
+        chaos=tuple(_chaos(entry, f"chaos[{i}]") for i, entry in enumerate(chaos)),
         **top,
     )
     validate(spec)
     return spec
+
+
+def _chaos(entry: Any, where: str) -> ChaosEvent:
+    """``{at_s = 30, link_down = {device = "phone", seconds = 10}}`` and the like."""
+    if not isinstance(entry, dict):
+        raise TrialError(f"{where} must be a table")
+    kinds = [k for k in CHAOS_KINDS if k in entry]
+    if len(kinds) != 1:
+        raise TrialError(f"{where} needs exactly one of {', '.join(CHAOS_KINDS)}")
+    kind = kinds[0]
+    top = checked_table({"at_s": 0.0, kind: entry[kind]}, entry, where, TrialError)
+    if "at_s" not in top:
+        raise TrialError(f"{where} needs at_s (seconds since the devices started)")
+    if kind == "restart_controller":
+        if entry[kind] is not True:
+            raise TrialError(f"{where}.restart_controller must be true")
+        return ChaosEvent(top["at_s"], kind)
+    fields = {"device": dataclasses.MISSING, "seconds": dataclasses.MISSING}
+    if kind == "loss_burst":
+        fields["percent"] = dataclasses.MISSING
+    table = checked_table(fields, entry[kind], f"{where}.{kind}", TrialError)
+    missing = set(fields) - set(table)
+    if missing:
+        raise TrialError(f"{where}.{kind} needs {', '.join(sorted(missing))}")
+    for key in ("seconds", "percent"):
+        if key in table and (isinstance(table[key], bool)
+                             or not isinstance(table[key], int | float)):
+            raise TrialError(f"{where}.{kind}.{key} must be a number")
+    if not isinstance(table["device"], str):
+        raise TrialError(f"{where}.{kind}.device must be a device name")
+    return ChaosEvent(top["at_s"], kind, table["device"], float(table["seconds"]),
+                      float(table.get("percent", 0.0)))
 
 
 def _typed(cls, table: Any, where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -100,6 +163,17 @@ def validate(spec: TrialSpec) -> None:
              f"device {d.name}: rate_mbit must exceed the largest paced rate "
              f"{spec.bandwidth_hz * d.spectral_efficiency / 1e6:g} Mbit/s (the pacer emulates "
              "the share; the cap only bounds the link)"),
+        ]
+    for i, c in enumerate(spec.chaos):
+        where = f"chaos[{i}] ({c.kind})"
+        checks += [
+            (0 <= c.at_s <= 3600, f"{where}: at_s must be in 0..3600"),
+            (c.kind == "restart_controller" or c.device in names,
+             f"{where}: device {c.device!r} is not one of the trial's devices"),
+            (c.kind == "restart_controller" or 0 < c.seconds <= MAX_FAULT_S,
+             f"{where}: seconds must be in (0, {MAX_FAULT_S:g}]"),
+            (c.kind != "loss_burst" or 0 < c.percent < 100,
+             f"{where}: percent must be in (0, 100) (a link down is link_down)"),
         ]
     for ok, message in checks:
         if not ok:
