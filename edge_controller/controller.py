@@ -45,6 +45,7 @@ POLL_TICK_S = 0.05
 MAX_MESSAGES_PER_TICK = 256  # bound the work between round checks...
 MESSAGE_BUDGET_S = 0.02  # ...and its time, once a round is due
 MIN_RIDE_ALONG = 16  # prompt tokens a round carries at least, however small the round
+PREFILL_MAX_WAIT_S = 2.0  # a prompt waiting this long is prefilled next, before shorter ones
 CLOSING_RETRY_S = 1.0  # devices told the controller is stopping come back after this
 CLOSING_LINGER_S = 1.0  # how long the last answers and closings may take to go out
 
@@ -244,9 +245,16 @@ class EdgeController:
     # ---- prefill -------------------------------------------------------------------------
     def _prefilling(self) -> Session | None:
         """The request whose prompt is prefilled next: the one with the least left (a short
-        prompt is not stuck behind long ones), then the one that started first."""
+        prompt is not stuck behind long ones), then the one that started first; but one
+        that has waited PREFILL_MAX_WAIT_S goes first, oldest first, so that a stream of
+        short prompts (new requests cost a device nothing) cannot starve a long one."""
         waiting = [s for s in self.sessions if s.generating and s.prefill_left > 0]
-        return min(waiting, key=lambda s: (s.prefill_left, s.started_at), default=None)
+        if not waiting:
+            return None
+        oldest = min(waiting, key=lambda s: s.started_at)
+        if time.monotonic() - oldest.started_at > PREFILL_MAX_WAIT_S:
+            return oldest
+        return min(waiting, key=lambda s: (s.prefill_left, s.started_at))
 
     def _prefill_alone(self) -> Session | None:
         """The request to prefill in a forward of its own now: only while no round is open
@@ -400,11 +408,14 @@ class EdgeController:
         request, slot = session.request, session.slot
         session.last_verdict = None  # rolled back or re-created: no round is answered yet
         held = self.verifier.tokens(slot) if slot is not None else []
-        if (request is not None and request.request_id == msg.request_id
+        # Rolled back only as the same request (prompt, limits, sampling): a resume must not
+        # move tokens between prompt and output to escape max_new_tokens.
+        if (request is not None and msg.as_start() == request
                 and held[: len(transcript)] == transcript
                 and (len(held) == len(transcript) or session.prefill_left == 0)):
             self.verifier.truncate(slot, len(transcript))
             session.pending, session.next_round = None, msg.round
+            self.scheduler.on_draft_gone(self.sessions)
             session.stats.generated = len(msg.committed_ids)
             self._events(session.device_id, "request %s resumed at position %d",
                          msg.request_id, len(transcript))
@@ -507,7 +518,7 @@ class EdgeController:
             self.metrics.kv_slots.set(self.verifier.slots_in_use)
         session.slot, session.request, session.pending = None, None, None
         self.draft_control.on_request_end(session.device_id)
-        self.scheduler.on_request_end(self.sessions)
+        self.scheduler.on_draft_gone(self.sessions)
 
     def _drop(self, session: Session, why: str) -> None:
         """Forget a device: free its slot, its estimates and its metrics."""

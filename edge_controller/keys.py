@@ -235,8 +235,9 @@ class Allowlist:
         read; any other entry, and any file that does not parse, is skipped with an error in
         the log (once, until it changes), never the whole list."""
         with self._lock:
-            self._scanned_mtime = self._dir_mtime()
-            signature = self._scan()
+            mtime = self._dir_mtime()
+            signature = self._scan()  # may raise (no file descriptor left): retried later
+            self._scanned_mtime = mtime
             if signature == self._signature:
                 return False
             self._signature = signature

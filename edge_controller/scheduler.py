@@ -38,6 +38,7 @@ class SyncScheduler:
     def due(self, sessions: Iterable[Session], now: float) -> bool:
         members = [s for s in sessions if s.in_rounds]
         if not any(s.pending is not None for s in members):
+            self.opened_at = None  # its drafts are gone (ended, rolled back): nothing open
             return False
         all_in = all(s.pending is not None for s in members if s.missed_rounds == 0)
         return all_in or now >= self.opened_at + self.deadline_s
@@ -54,9 +55,9 @@ class SyncScheduler:
                 session.missed_rounds += 1
         return batch
 
-    def on_request_end(self, sessions: Iterable[Session]) -> None:
-        """A request ended: with no member's draft left waiting, the round it opened is
-        empty."""
+    def on_draft_gone(self, sessions: Iterable[Session]) -> None:
+        """A waiting draft is gone (its request ended, or was rolled back): with no
+        member's draft left waiting, the round it opened is empty."""
         if not any(s.in_rounds and s.pending is not None for s in sessions):
             self.opened_at = None
 

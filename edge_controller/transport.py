@@ -38,6 +38,9 @@ HEARTBEAT_IVL_S = 1.0  # ZMTP pings to every connection; one silent for the hear
 ALLOWLIST_CHECK_S = 0.5  # revocation takes effect within this (plus one loop tick)
 RECEIVE_QUEUE = 16  # frames libzmq holds per connection before it stops reading its socket
 SEND_QUEUE = 256  # frames queued to one device before sends to it fail (it is dropped)
+# A connection that has not completed its handshake by then is closed (libzmq's default is
+# 30 s): idle TCP connections from anyone must not hold file descriptors for long.
+HANDSHAKE_TIMEOUT_S = 5.0
 MAX_BUCKETS = 4096  # rate-limit state kept per identity; idle ones are forgotten first
 MAX_DROPS_PER_RECEIVE = 256  # frames over their rate dropped in one receive() at most
 
@@ -186,6 +189,7 @@ class Transport:
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
         sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_timeout_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TTL, int(self.heartbeat_timeout_s * 1000))
@@ -267,7 +271,12 @@ class Transport:
         if not self.secure or now - self._allowlist_checked < ALLOWLIST_CHECK_S:
             return False
         self._allowlist_checked = now
-        self.allowlist.reload()
+        try:
+            self.allowlist.reload()
+        except OSError as exc:  # e.g. no file descriptor left under a connection flood
+            self._warnings("allowlist", "cannot re-read %s (%s); the list stays as it was",
+                           self.allowlist.directory, exc)
+            return False
         if self.allowlist.generation == self._allowlist_seen:
             return False
         self._allowlist_seen = self.allowlist.generation

@@ -68,6 +68,73 @@ def test_other_devices_keep_their_rounds_while_a_long_prompt_is_prefilled(
     assert rounds >= 10, f"only {rounds} rounds of the other device during the prefill"
 
 
+@pytest.mark.slow
+def test_a_stream_of_short_prompts_cannot_starve_a_long_one(run_controller, target,
+                                                            target_info, lab_keys):
+    """Shortest prefill first, but not forever: new requests cost a device nothing, so one
+    that restarts tiny requests all the time must not keep a long prompt waiting."""
+    _, tokenizer = target
+    long_prompt = tokenizer("A long report on the history of rivers. " * 100)["input_ids"][:700]
+    with run_controller(control__policy="fixed", limits__prefill_chunk=64) as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("pest")) as pest, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("victim")) as victim:
+        hello(pest, target_info)
+        hello(victim, target_info)
+        victim.send(P.Start("v", long_prompt, 4))
+        until(P.Control, victim)
+        session = controller.sessions.named("victim")
+        deadline = time.monotonic() + 20.0
+        k = 0
+        while session.prefill_left > 0 and time.monotonic() < deadline:
+            pest.send(P.Resume(f"x{k}", [1, 2 + k % 1000], [], 0, 4))  # a new request each
+            k += 1
+            time.sleep(0.01)
+            while pest._socket.poll(0):
+                pest.receive()
+        assert session.prefill_left == 0, f"{session.prefill_left} tokens left after {k} restarts"
+
+
+@pytest.mark.slow
+def test_a_rolled_back_draft_leaves_no_round_open(run_controller, target_info, lab_keys):
+    """A member drafts, then resumes to before that draft: the round it opened holds no
+    draft any more, so it closes (an open round would stop prefills and spin the loop)."""
+    with run_controller(control__policy="fixed", server__round_deadline_s=30.0) as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("fickle")) as fickle, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("slow")) as slow:
+        hello(fickle, target_info)
+        hello(slow, target_info)
+        prompt = [1, 504, 3458, 314]
+        for link, rid in ((fickle, "f"), (slow, "s")):
+            link.send(P.Start(rid, prompt, 8))
+            until(P.Control, link)
+        time.sleep(0.5)  # both prefilled: both are members, and the round waits for "slow"
+        fickle.send(P.Draft("f", 0, len(prompt), [28, 253]))
+        fickle.send(P.Resume("f", prompt, [], 0, 8))
+        until(P.Control, fickle)
+        fickle.send(P.Ping(1.0))
+        until(P.Pong, fickle)
+        assert controller.scheduler.opened_at is None
+
+
+@pytest.mark.slow
+def test_a_resume_cannot_move_output_into_the_prompt(run_controller, target_info, lab_keys):
+    """Rolled back in place only as the same request: a resume that calls committed output
+    prompt is a new request, checked against the context limit like any start."""
+    with run_controller(control__policy="fixed", limits__max_len=64,
+                        limits__max_new_tokens=43) as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client("greedy")) as link:
+        hello(link, target_info)
+        prompt = [1, 504, 3458, 314]
+        link.send(P.Start("r", prompt, 43))  # 4 + 43 + 16 + 1 = 64 positions: just fits
+        until(P.Control, link)
+        link.send(P.Draft("r", 0, len(prompt), [28, 253, 4159]))
+        committed = until(P.Verdict, link).tokens
+        link.send(P.Resume("r", prompt + committed, [], 1, 43))
+        refused = until(P.Error, link)
+        assert refused.code == "too_long" and refused.request_id == "r"
+        assert controller.verifier.slots_in_use == 0
+
+
 # ---- 2. idle and abandoned requests ---------------------------------------------------------
 def _member(name: str, pending: bool) -> Session:
     session = Session(name.encode(), None, name, "d", 0.0)
@@ -396,3 +463,62 @@ def test_a_full_disk_under_the_timeline_stops_the_timeline_not_the_controller(
         assert controller.rounds_run > 0
     compare_to_reference(target, result, 24)
     assert json.dumps(result)  # the agent finished with its whole result
+
+
+@pytest.mark.slow
+def test_a_flood_of_idle_connections_does_not_kill_the_controller(tmp_path, lab_keys,
+                                                                  target_info):
+    """Anyone can open TCP connections without a key; each holds a file descriptor until
+    its handshake times out (5 s). With its open-file limit at 256, 400 idle connections
+    leave the controller serving, and once they are closed a listed device is served."""
+    import functools
+    import resource
+
+    from edge_controller.launch import free_endpoint, start_controller, stop_controller
+    from edge_controller.transport import HANDSHAKE_TIMEOUT_S
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    endpoint = free_endpoint()
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    log = tmp_path / "controller.log"
+    controller = start_controller(log, lab_keys, endpoint, "--policy", "fixed",
+                                  spawn=functools.partial(subprocess.Popen,
+                                                          preexec_fn=low_limit))
+    flood = []
+    try:
+        for _ in range(400):
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            flood.append(sock)
+        time.sleep(2.0)  # several allowlist checks with no descriptor left
+        assert controller.poll() is None, log.read_text()[-2000:]
+        # Idle connections are closed at the handshake timeout: after the controller's
+        # greeting, each reads EOF.
+        time.sleep(HANDSHAKE_TIMEOUT_S + 1.0)
+        assert sum(closed_by_peer(sock) for sock in flood) > 0
+        for sock in flood:
+            sock.close()
+        flood.clear()
+        time.sleep(0.5)
+        with ControllerLink(endpoint, curve=lab_keys.client("after"), timeout_s=20) as link:
+            link.send(P.Hello("", "d", target_info.fingerprint, target_info.vocab_size))
+            assert isinstance(link.receive(), P.Welcome)
+        assert controller.poll() is None
+    finally:
+        for sock in flood:
+            sock.close()
+        stop_controller(controller)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (what it sent before is read and dropped)."""
+    sock.settimeout(0.01)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

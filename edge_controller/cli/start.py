@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_controller.verifier.engine import CapacityError
     from models.target import TargetLoadError
 
+    raise_file_limit()
     try:
         # Stopped while loading: nothing to close down, so SIGTERM stops at once, as SIGINT.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -100,6 +102,22 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def raise_file_limit() -> None:
+    """Every connection, authenticated or not, holds a file descriptor until its handshake
+    times out: take the hard limit, not the usual soft 1024 (docs/limits.md)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        log.warning("open-file limit %d: a flood of connections can exhaust it; raise it "
+                    "(LimitNOFILE= in the systemd unit, ulimit -n)", soft)
 
 
 def stop_on_signals() -> threading.Event:

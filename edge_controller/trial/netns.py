@@ -261,7 +261,8 @@ class NetworkLab:
         """Start ``argv`` in ``device``'s namespace (None: the hub), optionally on ``cpus``.
 
         The process gets its own session (a terminal's Ctrl-C reaches the lab, which stops
-        it) and is killed if the lab's process dies.
+        it) and gets SIGTERM when the thread that spawned it ends (Linux's parent-death
+        signal follows the thread, not the process): spawn from a thread that outlives it.
         """
         netns = self.hub_netns if device is None else self.devices[device].netns
         proc = self._popen(["ip", "netns", "exec", netns, *argv], cpus, **popen_kwargs)

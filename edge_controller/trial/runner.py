@@ -120,10 +120,14 @@ def inject_faults(lab: NetworkLab, controller: ControllerProcess, chaos: Sequenc
             if fault.kind == "restart_controller":
                 with restarting:
                     controller.restart(crash=True)
-            else:
-                _fault(lab, fault, on=True)
-                at(fault.at_s + fault.seconds)  # undone early when stopped
-                _fault(lab, fault, on=False)
+                entry["ended_s"] = round(time.time() - started, 3)
+                # The lab's processes die with the *thread* that spawned them (Linux's
+                # parent-death signal), so this one lives as long as the new controller.
+                stop.wait()
+                return
+            _fault(lab, fault, on=True)
+            at(fault.at_s + fault.seconds)  # undone early when stopped
+            _fault(lab, fault, on=False)
             entry["ended_s"] = round(time.time() - started, 3)
         except BaseException as exc:  # raised in the trial, not lost with the thread
             failed.append(exc)
