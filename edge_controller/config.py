@@ -44,6 +44,11 @@ class TargetConfig:
     gguf: str = ""
     dtype: str = "float32"
     device: str = "cpu"
+    # Soaks and capacity studies only (docs/soak.md): no model; verdicts are replayed from
+    # this trace file's recorded target outputs, each forward sleeping a + b x its tokens
+    # (replay_verify_time, s and s/token: by default an assumed GPU-class fit).
+    replay: str = ""
+    replay_verify_time: tuple[float, ...] = (0.006, 2e-5)
 
 
 @dataclass
@@ -97,6 +102,9 @@ class ControllerConfig:
              "target.dtype must be float32, float16 or bfloat16"),
             (self.target.device.split(":")[0] in ("cpu", "cuda"),
              "target.device must be cpu or cuda"),
+            (len(self.target.replay_verify_time) == 2
+             and all(0 <= x < 10 for x in self.target.replay_verify_time),
+             "target.replay_verify_time must be [a, b] in seconds and seconds per token"),
             (1 <= self.limits.max_sessions <= 4096, "limits.max_sessions must be in 1..4096"),
             (1 <= self.limits.max_devices <= 1_000_000,
              "limits.max_devices must be in 1..1000000"),

@@ -158,8 +158,8 @@ def answers_before_pong(link: ControllerLink, barrier: float,
     answers: list = []
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
-        try:  # answers come in the version of what they answer
-            msg = link.receive(timeout_s=left, versions=P.SERVED_VERSIONS)
+        try:  # answers come in the version of what they answer (refusals of older too)
+            msg = link.receive(timeout_s=left, versions=tuple(range(1, P.PROTOCOL_VERSION + 1)))
         except LinkTimeout:
             return None
         except P.ProtocolError:

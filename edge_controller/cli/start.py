@@ -140,9 +140,13 @@ def build_controller(
     """Load the configured target and return a ready (not yet serving) controller."""
     from pathlib import Path
 
+    from edge_controller.controller import EdgeController, TargetInfo
+
+    if config.target.replay:
+        return replay_controller(config, transport)
+
     import torch
 
-    from edge_controller.controller import EdgeController, TargetInfo
     from edge_controller.verifier.engine import Verifier
     from models import ensure
     from models.target import load_target
@@ -158,3 +162,31 @@ def build_controller(
     )
     return EdgeController(config, verifier, TargetInfo.from_model(name, model, tokenizer),
                           transport=transport)
+
+
+def replay_controller(config: ControllerConfig, transport: Transport | None = None
+                      ) -> EdgeController:
+    """A controller whose verifier replays ``target.replay``'s recorded transcripts at the
+    configured verify-time fit (soaks: no model, no torch)."""
+    from pathlib import Path
+
+    from device_agent.synthetic import TraceSet
+    from edge_controller.control.estimators import AffineFit
+    from edge_controller.controller import EdgeController, TargetInfo
+    from edge_controller.verifier.replay import ReplayVerifier
+
+    traces = TraceSet.load(Path(config.target.replay))
+    a, b = config.target.replay_verify_time
+    verifier = ReplayVerifier({tuple(t.prompt_ids): t.truth for t in traces.traces},
+                              vocab_size=traces.vocab_size,
+                              max_sessions=config.limits.max_sessions,
+                              max_len=config.limits.max_len, verify_time=(a, b),
+                              end_token=min(traces.eos_token_ids))
+    fit = AffineFit()
+    for tokens in (1, 5, 20, 80):  # the law it sleeps: no calibration needed
+        fit.update(tokens, a + b * tokens)
+    log.warning("REPLAY verifier: no model; verdicts from %s, %.1f ms + %.3f ms per token "
+                "per forward (soaks only)", config.target.replay, a * 1e3, b * 1e3)
+    target = TargetInfo(f"{traces.target} (replay)", traces.fingerprint, traces.vocab_size,
+                        frozenset(traces.eos_token_ids))
+    return EdgeController(config, verifier, target, verify_time=fit, transport=transport)

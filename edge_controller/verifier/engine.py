@@ -32,39 +32,25 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from edge_controller.verifier.sampling import (
-    SamplingParams,
     decided_margin,
     greedy_verify,
     process_logits,
     speculative_verify,
 )
+from edge_controller.verifier.slots import (
+    CapacityError,
+    Chunk,
+    SlotTable,
+    VerifyItem,
+    VerifyOutcome,
+)
+
+__all__ = ["CapacityError", "Verifier", "VerifyItem", "VerifyOutcome"]
 
 log = logging.getLogger(__name__)
 
 # Decoders that are "Llama with options" (biases, q/k norms, GQA): run by this engine.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class CapacityError(RuntimeError):
-    """A session cannot be served within the KV budget; str() is fit to send to the device."""
-
-
-@dataclass
-class VerifyItem:
-    """One session's draft for this round; ``draft_tokens[0]`` sits at ``length(slot)``."""
-
-    slot: int
-    draft_tokens: list[int]
-    sampling: SamplingParams
-    q_ids: list[list[int]] | None = None  # sampling mode: sparse q per draft token
-    q_counts: list[list[int]] | None = None  # q(id) = count / sum(counts)
-
-
-@dataclass
-class VerifyOutcome:
-    accepted: int  # number of draft tokens accepted
-    next_token: int  # correction (after a rejection) or bonus (after full acceptance)
-    margin: float  # smallest top-2 logit margin over the decided positions (near ties)
 
 
 @dataclass
@@ -102,7 +88,7 @@ def sessions_for_budget(config, dtype: torch.dtype, max_len: int, budget_bytes: 
     return budget_bytes // (kv_bytes_per_token(config, dtype) * max_len)
 
 
-class Verifier:
+class Verifier(SlotTable):
     """Per-session KV slots and the batched verification of drafts (rule in sampling.py).
 
     ``dtype``/``device`` default to the model's own; when given, the model is moved and
@@ -130,16 +116,13 @@ class Verifier:
                 f"sliding-window attention ({window} tokens) is not supported; "
                 f"use max_len <= {window}"
             )
-        if max_sessions < 1 or max_len < 1:
-            raise ValueError("need max_sessions >= 1 and max_len >= 1")
+        super().__init__(max_sessions=max_sessions, max_len=max_len,
+                         vocab_size=model.lm_head.out_features)
         weights = next(model.parameters())
         self.device = torch.device(device) if device is not None else weights.device
         self.dtype = dtype or weights.dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.decoder = model.model
-        self.vocab_size = model.lm_head.out_features
-        self.max_sessions = max_sessions
-        self.max_len = max_len
         attn = self.decoder.layers[0].self_attn
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
@@ -158,9 +141,6 @@ class Verifier:
             self.v_cache = [self._zeros(shape) for _ in self.decoder.layers]
         except (torch.OutOfMemoryError, RuntimeError):  # the CPU allocator raises the latter
             raise too_big from None
-        self._tokens: list[list[int]] = [[] for _ in range(max_sessions)]  # per slot
-        self._cached = [0] * max_sessions  # per slot: leading tokens whose K/V are cached
-        self._open = [False] * max_sessions
         log.info(
             "verifier: %s on %s/%s, %d slots x %d tokens, KV %.1f MiB",
             config.model_type,
@@ -174,125 +154,14 @@ class Verifier:
     def _zeros(self, shape: tuple[int, ...]) -> Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    # --- sessions ---------------------------------------------------------------------
-
-    def open(self, prompt_ids: list[int], prefill: bool = True) -> int:
-        """Allocate the lowest free slot for a prompt; its last token is pending.
-
-        With ``prefill`` the rest of the prompt is prefilled now, in one forward; else it
-        is prefilled later by chunks (:meth:`prefill`, or :meth:`verify`'s ``prefill``),
-        so that a long prompt never stalls the other sessions' rounds."""
-        if not prompt_ids:
-            raise ValueError("prompt must hold at least one token")
-        self._check_tokens(prompt_ids, "prompt")
-        if len(prompt_ids) > self.max_len:
-            raise CapacityError(
-                f"prompt of {len(prompt_ids)} tokens exceeds the context limit of "
-                f"{self.max_len} tokens"
-            )
-        if all(self._open):
-            log.warning("refusing a session: all %d slots in use", self.max_sessions)
-            raise CapacityError(
-                f"server is full: all {self.max_sessions} verification slots are in use; "
-                "retry later"
-            )
-        slot = self._open.index(False)
-        self._open[slot] = True
-        self._tokens[slot] = list(prompt_ids)
-        self._cached[slot] = 0
-        if prefill:
-            self.prefill(slot, len(prompt_ids))
-        log.debug("opened slot %d with a prompt of %d tokens", slot, len(prompt_ids))
-        return slot
-
-    def prefill_left(self, slot: int) -> int:
-        """Prompt tokens of ``slot`` whose K/V are not cached yet (0: ready to verify)."""
-        self._check_slot(slot)
-        return len(self._tokens[slot]) - 1 - self._cached[slot]
-
-    def prefill(self, slot: int, max_tokens: int) -> int:
-        """Prefill up to ``max_tokens`` more of ``slot``'s prompt in one forward; return
-        how many remain."""
-        chunk = self._prefill_chunk(slot, max_tokens)
-        if chunk is not None:
-            with torch.inference_mode():
-                self._forward(self._rows([chunk]), logits=False)
-            self._cached[slot] += len(chunk[1])
-        return self.prefill_left(slot)
-
-    def _prefill_chunk(self, slot: int, max_tokens: int) -> tuple[int, list[int], int] | None:
-        """(slot, tokens, start position) of the next prefill chunk, if any is left."""
-        if self.prefill_left(slot) <= 0 or max_tokens <= 0:
-            return None
-        start = self._cached[slot]
-        end = start + min(max_tokens, self.prefill_left(slot))
-        return slot, self._tokens[slot][start:end], start
-
-    @property
-    def slots_in_use(self) -> int:
-        return sum(self._open)
-
-    def close(self, slot: int) -> None:
-        self._check_slot(slot)
-        self._open[slot] = False
-        log.debug("closed slot %d at length %d", slot, len(self._tokens[slot]))
-
-    def length(self, slot: int) -> int:
-        """Tokens in the sequence so far (prompt + committed output); the last is pending."""
-        self._check_slot(slot)
-        return len(self._tokens[slot])
-
-    def tokens(self, slot: int) -> list[int]:
-        """The session's sequence: prompt + committed output, the last one pending."""
-        self._check_slot(slot)
-        return list(self._tokens[slot])
-
-    def truncate(self, slot: int, length: int) -> None:
-        """Roll the session back to its first ``length`` tokens (the last becomes pending):
-        the same rollback by length that a rejection does, e.g. to replay a round."""
-        if not 1 <= length <= self.length(slot):
-            raise ValueError(f"slot {slot}: cannot truncate to {length} tokens")
-        del self._tokens[slot][length:]
-        self._cached[slot] = min(self._cached[slot], length - 1)
-
-    def room(self, slot: int) -> int:
-        """The longest draft this session can still be verified with (negative: full)."""
-        return self.max_len - self.length(slot)
-
-    # --- verification -----------------------------------------------------------------
-
-    def verify(
-        self, items: list[VerifyItem], prefill: tuple[int, int] | None = None
-    ) -> list[VerifyOutcome]:
-        """One batched forward over ``[pending, d_1 .. d_L]`` of every item; commits the
-        pending token and the accepted drafts; each next token becomes its slot's pending.
-        ``prefill = (slot, n)`` also prefills up to n prompt tokens of that (still
-        prefilling) slot in the same forward (chunked prefill, as vLLM mixes them).
-
-        Raises (before any state changes) ValueError for a malformed item and
-        CapacityError for a session whose draft would run past ``max_len``.
-        """
-        self._check_items(items)
-        chunk = self._prefill_chunk(*prefill) if prefill is not None else None
-        if not items and chunk is None:
-            return []
+    def _run(self, items: list[VerifyItem], chunk: Chunk | None) -> list[VerifyOutcome]:
+        """One forward: the items' tokens lead the packed rows, the chunk's follow."""
         requests = [self._verify_request(it) for it in items] + ([chunk] if chunk else [])
         rows = self._rows(requests)
         n_verify = sum(len(tokens) for _, tokens, _ in requests[: len(items)])
         with torch.inference_mode():
             logits = self._forward(rows, logits=n_verify)
-            outcomes = self._decide(items, rows, logits) if items else []
-        if chunk is not None:
-            self._cached[chunk[0]] += len(chunk[1])
-        for item, outcome in zip(items, outcomes, strict=True):
-            committed = item.draft_tokens[: outcome.accepted] + [outcome.next_token]
-            self._tokens[item.slot] += committed
-            self._cached[item.slot] = len(self._tokens[item.slot]) - 1
-        return outcomes
-
-    def verify_each(self, items: list[VerifyItem]) -> list[VerifyOutcome]:
-        """Reference: the same math with one forward per item (batch size 1)."""
-        return [self.verify([item])[0] for item in items]
+            return self._decide(items, rows, logits) if items else []
 
     def target_logits(self, items: list[VerifyItem]) -> list[Tensor]:
         """The target's logits after each of ``[pending, d_1 .. d_L]``, per item as
@@ -302,11 +171,6 @@ class Verifier:
         with torch.inference_mode():
             logits = self._forward(self._rows(requests), logits=sum(len(r[1]) for r in requests))
         return list(logits.float().split([len(it.draft_tokens) + 1 for it in items]))
-
-    def _verify_request(self, item: VerifyItem) -> tuple[int, list[int], int]:
-        """An item feeds [pending, d_1 .. d_L] from the pending token's position on."""
-        pending = self.length(item.slot) - 1
-        return item.slot, [self._tokens[item.slot][-1], *item.draft_tokens], pending
 
     def _decide(self, items: list[VerifyItem], rows: _Rows, logits: Tensor) -> list[VerifyOutcome]:
         """Acceptance for every item, vectorised over items and positions.
@@ -363,44 +227,6 @@ class Verifier:
                 counts[b, i, : len(cnt)] = torch.tensor(cnt, dtype=torch.float64)
         total = counts.sum(dim=-1, keepdim=True).clamp(min=1)
         return q_ids.to(self.device), (counts / total).to(self.device)
-
-    # --- checks -----------------------------------------------------------------------
-
-    def _check_slot(self, slot: int) -> None:
-        if not (0 <= slot < self.max_sessions and self._open[slot]):
-            raise ValueError(f"slot {slot} is not an open session")
-
-    def _check_tokens(self, tokens: list[int], what: str) -> None:
-        if any(not 0 <= t < self.vocab_size for t in tokens):
-            raise ValueError(f"{what}: token ids must lie in 0..{self.vocab_size - 1}")
-
-    def _check_items(self, items: list[VerifyItem]) -> None:
-        slots = [it.slot for it in items]
-        if len(set(slots)) != len(slots):
-            raise ValueError("a session may appear only once per round")
-        for item in items:
-            if self.prefill_left(item.slot) > 0:
-                raise ValueError(f"slot {item.slot} is still prefilling its prompt")
-            self._check_tokens(item.draft_tokens, f"slot {item.slot} draft")
-            if len(item.draft_tokens) > self.room(item.slot):
-                raise CapacityError(
-                    f"draft of {len(item.draft_tokens)} tokens would run past the context "
-                    f"limit of {self.max_len} tokens (room for {max(self.room(item.slot), 0)})"
-                )
-            if not item.sampling.greedy:
-                self._check_sparse_q(item)
-
-    def _check_sparse_q(self, item: VerifyItem) -> None:
-        q_ids, q_counts, n = item.q_ids or [], item.q_counts or [], len(item.draft_tokens)
-        if len(q_ids) != n or len(q_counts) != n:  # an empty draft (L = 0) has no q
-            raise ValueError(f"slot {item.slot}: sampling needs q_ids/q_counts per draft token")
-        for token, ids, counts in zip(item.draft_tokens, q_ids, q_counts, strict=True):
-            if not 0 < len(ids) == len(counts) or min(counts) <= 0 or token not in ids:
-                raise ValueError(
-                    f"slot {item.slot}: each q needs matching ids/counts, positive counts, "
-                    "and the draft token in its support"
-                )
-            self._check_tokens(ids, f"slot {item.slot} q_ids")
 
     # --- the decoder ------------------------------------------------------------------
 
