@@ -277,6 +277,9 @@ class DeviceAgent:
                     return result()
                 if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
                     self.send_telemetry()
+        except KeyboardInterrupt:  # the user gave up on it: the controller frees it now
+            self.link.send(P.Cancel(request.request_id), wait=False)
+            raise
         except Exception as exc:  # whatever ends it early: what it committed goes with it
             exc.partial_result = result(partial=True)
             raise

@@ -19,6 +19,7 @@ EXIT_FAILED = 1  # the controller refused us (an error reply, our key), or keys 
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3  # no answer from the controller (at start, or after resuming)
 EXIT_PROTOCOL = 4  # the controller broke the protocol (a garbage frame, an impossible verdict)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                          epilog="exit codes: 0 done; 1 refused by the controller (key not "
                          "listed, an error reply); 2 bad usage; 3 no answer from the "
                          "controller (at registration, or nothing committed for --timeout + "
-                         "--resume-timeout); 4 the controller broke the protocol. A request "
+                         "--resume-timeout); 4 the controller broke the protocol; 130 "
+                         "interrupted (the request is cancelled). A request "
                          "that fails part-way prints what it committed (with --json, marked "
                          "partial)")
     gen.add_argument("--controller", required=True, metavar="tcp://HOST:PORT")
@@ -241,6 +243,10 @@ def generate(args: argparse.Namespace) -> int:
                       f"committed{', printed as a partial result' if args.json else ''}",
                       file=sys.stderr)
             return code
+        except KeyboardInterrupt:
+            print("\ndevice-agent: interrupted (the request in flight was cancelled)",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
         finally:
             agent.close()  # bye: the controller frees our slot now, not after a timeout
     if not args.json:

@@ -34,9 +34,14 @@ from edge_controller.metrics import ControllerMetrics
 from edge_controller.scheduler import SyncScheduler
 from edge_controller.sessions import RequestStats, Session, SessionRegistry
 from edge_controller.transport import Peer, Transport
-from edge_controller.verifier.engine import CapacityError, Verifier, VerifyItem, VerifyOutcome
-from edge_controller.verifier.sampling import SamplingParams
-from models.target import NEAR_TIE_MARGIN
+from edge_controller.verifier.slots import (
+    NEAR_TIE_MARGIN,
+    CapacityError,
+    SamplingParams,
+    SlotTable,
+    VerifyItem,
+    VerifyOutcome,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ class TargetInfo:
 
 
 class EdgeController:
-    def __init__(self, config: ControllerConfig, verifier: Verifier, target: TargetInfo,
+    def __init__(self, config: ControllerConfig, verifier: SlotTable, target: TargetInfo,
                  verify_time: AffineFit | None = None, transport: Transport | None = None):
         self.config = config
         self.verifier = verifier

@@ -30,8 +30,7 @@ import numpy as np
 from edge_controller.config import ControlConfig
 from edge_controller.control import SystemParams, UserParams, VerifyTime, solve
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
-from edge_controller.verifier.engine import VerifyItem
-from edge_controller.verifier.sampling import SamplingParams
+from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
 log = logging.getLogger(__name__)
 

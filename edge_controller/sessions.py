@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from edge_controller.protocol import PROTOCOL_VERSION, Draft, ProtocolError, Start, Verdict
 
 if TYPE_CHECKING:  # the verifier imports torch; sessions stay light
-    from edge_controller.verifier.engine import VerifyOutcome
+    from edge_controller.verifier.slots import VerifyOutcome
 
 
 @dataclass

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edge_controller.verifier.slots import NEAR_TIE_MARGIN
 from models.registry import Registry
 from models.store import converted_target, ensure
 
@@ -74,9 +75,6 @@ def reference_greedy(target: tuple[Any, Any], prompt_ids: list[int],
         top2 = torch.topk(logits[0].float(), 2).values
         margins.append(float(top2[0] - top2[1]))
     return ids, margins
-
-
-NEAR_TIE_MARGIN = 1e-4  # DESIGN.md: greedy mismatches are tolerated only below this logit margin
 
 
 def greedy_mismatch(target: tuple[Any, Any], prompt_ids: list[int], tokens: list[int],

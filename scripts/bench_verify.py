@@ -45,12 +45,8 @@ from pathlib import Path
 import torch
 
 from edge_controller.verifier.cost import FORMAT, FORMS, fit_best
-from edge_controller.verifier.engine import (
-    Verifier,
-    VerifyItem,
-    sessions_for_budget,
-)
-from edge_controller.verifier.sampling import SamplingParams
+from edge_controller.verifier.engine import Verifier, sessions_for_budget
+from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench_verify"

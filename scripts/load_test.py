@@ -16,24 +16,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from device_agent.synthetic import TRACES_DIR, TraceSet  # noqa: E402
+from device_agent.synthetic import DEVICES_PER_PROCESS  # noqa: E402
+from edge_controller.config import TargetConfig  # noqa: E402
 from edge_controller.launch import (  # noqa: E402
     LabKeys,
     free_endpoint,
     start_controller,
     stop_controller,
 )
+from models.traces import TRACES_DIR, TraceSet  # noqa: E402
 
-DEVICES_PER_WORKER = 50
 RSS_EVERY_S = 2.0
 
 
@@ -44,27 +47,32 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def controller_config(args: argparse.Namespace, traces: TraceSet, out: Path) -> Path:
     longest = max(len(t.prompt_ids) + len(t.truth) for t in traces.traces)
     max_len = 1 << math.ceil(math.log2(longest + 17 + 1))  # small: bookkeeping, not text
     slots = args.devices if args.verifier == "stub" else 16
-    target = ""
+    target, control = "", f"policy = {json.dumps(args.policy)}\n"
     if args.verifier == "stub":
         a, b = args.verify_time
         target = (f"[target]\nreplay = {json.dumps(str(args.traces))}\n"
                   f"replay_verify_time = [{a}, {b}]\n")
+        if args.verify_time_file:
+            control += f"verify_time_file = {json.dumps(str(args.verify_time_file))}\n"
     config = out / "controller.toml"
     config.write_text(
         f"{target}[server]\ntimeline = {json.dumps(str(out / 'timeline.jsonl'))}\n"
         f"[limits]\nmax_sessions = {slots}\nmax_devices = {max(args.devices, 16)}\n"
-        f"max_len = {max_len}\nmax_new_tokens = {max_len - 18}\n"
-        f"[control]\npolicy = {json.dumps(args.policy)}\n")
+        f"max_len = {max_len}\nmax_new_tokens = {max_len - 18}\n[control]\n{control}")
     return config
+
+
+def verify_time_fit(args: argparse.Namespace, source: str) -> dict | str:
+    """What the stub slept per forward, and where that law came from."""
+    if args.verifier == "real":
+        return "calibrated on this machine (controller log)"
+    if args.verify_time_file:
+        return {"law": json.loads(args.verify_time_file.read_text()), "source": source}
+    return {"a_s": args.verify_time[0], "b_s_per_token": args.verify_time[1], "source": source}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=1.0)
     parser.add_argument("--verifier", choices=("stub", "real"), default="stub")
     parser.add_argument("--verify-time", type=float, nargs=2, metavar=("A", "B"),
-                        default=(0.006, 2e-5),
                         help="stub: seconds per forward and per token fed (default: an "
-                        "ASSUMED GPU-class fit, 6 ms + 0.02 ms/token)")
+                        "ASSUMED GPU-class fit, target.replay_verify_time's default)")
+    parser.add_argument("--verify-time-file", type=Path, metavar="FIT.json",
+                        help="stub: sleep what a `scripts/bench_verify.py --sweep` law "
+                        "says of each forward's draft lengths and contexts (e.g. a sweep "
+                        "measured on a GPU) instead")
     parser.add_argument("--policy", default="heterogeneous")
     parser.add_argument("--traces", type=Path, default=TRACES_DIR / "smollm2-135m.json.gz")
     parser.add_argument("--warmup-s", type=float, default=None,
@@ -83,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/soak"))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    args.verify_time = tuple(args.verify_time)
+    if args.verify_time is None:
+        args.verify_time, source = TargetConfig.replay_verify_time, "assumed GPU-class"
+    else:
+        source = "given (--verify-time)"
+    if args.verify_time_file:
+        args.verify_time_file = args.verify_time_file.resolve()
+        source = f"{args.verify_time_file} (scripts/bench_verify.py law)"
+    args.traces = args.traces.resolve()  # the workers run in the repository
     if args.devices < 1 or args.minutes <= 0:
         parser.error("need --devices >= 1 and --minutes > 0")
     if args.verifier == "real" and args.devices > 16:
@@ -105,16 +123,18 @@ def main(argv: list[str] | None = None) -> int:
                                                                         args.out)))
         started = time.time()
         until = started + duration
+        logs = ExitStack()
         workers = [
             subprocess.Popen(
                 [sys.executable, "-m", "device_agent.synthetic", "--controller", endpoint,
-                 "--names", ",".join(names[i:i + DEVICES_PER_WORKER]),
+                 "--names", ",".join(names[i:i + DEVICES_PER_PROCESS]),
                  "--keys-root", str(keys.root / "devices"),
                  f"--controller-key={keys.controller_key}", "--traces", str(args.traces),
                  "--until", str(until)],
-                stdout=subprocess.PIPE, stderr=(args.out / f"worker-{i}.log").open("w"),
+                stdout=subprocess.PIPE,
+                stderr=logs.enter_context((args.out / f"worker-{i}.log").open("w")),
                 text=True, cwd=ROOT)
-            for i in range(0, len(names), DEVICES_PER_WORKER)
+            for i in range(0, len(names), DEVICES_PER_PROCESS)
         ]
         rss: list[tuple[float, float]] = []
         try:
@@ -126,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             print(file=sys.stderr)
             tallies = [json.loads(line) for w in workers for line in w.communicate()[0]
                        .splitlines() if line.strip()]
+            failed_workers = sum(w.returncode != 0 for w in workers)
         finally:
             for w in workers:
                 if w.poll() is None:
                     w.kill()
+            logs.close()
             stop_controller(controller)
 
     events = [json.loads(x) for x in (args.out / "timeline.jsonl").read_text().splitlines()]
@@ -147,21 +169,23 @@ def main(argv: list[str] | None = None) -> int:
         "lost_tokens": sum(t["lost_tokens"] for t in tallies),
         "duplicated_tokens": sum(t["duplicated_tokens"] for t in tallies),
         "errors": sum(t["errors"] for t in tallies) + (args.devices - len(tallies)),
+        "worker_failures": failed_workers,
+        "near_ties": sum(t["near_ties"] for t in tallies),
         "first_error": next((t["first_error"] for t in tallies if t["first_error"]), ""),
         "rss_mib_after_warmup": round(after_warmup[0], 1) if after_warmup else None,
         "rss_mib_max": round(max(m for _, m in rss), 1),
         "rss_mib_end": round(rss[-1][1], 1),
-        "round_p50_ms": round(statistics.median(gaps_ms), 1) if gaps_ms else None,
-        "round_p99_ms": round(percentile(gaps_ms, 0.99), 1) if gaps_ms else None,
-        "verify_time_fit": ({"a_s": args.verify_time[0], "b_s_per_token": args.verify_time[1],
-                             "source": "assumed GPU-class" if args.verify_time == (0.006, 2e-5)
-                             else "given"} if args.verifier == "stub"
-                            else "calibrated on this machine (controller log)"),
+        "round_p50_ms": round(float(np.percentile(gaps_ms, 50)), 1) if gaps_ms else None,
+        "round_p99_ms": round(float(np.percentile(gaps_ms, 99)), 1) if gaps_ms else None,
+        "verify_time_fit": verify_time_fit(args, source),
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     plot_rss(rss, warmup, args.out / "rss.png", f"{args.devices} devices, {args.verifier}")
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
-    return 0 if not (result["lost_tokens"] or result["duplicated_tokens"]) else 1
+    # Nothing lost means every device reported and nothing failed, not only zero counts.
+    clean = not (result["lost_tokens"] or result["duplicated_tokens"] or result["errors"]
+                 or failed_workers)
+    return 0 if clean else 1
 
 
 def plot_rss(rss: list[tuple[float, float]], warmup: float, path: Path, title: str) -> None:

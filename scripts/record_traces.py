@@ -1,9 +1,9 @@
 """Record the draft traces that synthetic devices replay (device_agent/synthetic.py).
 
 For every prompt and every default draft model: the target's greedy output (transformers,
-fp32: the truth), and at every position of it the draft model's greedy continuation
-(llama.cpp, MAX_DRAFT tokens), with the draft model's measured speed. Deterministic apart
-from the speeds; about 5 minutes on 2 cores.
+fp32: the truth) with its top-2 logit margins, and at every position of it the draft
+model's greedy continuation (llama.cpp, MAX_DRAFT tokens), with the draft model's measured
+speed. About 6-7 minutes on 2 cores (docs/soak.md).
 
     .venv/bin/python scripts/record_traces.py [--tokens 96] [--out FILE.json.gz]
 """
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from device_agent.drafter import Drafter  # noqa: E402
-from device_agent.synthetic import MAX_DRAFT, TRACES_DIR, Trace, TraceSet  # noqa: E402
+from edge_controller.controller import TargetInfo  # noqa: E402
+from models.traces import MAX_DRAFT, TRACES_DIR, Trace, TraceSet  # noqa: E402
 
 MIN_TOKENS = 16
 PROMPTS = [
@@ -57,17 +58,18 @@ def main(argv: list[str] | None = None) -> int:
                 if materialized.draft_models[key].fingerprint == materialized.target.fingerprint}
     first = next(iter(drafters.values()))
     prompts = [first.tokenize(p) for p in PROMPTS]
-    truths = [reference_greedy(target, p, args.tokens)[0]
-              for p in tqdm(prompts, desc="target outputs", unit="prompt")]
+    outputs = [reference_greedy(target, p, args.tokens)
+               for p in tqdm(prompts, desc="target outputs", unit="prompt")]
     # A prompt the target answers with an end of sequence at once drafts nothing: dropped.
-    kept = [i for i, truth in enumerate(truths) if len(truth) >= MIN_TOKENS]
+    kept = [i for i, (truth, _) in enumerate(outputs) if len(truth) >= MIN_TOKENS]
     for i in sorted(set(range(len(prompts))) - set(kept)):
-        print(f"dropped {PROMPTS[i]!r}: the target writes only {len(truths[i])} tokens")
-    prompts, truths = [prompts[i] for i in kept], [truths[i] for i in kept]
+        print(f"dropped {PROMPTS[i]!r}: the target writes only {len(outputs[i][0])} tokens")
+    prompts, outputs = [prompts[i] for i in kept], [outputs[i] for i in kept]
+    truths = [truth for truth, _ in outputs]
     traces = []
     with tqdm(total=len(prompts) * len(drafters), desc="draft traces", unit="trace") as bar:
         for drafter in drafters.values():
-            for prompt, truth in zip(prompts, truths, strict=True):
+            for prompt, (truth, margins) in zip(prompts, outputs, strict=True):
                 drafts, per_token = [], []
                 for p in range(len(truth)):
                     drafter.begin(prompt + truth[:p])
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                     drafts.append(result.tokens)
                     if p > 0:  # the first also evaluated the prompt
                         per_token.append(result.seconds / MAX_DRAFT)
-                traces.append(Trace(drafter.model_id, prompt, truth, drafts,
+                traces.append(Trace(drafter.model_id, prompt, truth,
+                                    [round(m, 5) for m in margins], drafts,
                                     round(statistics.median(per_token), 6)))
                 bar.update()
     recorded = {
@@ -88,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                          "sha256": materialized.draft_models[key].sha256} for key in drafters},
         "prompts": [PROMPTS[i] for i in kept],
     }
+    eos = TargetInfo.from_model(materialized.target.name, *target).eos_token_ids
     traces_set = TraceSet(materialized.target.name, first.fingerprint, first.vocab_size,
-                          first.eos_token_ids, recorded, traces)
+                          sorted(eos), recorded, traces)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     traces_set.save(args.out)
     print(f"{len(traces)} traces ({len(prompts)} prompts x {len(drafters)} drafts, "

@@ -66,6 +66,7 @@ def test_a_chaos_trial_loses_nothing_and_reports_the_dips(tmp_path):
     faults = {f["kind"]: f for f in policy["chaos"]["faults"]}
     assert set(faults) == {"loss_burst", "link_down", "restart_controller"}
     assert all("ended_s" in f for f in faults.values())
+    assert faults["loss_burst"]["uplink_dropped"] > 0  # the burst did drop packets
     down = faults["link_down"]
     assert down["ended_s"] - down["at_s"] >= 5.0
     rows = {(r["fault"], r["device"]): r for r in policy["chaos"]["recovery"]}

@@ -112,10 +112,10 @@ def test_an_idle_agent_survives_a_restart_between_requests(tmp_path, target, def
     from device_agent.agent import DeviceAgent
     from device_agent.drafter import Drafter
 
-    endpoint, log = free_endpoint(), tmp_path / "controller.log"
-    controller = start_controller(log, lab_keys, endpoint, "--policy", "fixed")
     drafter = Drafter(default_models.drafts["q8_0"], n_ctx=512)
     prompt = drafter.tokenize(PROMPT)
+    endpoint, log = free_endpoint(), tmp_path / "controller.log"
+    controller = start_controller(log, lab_keys, endpoint, "--policy", "fixed")
     try:
         with ControllerLink(endpoint, curve=lab_keys.client("idler"), timeout_s=10) as link:
             device = DeviceAgent(drafter, link, resume_timeout_s=60)
@@ -276,3 +276,21 @@ def test_sigint_is_a_graceful_stop_too(tmp_path, lab_keys):
     controller.send_signal(signal.SIGINT)
     assert controller.wait(timeout=10) == 0
     assert "SIGINT: closing down" in log.read_text()
+
+
+def test_ctrl_c_cancels_the_request_at_the_controller(tmp_path, default_models, lab_keys):
+    endpoint, log = free_endpoint(), tmp_path / "controller.log"
+    controller = start_controller(log, lab_keys, endpoint, "--policy", "fixed")
+    try:
+        spec = AgentSpec("impatient", default_models.drafts["q8_0"], PROMPT, TOKENS,
+                         ("--draft-pace", "0.03"))
+        proc = agent(spec, endpoint, lab_keys)
+        wait_for("request", log)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        wait_for("cancelled", log, timeout_s=10)
+    finally:
+        stop_controller(controller)

@@ -14,8 +14,9 @@ import torch
 from scipy import stats
 
 from device_agent.drafter import Drafter
-from edge_controller.verifier.engine import Verifier, VerifyItem
-from edge_controller.verifier.sampling import SamplingParams, process_logits
+from edge_controller.verifier.engine import Verifier
+from edge_controller.verifier.sampling import process_logits
+from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
 pytestmark = pytest.mark.slow
 

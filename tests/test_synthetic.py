@@ -12,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.synthetic import (
-    ReplayDrafter,
-    Trace,
-    TraceSet,
-    count_errors,
-    default_traces,
-    run_device,
-)
-from edge_controller.verifier.replay import ReplayVerifier
-from edge_controller.verifier.sampling import SamplingParams
-from edge_controller.verifier.slots import CapacityError, VerifyItem
+from device_agent.synthetic import ReplayDrafter, count_errors, run_device
+from edge_controller.verifier.replay import ReplayVerifier, affine_law
+from edge_controller.verifier.slots import CapacityError, SamplingParams, VerifyItem
+from models.traces import Trace, TraceSet, default_traces
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,18 +23,27 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_traces(speed_s: float = 0.0) -> TraceSet:
     truth = [10, 11, 12, 13, 14]
     drafts = [[10, 11, 99], [11, 12, 13], [12, 98, 97], [13, 14], [14]]
-    return TraceSet("t", "fp", 128, [2], {}, [Trace("d", [1, 5, 6], truth, drafts, speed_s)])
+    margins = [1.0] * len(truth)
+    return TraceSet("t", "fp", 128, [2], {},
+                    [Trace("d", [1, 5, 6], truth, margins, drafts, speed_s)])
 
 
 @pytest.mark.parametrize(("output", "truth", "expected"), [
-    ([1, 2, 3], [1, 2, 3], (0, 0)),
-    ([1, 2], [1, 2, 3], (1, 0)),  # a token lost
-    ([1, 2, 2, 3], [1, 2, 3], (1, 2)),  # a commit repeated
-    ([1, 2, 3, 4], [1, 2, 3], (0, 1)),
-    ([], [1], (1, 0)),
+    ([1, 2, 3], [1, 2, 3], (0, 0, False)),
+    ([1, 2], [1, 2, 3], (1, 0, False)),  # a token lost
+    ([1, 3], [1, 2, 3], (1, 0, False)),  # ...in the middle
+    ([1, 2, 2, 3], [1, 2, 3], (0, 1, False)),  # a commit repeated
+    ([1, 2, 3, 4], [1, 2, 3], (0, 1, False)),
+    ([1, 9, 3], [1, 2, 3], (1, 1, False)),  # a wrong token: one of each
+    ([], [1], (1, 0, False)),
 ])
-def test_errors_are_counted_from_the_first_difference(output, truth, expected):
-    assert count_errors(output, truth) == expected
+def test_lost_and_duplicated_tokens_are_counted_as_a_diff(output, truth, expected):
+    assert count_errors(output, truth, [1.0] * len(truth)) == expected
+
+
+def test_a_difference_at_a_near_tie_is_tolerated_as_design_says():
+    assert count_errors([1, 9, 8], [1, 2, 3], [1.0, 5e-5, 1.0]) == (0, 0, True)
+    assert count_errors([1, 9, 8], [1, 2, 3], [1.0, 5e-3, 1.0]) == (2, 2, False)
 
 
 def test_the_replay_drafter_drafts_what_was_recorded_while_the_output_follows_the_truth():
@@ -64,7 +66,8 @@ def test_the_replay_drafter_drafts_what_was_recorded_while_the_output_follows_th
 def test_the_replay_verifier_answers_as_the_recorded_target():
     traces = tiny_traces()
     verifier = ReplayVerifier({(1, 5, 6): traces.traces[0].truth}, vocab_size=128,
-                              max_sessions=2, max_len=32, verify_time=(0.0, 0.0), end_token=2)
+                              max_sessions=2, max_len=32, verify_time=affine_law(0.0, 0.0),
+                              end_token=2)
     slot = verifier.open([1, 5, 6])
     outcome, = verifier.verify([VerifyItem(slot, [10, 11, 50], SamplingParams())])
     assert (outcome.accepted, outcome.next_token) == (2, 12)

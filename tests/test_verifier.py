@@ -20,14 +20,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from edge_controller.verifier.engine import (
-    CapacityError,
-    Verifier,
-    VerifyItem,
-    kv_bytes_per_token,
-    sessions_for_budget,
-)
-from edge_controller.verifier.sampling import SamplingParams
+from edge_controller.verifier.engine import Verifier, kv_bytes_per_token, sessions_for_budget
+from edge_controller.verifier.slots import CapacityError, SamplingParams, VerifyItem
 
 pytestmark = pytest.mark.slow
 

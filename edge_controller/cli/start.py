@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                     config.server.metrics_port)
     import zmq
 
-    from edge_controller.verifier.engine import CapacityError
+    from edge_controller.verifier.slots import CapacityError
     from models.target import TargetLoadError
 
     raise_file_limit()
@@ -166,27 +166,34 @@ def build_controller(
 
 def replay_controller(config: ControllerConfig, transport: Transport | None = None
                       ) -> EdgeController:
-    """A controller whose verifier replays ``target.replay``'s recorded transcripts at the
-    configured verify-time fit (soaks: no model, no torch)."""
+    """A controller whose verifier replays ``target.replay``'s recorded transcripts, each
+    forward sleeping what ``control.verify_time_file``'s law says (if set) or the affine
+    ``target.replay_verify_time`` (soaks: no model, no torch)."""
     from pathlib import Path
 
-    from device_agent.synthetic import TraceSet
     from edge_controller.control.estimators import AffineFit
     from edge_controller.controller import EdgeController, TargetInfo
-    from edge_controller.verifier.replay import ReplayVerifier
+    from edge_controller.verifier.cost import VerifyCost
+    from edge_controller.verifier.replay import ReplayVerifier, affine_law
+    from models.traces import TraceSet
 
     traces = TraceSet.load(Path(config.target.replay))
-    a, b = config.target.replay_verify_time
+    fit = AffineFit()  # draft control's T_v: seeded from the file (serve) or the law here
+    if config.control.verify_time_file:
+        law = VerifyCost.load(config.control.verify_time_file).predict
+        said = f"the law of {config.control.verify_time_file}"
+    else:
+        a, b = config.target.replay_verify_time
+        law, said = affine_law(a, b), f"{a * 1e3:.1f} ms + {b * 1e3:.3f} ms per token"
+        for tokens in (1, 5, 20, 80):
+            fit.update(tokens, a + b * tokens)
     verifier = ReplayVerifier({tuple(t.prompt_ids): t.truth for t in traces.traces},
                               vocab_size=traces.vocab_size,
                               max_sessions=config.limits.max_sessions,
-                              max_len=config.limits.max_len, verify_time=(a, b),
+                              max_len=config.limits.max_len, verify_time=law,
                               end_token=min(traces.eos_token_ids))
-    fit = AffineFit()
-    for tokens in (1, 5, 20, 80):  # the law it sleeps: no calibration needed
-        fit.update(tokens, a + b * tokens)
-    log.warning("REPLAY verifier: no model; verdicts from %s, %.1f ms + %.3f ms per token "
-                "per forward (soaks only)", config.target.replay, a * 1e3, b * 1e3)
+    log.warning("REPLAY verifier: no model; verdicts from %s, each forward sleeping %s "
+                "(soaks only)", config.target.replay, said)
     target = TargetInfo(f"{traces.target} (replay)", traces.fingerprint, traces.vocab_size,
                         frozenset(traces.eos_token_ids))
     return EdgeController(config, verifier, target, verify_time=fit, transport=transport)

@@ -103,6 +103,7 @@ def inject_faults(lab: NetworkLab, controller: ControllerProcess, chaos: Sequenc
     restart in progress is waited for."""
     stop = threading.Event()
     restarting = threading.Lock()  # one restart at a time
+    links = LinkFaults(lab)
     failed: list[BaseException] = []
 
     def at(t: float) -> bool:  # False once stopped
@@ -125,10 +126,13 @@ def inject_faults(lab: NetworkLab, controller: ControllerProcess, chaos: Sequenc
                 # parent-death signal), so this one lives as long as the new controller.
                 stop.wait()
                 return
-            _fault(lab, fault, on=True)
+            dropped = lab.counters(fault.device)["up_dropped"]
+            links.start(fault)
             at(fault.at_s + fault.seconds)  # undone early when stopped
-            _fault(lab, fault, on=False)
+            links.end(fault)
             entry["ended_s"] = round(time.time() - started, 3)
+            # What the wire dropped on the link meanwhile (a link down: nothing reaches it).
+            entry["uplink_dropped"] = lab.counters(fault.device)["up_dropped"] - dropped
         except BaseException as exc:  # raised in the trial, not lost with the thread
             failed.append(exc)
 
@@ -146,11 +150,38 @@ def inject_faults(lab: NetworkLab, controller: ControllerProcess, chaos: Sequenc
         raise RuntimeError(f"chaos: {failed[0]}") from failed[0]
 
 
-def _fault(lab: NetworkLab, fault: ChaosEvent, on: bool) -> None:
-    if fault.kind == "link_down":
-        lab.set_up(fault.device, not on)
-    else:
-        lab.set_link(fault.device, loss_pct=fault.percent if on else 0.0)
+class LinkFaults:
+    """The link faults in force, per device: its link is down while any link_down on it
+    is, and loses the largest percent of the loss bursts on it, or else its own loss."""
+
+    def __init__(self, lab: NetworkLab):
+        self.lab = lab
+        self._lock = threading.Lock()
+        self._down: dict[str, int] = {}
+        self._bursts: dict[str, list[float]] = {}
+        self._own_loss = {name: dev.shape.loss_pct for name, dev in lab.devices.items()}
+
+    def start(self, fault: ChaosEvent) -> None:
+        self._apply(fault, +1)
+
+    def end(self, fault: ChaosEvent) -> None:
+        self._apply(fault, -1)
+
+    def _apply(self, fault: ChaosEvent, step: int) -> None:
+        device = fault.device
+        with self._lock:
+            if fault.kind == "link_down":
+                before = self._down.get(device, 0)
+                self._down[device] = before + step
+                if (before == 0) != (before + step == 0):  # the first down, the last up
+                    self.lab.set_up(device, before + step == 0)
+                return
+            bursts = self._bursts.setdefault(device, [])
+            if step > 0:
+                bursts.append(fault.percent)
+            else:
+                bursts.remove(fault.percent)
+            self.lab.set_link(device, loss_pct=max(bursts, default=self._own_loss[device]))
 
 
 def commits(events: list[dict], started: float) -> dict[str, list[tuple[float, int]]]:

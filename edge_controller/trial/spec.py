@@ -105,7 +105,7 @@ def _chaos(entry: Any, where: str) -> ChaosEvent:
     if len(kinds) != 1:
         raise TrialError(f"{where} needs exactly one of {', '.join(CHAOS_KINDS)}")
     kind = kinds[0]
-    top = checked_table({"at_s": 0.0, kind: entry[kind]}, entry, where, TrialError)
+    top = checked_table({"at_s": 0.0, kind: dataclasses.MISSING}, entry, where, TrialError)
     if "at_s" not in top:
         raise TrialError(f"{where} needs at_s (seconds since the devices started)")
     if kind == "restart_controller":

@@ -45,8 +45,6 @@ from edge_controller.verifier.slots import (
     VerifyOutcome,
 )
 
-__all__ = ["CapacityError", "Verifier", "VerifyItem", "VerifyOutcome"]
-
 log = logging.getLogger(__name__)
 
 # Decoders that are "Llama with options" (biases, q/k norms, GQA): run by this engine.

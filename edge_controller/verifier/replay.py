@@ -5,14 +5,16 @@ verify hundreds of sessions: every prompt a synthetic device sends is one whose 
 output was recorded (device_agent/synthetic.py), so the verdict for a greedy draft is
 known without the target: the longest prefix of the draft that the recorded output
 continues with, then the output's next token. Each round (and each prefill chunk) sleeps
-for the verify-time fit ``T_v(n) = a + b n`` of the tokens it feeds, so the controller's
-loop, batching and draft control see the time a real verifier would take. Lost or
+for what a verify-time law says it costs (an affine fit of the tokens it feeds, or a
+``scripts/bench_verify.py --sweep`` law of draft lengths and contexts), so the
+controller's loop, batching and draft control see the time a real verifier would take. Lost or
 duplicated tokens are then counted against the recording, the truth.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 from edge_controller.verifier.slots import (
     CapacityError,
@@ -23,20 +25,27 @@ from edge_controller.verifier.slots import (
 )
 
 REPLAY_MARGIN = 1.0  # recorded outputs have no near ties to report
+VerifyTimeLaw = Callable[[Sequence[int], Sequence[int]], float]  # (draft lens, contexts) -> s
+
+
+def affine_law(a: float, b: float) -> VerifyTimeLaw:
+    """T_v = a + b x (tokens fed: each draft and its pending token)."""
+    if min(a, b) < 0:
+        raise ValueError("verify-time fit coefficients must be >= 0")
+    return lambda lens, _contexts: a + b * sum(n + 1 for n in lens)
 
 
 class ReplayVerifier(SlotTable):
-    """``transcripts``: prompt -> the target's greedy output; ``verify_time``: (a, b) s.
+    """``transcripts``: prompt -> the target's greedy output; ``verify_time``: the law a
+    forward sleeps (a prefill chunk counts as a draft one token shorter than it).
     Where a draft runs to the end of a recorded output, the token after it is ``end_token``
     (an end of sequence): a request never asks past its recording, so the controller cuts
     it off, and one that did would end there instead of getting invented text."""
 
     def __init__(self, transcripts: dict[tuple[int, ...], list[int]], *, vocab_size: int,
-                 max_sessions: int, max_len: int, verify_time: tuple[float, float],
+                 max_sessions: int, max_len: int, verify_time: VerifyTimeLaw,
                  end_token: int):
         super().__init__(max_sessions=max_sessions, max_len=max_len, vocab_size=vocab_size)
-        if min(verify_time) < 0:
-            raise ValueError("verify-time fit coefficients must be >= 0")
         self.transcripts = transcripts
         self.verify_time = verify_time
         self.end_token = end_token
@@ -61,9 +70,12 @@ class ReplayVerifier(SlotTable):
                             "this prompt (a synthetic device's prompts only)")
 
     def _run(self, items: list[VerifyItem], chunk: Chunk | None) -> list[VerifyOutcome]:
-        fed = sum(len(it.draft_tokens) + 1 for it in items) + (len(chunk[1]) if chunk else 0)
-        a, b = self.verify_time
-        time.sleep(a + b * fed)
+        lens = [len(it.draft_tokens) for it in items]
+        contexts = [self.length(it.slot) for it in items]
+        if chunk is not None:
+            lens.append(len(chunk[1]) - 1)
+            contexts.append(chunk[2])
+        time.sleep(max(self.verify_time(lens, contexts), 0.0))
         return [self._outcome(item) for item in items]
 
     def _outcome(self, item: VerifyItem) -> VerifyOutcome:
@@ -76,7 +88,5 @@ class ReplayVerifier(SlotTable):
         while (accepted < len(draft) and at + accepted < len(truth)
                and draft[accepted] == truth[at + accepted]):
             accepted += 1
-        if at > len(truth):
-            raise ValueError(f"slot {item.slot} is past the end of its recorded output")
         following = truth[at + accepted] if at + accepted < len(truth) else self.end_token
         return VerifyOutcome(accepted, following, REPLAY_MARGIN)

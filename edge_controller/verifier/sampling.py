@@ -28,10 +28,11 @@ other sessions share its batch, and a seeded run reproduces exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from edge_controller.verifier.slots import SamplingParams
 
 STREAM_ACCEPT = 0  # the uniform that accepts or rejects the draft token at a position
 STREAM_SAMPLE = 1  # the uniform that samples the target's own token at a position
@@ -49,20 +50,6 @@ _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 _STREAM_KEY = _signed(0xD1B54A32D192ED03)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the target alone would pick its tokens; ``temperature == 0`` is greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 def _shift_right(x: Tensor, bits: int) -> Tensor:

@@ -14,11 +14,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from edge_controller.verifier.sampling import SamplingParams
-
 log = logging.getLogger(__name__)
 
 Chunk = tuple[int, list[int], int]  # (slot, tokens, start position) fed in one forward
+NEAR_TIE_MARGIN = 1e-4  # DESIGN.md: greedy mismatches are tolerated only below this logit margin
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target alone would pick its tokens; ``temperature == 0`` is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 class CapacityError(RuntimeError):
@@ -41,7 +54,6 @@ class VerifyOutcome:
     accepted: int  # number of draft tokens accepted
     next_token: int  # correction (after a rejection) or bonus (after full acceptance)
     margin: float  # smallest top-2 logit margin over the decided positions (near ties)
-
 
 
 class SlotTable:
