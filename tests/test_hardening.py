@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 
 import msgpack
 import pytest
@@ -37,24 +38,37 @@ def until(kind: type[P.Message], link: ControllerLink, timeout_s: float = 60) ->
     return msg
 
 
+@contextmanager
+def two_devices(run_controller, lab_keys, target_info, names: tuple[str, str], **overrides):
+    """A controller (fixed policy, ``overrides``) and two registered raw device links."""
+    with run_controller(control__policy="fixed", **overrides) as controller, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client(names[0])) as first, \
+            ControllerLink(controller.endpoint, curve=lab_keys.client(names[1])) as second:
+        hello(first, target_info)
+        hello(second, target_info)
+        yield controller, first, second
+
+
+def long_prompt(target, tokens: int) -> list[int]:
+    _, tokenizer = target
+    return tokenizer("A long report on the history of rivers. " * (tokens // 6))["input_ids"][
+        :tokens]
+
+
 # ---- 1. one long prompt stalled everyone --------------------------------------------------
 @pytest.mark.slow
 def test_other_devices_keep_their_rounds_while_a_long_prompt_is_prefilled(
     run_controller, target, target_info, lab_keys
 ):
-    _, tokenizer = target
-    long_prompt = tokenizer("A long report on the history of rivers. " * 200)["input_ids"][:1500]
-    with run_controller(control__policy="fixed", limits__prefill_chunk=64) as controller, \
-            ControllerLink(controller.endpoint, curve=lab_keys.client("busy")) as busy, \
-            ControllerLink(controller.endpoint, curve=lab_keys.client("long")) as newcomer:
-        hello(busy, target_info)
-        hello(newcomer, target_info)
+    prompt_1500 = long_prompt(target, 1500)
+    with two_devices(run_controller, lab_keys, target_info, ("busy", "long"),
+                     limits__prefill_chunk=64) as (_, busy, newcomer):
         prompt = [1, 504, 3458, 314]
         busy.send(P.Start("b", prompt, 400))
         until(P.Control, busy)
-        newcomer.send(P.Start("n", long_prompt, 4))
+        newcomer.send(P.Start("n", prompt_1500, 4))
         until(P.Control, newcomer)  # answered at once: the prompt is prefilled later
-        newcomer.send(P.Draft("n", 0, len(long_prompt), [long_prompt[-1]]))
+        newcomer.send(P.Draft("n", 0, len(prompt_1500), [prompt_1500[-1]]))
         position, rounds = len(prompt), 0
         while True:
             busy.send(P.Draft("b", rounds, position, [42, 43]))
@@ -73,14 +87,9 @@ def test_a_stream_of_short_prompts_cannot_starve_a_long_one(run_controller, targ
                                                             target_info, lab_keys):
     """Shortest prefill first, but not forever: new requests cost a device nothing, so one
     that restarts tiny requests all the time must not keep a long prompt waiting."""
-    _, tokenizer = target
-    long_prompt = tokenizer("A long report on the history of rivers. " * 100)["input_ids"][:700]
-    with run_controller(control__policy="fixed", limits__prefill_chunk=64) as controller, \
-            ControllerLink(controller.endpoint, curve=lab_keys.client("pest")) as pest, \
-            ControllerLink(controller.endpoint, curve=lab_keys.client("victim")) as victim:
-        hello(pest, target_info)
-        hello(victim, target_info)
-        victim.send(P.Start("v", long_prompt, 4))
+    with two_devices(run_controller, lab_keys, target_info, ("pest", "victim"),
+                     limits__prefill_chunk=64) as (controller, pest, victim):
+        victim.send(P.Start("v", long_prompt(target, 700), 4))
         until(P.Control, victim)
         session = controller.sessions.named("victim")
         deadline = time.monotonic() + 20.0
@@ -98,11 +107,8 @@ def test_a_stream_of_short_prompts_cannot_starve_a_long_one(run_controller, targ
 def test_a_rolled_back_draft_leaves_no_round_open(run_controller, target_info, lab_keys):
     """A member drafts, then resumes to before that draft: the round it opened holds no
     draft any more, so it closes (an open round would stop prefills and spin the loop)."""
-    with run_controller(control__policy="fixed", server__round_deadline_s=30.0) as controller, \
-            ControllerLink(controller.endpoint, curve=lab_keys.client("fickle")) as fickle, \
-            ControllerLink(controller.endpoint, curve=lab_keys.client("slow")) as slow:
-        hello(fickle, target_info)
-        hello(slow, target_info)
+    with two_devices(run_controller, lab_keys, target_info, ("fickle", "slow"),
+                     server__round_deadline_s=30.0) as (controller, fickle, slow):
         prompt = [1, 504, 3458, 314]
         for link, rid in ((fickle, "f"), (slow, "s")):
             link.send(P.Start(rid, prompt, 8))
