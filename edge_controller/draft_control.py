@@ -278,6 +278,14 @@ def calibrate_verify_time(verifier, vocab_size: int, fit: AffineFit, reps: int =
     log.info("verification time: %.1f ms + %.2f ms per token", base_s * 1e3, per_token_s * 1e3)
 
 
+def seed_from_law(fit: AffineFit, law, context: int) -> None:
+    """``law(draft_lens, contexts)`` (seconds of a forward) evaluated at the batches the
+    calibration times, at ``context``, into ``fit``."""
+    for draft_len in (0, 4):
+        for k in (1, 4):
+            fit.update(k * (draft_len + 1), law([draft_len] * k, [context] * k))
+
+
 def seed_verify_time(fit: AffineFit, path: str, context: int) -> None:
     """Seed the T_v fit from a ``scripts/bench_verify.py --sweep`` file instead of calibrating:
     its law evaluated at the same batches the calibration times, at a typical ``context``.
@@ -285,9 +293,7 @@ def seed_verify_time(fit: AffineFit, path: str, context: int) -> None:
     from edge_controller.verifier.cost import VerifyCost
 
     cost = VerifyCost.load(path)
-    for draft_len in (0, 4):
-        for k in (1, 4):
-            fit.update(k * (draft_len + 1), cost.predict([draft_len] * k, [context] * k))
+    seed_from_law(fit, cost.predict, context)
     base_s, per_token_s = fit.coefficients()
     log.info("verification time from %s (%s form): %.1f ms + %.2f ms per token", path,
              cost.form, base_s * 1e3, per_token_s * 1e3)

@@ -173,20 +173,20 @@ def replay_controller(config: ControllerConfig, transport: Transport | None = No
 
     from edge_controller.control.estimators import AffineFit
     from edge_controller.controller import EdgeController, TargetInfo
+    from edge_controller.draft_control import seed_from_law
     from edge_controller.verifier.cost import VerifyCost
     from edge_controller.verifier.replay import ReplayVerifier, affine_law
     from models.traces import TraceSet
 
     traces = TraceSet.load(Path(config.target.replay))
-    fit = AffineFit()  # draft control's T_v: seeded from the file (serve) or the law here
     if config.control.verify_time_file:
         law = VerifyCost.load(config.control.verify_time_file).predict
         said = f"the law of {config.control.verify_time_file}"
     else:
         a, b = config.target.replay_verify_time
         law, said = affine_law(a, b), f"{a * 1e3:.1f} ms + {b * 1e3:.3f} ms per token"
-        for tokens in (1, 5, 20, 80):
-            fit.update(tokens, a + b * tokens)
+    fit = AffineFit()  # draft control's T_v: the law the verifier sleeps, no calibration
+    seed_from_law(fit, law, context=config.limits.max_len // 4)
     verifier = ReplayVerifier({tuple(t.prompt_ids): t.truth for t in traces.traces},
                               vocab_size=traces.vocab_size,
                               max_sessions=config.limits.max_sessions,
