@@ -23,6 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,10 +42,7 @@ RSS_EVERY_S = 2.0
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 def controller_config(args: argparse.Namespace, traces: TraceSet, out: Path) -> Path:
