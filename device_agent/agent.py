@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from device_agent.board import BoardMonitor
 from device_agent.drafter import Drafter
 from device_agent.link import ControllerLink, LinkLost, LinkTimeout
 from device_agent.telemetry import LinkProbe, LinkReport, host_state
@@ -40,6 +41,12 @@ class StateLost(LinkLost):
         super().__init__(message)
         self.code = code
         self.retry_after_s = retry_after_s
+
+
+class RequestCancelled(Exception):
+    """Raised by an ``on_tokens`` callback to end the request now (its client hung up, a
+    stop string matched): the controller is told (``cancel``), and the exception carries
+    what was committed (``partial_result``)."""
 
 
 class GaveUp(RuntimeError):
@@ -148,8 +155,9 @@ class TelemetryOptions:
 class DeviceAgent:
     def __init__(self, drafter: Drafter, link: ControllerLink, device_id: str | None = None,
                  telemetry: TelemetryOptions | None = None, resume_timeout_s: float = 60.0,
-                 keepalive_s: float = 2.0):
+                 keepalive_s: float = 2.0, board: BoardMonitor | None = None):
         self.drafter = drafter
+        self.board = board  # a Jetson's tegrastats, reported with the telemetry
         self.link = link
         self.resume_timeout_s = resume_timeout_s
         self.keepalive_s = keepalive_s
@@ -202,6 +210,7 @@ class DeviceAgent:
             uplink_bps=report.uplink_bps if report else 0.0,
             spectral_efficiency=self.telemetry.spectral_efficiency,
             host=host_state().to_dict(),
+            board=board.to_dict() if (board := self.board and self.board.state()) else {},
         ))
         self._telemetry_sent_at = time.monotonic()
 
@@ -212,7 +221,8 @@ class DeviceAgent:
         sampling: SamplingOptions | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> GenerationResult:
-        """Run one request to completion; ``on_tokens`` sees each round's committed tokens.
+        """Run one request to completion; ``on_tokens`` sees each round's committed tokens
+        (and may end the request: RequestCancelled).
 
         A lost link (no answer for the link's timeout, its connection closed, the
         controller closing or restarted, before or during the request) is survived: the
@@ -277,8 +287,9 @@ class DeviceAgent:
                     return result()
                 if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
                     self.send_telemetry()
-        except KeyboardInterrupt:  # the user gave up on it: the controller frees it now
+        except (KeyboardInterrupt, RequestCancelled) as exc:  # the controller frees it now
             self.link.send(P.Cancel(request.request_id), wait=False)
+            exc.partial_result = result(partial=True)
             raise
         except Exception as exc:  # whatever ends it early: what it committed goes with it
             exc.partial_result = result(partial=True)
@@ -346,6 +357,14 @@ class DeviceAgent:
         self.link.send(request.resume(round_))
         return self._expect(P.Control).draft_len
 
+    def check_registered(self) -> None:
+        """Between requests: telemetry, then a ping answered by a pong. A controller that
+        no longer holds our registration answers the telemetry with ``not_registered``
+        first (StateLost); one that is gone does not answer (LinkLost)."""
+        self.send_telemetry()
+        self.link.send(P.Ping(time.monotonic()), wait=False)
+        self._expect(P.Pong)
+
     def close(self) -> None:
         """Say goodbye if the link can take it now (never blocks)."""
         self.link.send(P.Bye(), wait=False)
@@ -399,5 +418,5 @@ class DeviceAgent:
         uplink rate our share of the band buys, which the pacer enforces."""
         self.control = control
         self.link.pacer.set_rate(control.uplink_rate_bps)
-        log.info("control: draft length %d, share %.3f, uplink %.0f bit/s", control.draft_len,
+        log.debug("control: draft length %d, share %.3f, uplink %.0f bit/s", control.draft_len,
                  control.bandwidth_share, control.uplink_rate_bps)

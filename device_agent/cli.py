@@ -75,6 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per request (prompt_tokens, tokens, text, "
                      "stats), one per line")
+    serve = sub.add_parser(
+        "serve", help="run as a service: an OpenAI-compatible API for this board's programs",
+        description="Stay registered with the controller and serve POST /v1/completions and "
+        "/v1/chat/completions (OpenAI's API; every answer is the target model's own output), "
+        "GET /v1/models, /health and /metrics. Flags override the config file's keys "
+        "(configs/agent.example.toml). docs/serve.md",
+        epilog="exit codes: 0 stopped (SIGTERM, Ctrl-C); 2 bad configuration")
+    serve.add_argument("--config", type=Path, metavar="FILE", help="agent TOML file")
+    for flag, key, kind, help_ in SERVE_FLAGS:
+        if kind is bool:
+            serve.add_argument(flag, dest=key, action="store_const", const=True,
+                               default=argparse.SUPPRESS, help=help_)
+        else:
+            serve.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS,
+                               metavar=key.split("__")[1].upper(), help=help_)
     keys = sub.add_parser("keys", help="this device's CURVE keypair",
                           description="Make this device's keypair; list the printed public key "
                           "on the controller with `edge-controller keys add NAME PUBKEY`.")
@@ -92,9 +107,41 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--draft-pace", type=float, default=0.0, metavar="S")
     bench.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    quiet = logging.INFO if args.command == "serve" else logging.WARNING  # a service logs
+    logging.basicConfig(level=logging.DEBUG if args.verbose else quiet,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return {"generate": generate, "bench": bench_draft, "keys": keys_init}[args.command](args)
+    commands = {"generate": generate, "bench": bench_draft, "keys": keys_init, "serve": serve}
+    return commands[args.command](args)
+
+
+# device-agent serve: flag, config key (section__key), type, help. Given flags override
+# the config file.
+SERVE_FLAGS = [
+    ("--controller", "controller__endpoint", str, "tcp://HOST:PORT of the edge controller"),
+    ("--controller-key", "controller__key", str, "the controller's public key (Z85) or its "
+     "controller.key file"),
+    ("--keys", "controller__keys_dir", str, "this device's keys (device-agent keys init)"),
+    ("--insecure", "controller__insecure", bool, "plain TCP, for a controller started with "
+     "--insecure (tests only)"),
+    ("--device-id", "controller__device_id", str, "the name this device's key is listed under "
+     "(checked)"),
+    ("--timeout", "controller__timeout_s", float, "no answer this long: the link counts as "
+     "lost (default 10)"),
+    ("--resume-timeout", "controller__resume_timeout_s", float, "after a lost link, reconnect "
+     "and resume until nothing was committed for --timeout + this; then 503 (default 60)"),
+    ("--draft", "draft__model", str, "draft model: registry name or GGUF path (default q4_0)"),
+    ("--threads", "draft__threads", int, "llama.cpp threads (default 1)"),
+    ("--draft-pace", "draft__pace_s", float, "emulate a slower board: s per drafted token"),
+    ("--http", "http__bind", str, "HOST:PORT of the API (default 127.0.0.1:8080); beyond "
+     "loopback it needs --api-key-file, --tls-cert and --tls-key"),
+    ("--api-key-file", "http__api_key_file", str, "file holding the API key clients send "
+     "(Authorization: Bearer KEY)"),
+    ("--tls-cert", "http__tls_cert", str, "PEM certificate chain: serve HTTPS"),
+    ("--tls-key", "http__tls_key", str, "PEM private key of --tls-cert"),
+    ("--queue-size", "http__queue_size", int, "requests that may wait (default 8); more get 429"),
+    ("--spectral-efficiency", "telemetry__spectral_efficiency", float, "this device's uplink "
+     "spectral efficiency (bit/s/Hz), reported to draft control; 0 = unknown"),
+]
 
 
 def keys_init(args: argparse.Namespace) -> int:
@@ -124,19 +171,25 @@ def add_link_arguments(parser: argparse.ArgumentParser) -> None:
 
 def link_security(args: argparse.Namespace) -> tuple[CurveClient | None, str | None]:
     """(CurveClient or None for --insecure, error text or None) from the link flags."""
+    return curve_client(args.insecure, args.keys, args.controller_key)
+
+
+def curve_client(insecure: bool, keys: str | None,
+                 controller_key: str | None) -> tuple[CurveClient | None, str | None]:
+    """(CurveClient or None when ``insecure``, error text or None)."""
     from edge_controller.keys import KeyFileError, device_client
 
-    if args.insecure:
-        if args.keys or args.controller_key:
+    if insecure:
+        if keys or controller_key:
             return None, "--insecure goes without --keys and --controller-key"
         return None, None
-    if not (args.keys and args.controller_key):
+    if not (keys and controller_key):
         return None, ("the link to the controller is encrypted and authenticated: pass --keys "
                       "DIR (make it with `device-agent keys init --dir DIR` and list its public "
                       "key on the controller) and --controller-key KEY; or --insecure for a "
                       "controller started with --insecure")
     try:
-        return device_client(Path(args.keys), args.controller_key), None
+        return device_client(Path(keys), controller_key), None
     except KeyFileError as exc:
         return None, str(exc)
 
@@ -254,6 +307,28 @@ def generate(args: argparse.Namespace) -> int:
         print(f"\n[{len(result.tokens)} tokens, {s.rounds} rounds, acceptance "
               f"{s.acceptance_rate:.2f}, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from device_agent.drafter import Drafter
+    from device_agent.serve.config import load_agent_config
+    from device_agent.serve.runner import serve as run_service
+    from edge_controller.config import ConfigError
+
+    overrides = {key: value for key, value in vars(args).items() if "__" in key}
+    try:
+        config = load_agent_config(args.config, **overrides)
+        c = config.controller
+        curve, problem = curve_client(c.insecure, c.keys_dir, c.key)
+        if problem:
+            raise ConfigError(problem)
+        drafter = Drafter(resolve_draft(config.draft.model), n_threads=config.draft.threads,
+                          pace_s_per_token=config.draft.pace_s)
+        return run_service(config, drafter, curve)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) else exc
+        print(f"device-agent serve: {reason}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _report_failure(exc: Exception, device_id: str | None) -> int:

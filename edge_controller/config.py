@@ -6,9 +6,11 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edge_controller.protocol import MAX_DRAFT_TOKENS, MAX_FRAME_BYTES
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -150,6 +152,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerC
     ``overrides`` are ``section__key=value`` pairs from the command line, e.g.
     ``server__bind="tcp://0.0.0.0:5555"``.
     """
+    return load_sections(ControllerConfig, path, overrides).validate()
+
+
+def load_sections(cls: type[T], path: str | Path | None, overrides: dict[str, Any]) -> T:
+    """A config dataclass of sections (each a dataclass) from a TOML file and
+    ``section__key`` overrides, every key and type checked (not yet validated)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -161,8 +169,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerC
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         raw.setdefault(section, {})[key] = value
-    sections = {f.name: f.type for f in dataclasses.fields(ControllerConfig)}
-    config = ControllerConfig()
+    sections = {f.name for f in dataclasses.fields(cls)}
+    config = cls()
     for name, table in raw.items():
         if name not in sections:
             raise ConfigError(f"unknown config section [{name}] (known: {', '.join(sections)})")
@@ -171,7 +179,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerC
         section = getattr(config, name)
         defaults = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
         setattr(config, name, dataclasses.replace(section, **checked_table(defaults, table, name)))
-    return config.validate()
+    return config
 
 
 def checked_table(

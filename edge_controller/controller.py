@@ -349,6 +349,7 @@ class EdgeController:
                                                 msg.draft_s_per_token)
                 self.metrics.rtt.labels(session.device_id).set(msg.rtt_s)
                 self.metrics.uplink.labels(session.device_id).set(msg.uplink_bps)
+                self.metrics.show_board(session.device_id, msg.board)
             elif isinstance(msg, P.Bye):
                 self._drop(session, "left")
             else:
@@ -612,7 +613,7 @@ class EdgeController:
         if any(s.in_rounds and s.pending is not None for s in self.sessions):
             self.run_round()
         for session in self.sessions:
-            if session.route is not None and session.version >= 3:
+            if session.route is not None:
                 self._reply(session.route, P.Closing(CLOSING_RETRY_S), session.version)
 
     def _end_unlisted(self) -> None:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from device_agent.board import board_figures
+
 if TYPE_CHECKING:
     from edge_controller.draft_control import Decision, DeviceEstimates
 
@@ -43,11 +45,19 @@ class ControllerMetrics:
                               registry=r)
         self.rejected = Counter(f"{PREFIX}_rejected_messages", "messages refused, by code",
                                 ["code"], registry=r)
+        self.board = Gauge(f"{PREFIX}_device_board", "a Jetson device's tegrastats figure "
+                           "(cpu_percent, gpu_percent, emc_percent, ram_used_mb, "
+                           "power_total_mw, temperature_max_c)", d + ["figure"], registry=r)
         self.plan_goodput = Gauge(f"{PREFIX}_plan_goodput_tok_s",
                                   "sum goodput the current plan predicts", registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
+
+    def show_board(self, device_id: str, board: dict) -> None:
+        """The figures of a device's ``Telemetry.board`` worth a time series."""
+        for name, value in board_figures(board).items():
+            self.board.labels(device_id, name).set(value)
 
     def show_device(self, device_id: str, estimates: DeviceEstimates,
                     decision: Decision) -> None:

@@ -39,7 +39,9 @@ Versions: every change to what goes on the wire, or to what a message means, bum
   verdict (request, round); ``resume`` re-creates a request from the device's committed
   transcript, a draft for a round already verified gets that verdict again (never a
   second commit); ``cancel`` ends a request; ``closing`` says the controller is stopping.
-  Version 2 devices are served as before and never sent ``closing``.
+  Version 2 devices were served as before and never sent ``closing``.
+* 4: ``telemetry.board``: a Jetson's tegrastats and power mode (device_agent/board.py);
+  version 3 devices, which never send it, are served as before.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 SERVED_VERSIONS = (PROTOCOL_VERSION - 1, PROTOCOL_VERSION)  # what a controller accepts
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB: the largest frame, a ping padded for an uplink probe
 MAX_PROMPT_TOKENS = 32_768
@@ -209,6 +211,7 @@ class Telemetry(Message):
     uplink_bps: float = 0.0
     spectral_efficiency: float = 0.0  # bit/s/Hz of the device's radio; 0 = unknown
     host: dict[str, Any] = field(default_factory=dict)
+    board: dict[str, Any] = field(default_factory=dict)  # Jetson telemetry; version >= 4
 
 
 @dataclass
@@ -273,6 +276,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
                 Resume, Cancel, Closing)
 }
 V3_TYPES = frozenset({"resume", "cancel", "closing"})  # unknown to a version 2 peer
+FIELD_SINCE = {("telemetry", "board"): 4}  # fields newer than their message: the version
 
 
 def encode(msg: Message, version: int = PROTOCOL_VERSION) -> bytes:
@@ -339,7 +343,8 @@ def decode_versioned(
             rest.skip()
         for _ in range(entries - 2):
             key = rest.unpack()
-            if key not in fields or key in body:  # named by count: the names are the peer's
+            if (key not in fields or key in body  # named by count: the names are the peer's
+                    or FIELD_SINCE.get((cls.TYPE, key), 0) > version):
                 raise ProtocolError("malformed", f"{cls.TYPE}: an unknown or repeated field")
             body[key] = rest.unpack()
         if rest.tell() != len(frame):

@@ -154,7 +154,10 @@ def build_controller(
     if config.target.gguf:
         gguf, name = Path(config.target.gguf), Path(config.target.gguf).stem
     else:
-        gguf, name = ensure().target_gguf, config.target.model
+        materialized = ensure()
+        gguf, name = materialized.target_gguf, config.target.model
+        if name == "default":  # devices (and serve's /v1/models) see the model's own name
+            name = materialized.target.name
     model, tokenizer = load_target(gguf, dtype=config.target.dtype, device=config.target.device)
     verifier = Verifier(
         model, max_sessions=config.limits.max_sessions, max_len=config.limits.max_len,

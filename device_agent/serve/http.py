@@ -1,0 +1,303 @@
+"""The HTTP side of ``device-agent serve``: OpenAI's routes, auth, TLS, server-sent events.
+
+Python's threading HTTP server: one thread per connection (at most ``MAX_CONNECTIONS``),
+HTTP/1.1 with keep-alive; streams go out as server-sent events in chunked encoding, one
+event per verified round. A client that hangs up is noticed within ``POLL_S`` (its socket
+reads as closed, or a write fails) and its request is cancelled at the controller.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from device_agent.agent import SamplingOptions
+from device_agent.serve import api
+from device_agent.serve.api import ApiError, CompletionRequest
+from device_agent.serve.chat import ChatTemplate
+from device_agent.serve.service import AgentService, Job, Outcome
+from edge_controller.protocol import MIN_TEMPERATURE
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+MAX_CONNECTIONS = 64  # HTTP threads at once; more connections are closed at once
+POLL_S = 0.2  # how often a waiting handler looks whether its client is still there
+SOCKET_TIMEOUT_S = 60.0  # a client that sends nothing for this long is dropped
+TLS_ALERT = 0x15  # first byte of a TLS alert record (a client's close_notify)
+
+
+class ServeApp:
+    """What the handlers share: the service, the drafter's tokenizer, the API key."""
+
+    def __init__(self, service: AgentService, *, api_key: str | None = None,
+                 draft_top_k: int = 32):
+        self.service = service
+        self.drafter = service.agent.drafter
+        self.api_key = api_key.encode() if api_key else None
+        self.draft_top_k = draft_top_k
+        self._chat: ChatTemplate | None = None
+
+    def authorized(self, header: str | None) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                  self.api_key)
+
+    def model_ids(self) -> list[str]:
+        target = self.service.health.target
+        return [target] if target else []
+
+    def job(self, request: CompletionRequest) -> Job:
+        """The worker's job for a checked request (400 for what cannot run here)."""
+        known = self.model_ids()
+        if known and request.model not in known:
+            raise ApiError(404, f"The model {request.model!r} does not exist here: this agent "
+                           f"serves {known[0]!r}", param="model", code="model_not_found")
+        prompt_ids = self._prompt_ids(request)
+        limit = self.drafter.n_ctx - 1
+        if len(prompt_ids) >= limit:
+            raise ApiError(400, f"the prompt holds {len(prompt_ids)} tokens; this agent's "
+                           f"draft context holds {limit}", param="prompt",
+                           code="context_length_exceeded")
+        temperature = request.temperature if request.temperature >= MIN_TEMPERATURE else 0.0
+        sampling = SamplingOptions(temperature, request.top_p, 0, request.seed, self.draft_top_k)
+        return Job(prompt_ids, self.service.max_tokens(request.max_tokens), sampling,
+                   request.stop)
+
+    def _prompt_ids(self, request: CompletionRequest) -> list[int]:
+        if request.chat:
+            if self._chat is None:
+                try:
+                    self._chat = ChatTemplate(self.drafter)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc)) from None
+            try:
+                return self._chat.prompt_ids(request.messages)
+            except Exception as exc:  # noqa: BLE001 - the template's own complaint (roles...)
+                raise ApiError(400, f"the chat template refused the messages: {exc}",
+                               param="messages") from None
+        if isinstance(request.prompt, list):
+            if any(not 0 <= t < self.drafter.vocab_size for t in request.prompt):
+                raise ApiError(400, f"prompt token ids must be in 0..{self.drafter.vocab_size - 1}",
+                               param="prompt")
+            return request.prompt
+        return self.drafter.tokenize(request.prompt)
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: ServeApp,
+                 tls: ssl.SSLContext | None = None):
+        self.app = app
+        self.tls = tls
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("%d connections open: closing one from %s", MAX_CONNECTIONS,
+                        client_address[0])
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "multispin-edge-agent"
+    timeout = SOCKET_TIMEOUT_S
+    server: ApiServer
+
+    def setup(self) -> None:
+        if self.server.tls is not None:  # the handshake runs here, not in the accept loop
+            self.request.settimeout(SOCKET_TIMEOUT_S)
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+        super().setup()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # ---- routes ----------------------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        routes = {"/health": self._health, "/v1/models": self._models, "/metrics": self._metrics}
+        self._route(routes)
+
+    def do_POST(self) -> None:  # noqa: N802
+        routes = {"/v1/completions": lambda: self._complete(chat=False),
+                  "/v1/chat/completions": lambda: self._complete(chat=True)}
+        self._route(routes)
+
+    def _route(self, routes: dict) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            if not self.server.app.authorized(self.headers.get("Authorization")):
+                raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                               code="invalid_api_key")
+            if path not in routes:
+                raise ApiError(404, f"no route {self.command} {path}", code="not_found")
+            routes[path]()
+        except ApiError as exc:
+            self.close_connection = True  # its body may be unread: no next request on it
+            self._send_json(exc.status, exc.body())
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
+            self.close_connection = True
+
+    def _health(self) -> None:
+        app = self.server.app
+        health = app.service.health
+        body = {"status": "ok" if health.registered else "unavailable",
+                "registered": health.registered, "device_id": health.device_id,
+                "controller": app.service.agent.link.endpoint, "draft": app.drafter.model_id,
+                "target": health.target, "rounds": health.rounds,
+                "last_round_at": health.last_round_at, "in_flight": health.in_flight,
+                "queue_depth": app.service.queue_depth(), "problem": health.problem}
+        self._send_json(200 if health.registered else 503, body)
+
+    def _models(self) -> None:
+        data = [{"id": model, "object": "model", "created": 0, "owned_by": "multispin-edge"}
+                for model in self.server.app.model_ids()]
+        self._send_json(200, {"object": "list", "data": data})
+
+    def _metrics(self) -> None:
+        self._send(200, self.server.app.service.metrics.render(),
+                   "text/plain; version=0.0.4; charset=utf-8")
+
+    def _complete(self, chat: bool) -> None:
+        app = self.server.app
+        request = api.parse_request(self._read_json(), chat)
+        job = app.job(request)
+        app.service.submit(job)
+        id_ = api.new_id(chat)
+        events = self._events(job)
+        first = next(events, None)
+        if first is None:
+            return  # the client is gone
+        if first[0] == "end" and first[1].error is not None:
+            raise first[1].error
+        if request.stream:
+            self._stream(request, job, id_, first, events)
+            return
+        text = []
+        for kind, value in [first, *events]:
+            if kind == "text":
+                text.append(value)
+                continue
+            outcome: Outcome = value
+            if outcome.error is not None:
+                raise outcome.error
+            self._send_json(200, api.completion_body(
+                request, id_, "".join(text), outcome.finish_reason or "stop",
+                outcome.prompt_tokens, outcome.completion_tokens))
+
+    def _stream(self, request: CompletionRequest, job: Job, id_: str,
+                first: tuple[str, Any], events: Iterator[tuple[str, Any]]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            if request.chat:
+                self._event(api.chunk_body(request, id_, "", first=True))
+            for kind, value in [first, *events]:
+                if kind == "text":
+                    self._event(api.chunk_body(request, id_, value))
+                    continue
+                outcome: Outcome = value
+                if outcome.error is not None:
+                    self._event(outcome.error.body())
+                else:
+                    self._event(api.chunk_body(request, id_, None if request.chat else "",
+                                               outcome.finish_reason or "stop"))
+                    if request.include_usage:
+                        self._event(api.usage_chunk(request, id_, outcome.prompt_tokens,
+                                                    outcome.completion_tokens))
+                self._chunk(b"data: [DONE]\n\n")
+                self._chunk(b"")
+        except OSError:  # the client hung up mid-stream: the worker cancels the request
+            job.cancelled.set()
+            self.close_connection = True
+
+    def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
+        """The job's events up to its end; stops early (and cancels it) if the client goes."""
+        while True:
+            try:
+                kind, value = job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._client_gone():
+                    job.cancelled.set()
+                    self.close_connection = True
+                    return
+                continue
+            yield kind, value
+            if kind == "end":
+                return
+
+    def _client_gone(self) -> bool:
+        """The client closed its side (we never read a second request while answering)."""
+        sock = self.connection
+        try:
+            if not select.select([sock], [], [], 0)[0]:
+                return False
+            # Under TLS, peek at the raw bytes: a close_notify alert or nothing means gone.
+            peeked = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
+        return not peeked or (isinstance(sock, ssl.SSLSocket) and peeked[0] == TLS_ALERT)
+
+    # ---- bodies ----------------------------------------------------------------------
+    def _read_json(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise ApiError(411, "a request body with Content-Length is required")
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
+        try:
+            return json.loads(self.rfile.read(int(length)))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+    def _send_json(self, status: int, body: dict) -> None:
+        self._send(status, json.dumps(body).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _event(self, body: dict) -> None:
+        self._chunk(b"data: " + json.dumps(body).encode() + b"\n\n")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
