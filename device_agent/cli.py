@@ -75,20 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per request (prompt_tokens, tokens, text, "
                      "stats), one per line")
-    serve = sub.add_parser(
+    served = sub.add_parser(
         "serve", help="run as a service: an OpenAI-compatible API for this board's programs",
         description="Stay registered with the controller and serve POST /v1/completions and "
         "/v1/chat/completions (OpenAI's API; every answer is the target model's own output), "
         "GET /v1/models, /health and /metrics. Flags override the config file's keys "
         "(configs/agent.example.toml). docs/serve.md",
         epilog="exit codes: 0 stopped (SIGTERM, Ctrl-C); 2 bad configuration")
-    serve.add_argument("--config", type=Path, metavar="FILE", help="agent TOML file")
+    served.add_argument("--config", type=Path, metavar="FILE", help="agent TOML file")
     for flag, key, kind, help_ in SERVE_FLAGS:
         if kind is bool:
-            serve.add_argument(flag, dest=key, action="store_const", const=True,
+            served.add_argument(flag, dest=key, action="store_const", const=True,
                                default=argparse.SUPPRESS, help=help_)
         else:
-            serve.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS,
+            served.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS,
                                metavar=key.split("__")[1].upper(), help=help_)
     keys = sub.add_parser("keys", help="this device's CURVE keypair",
                           description="Make this device's keypair; list the printed public key "

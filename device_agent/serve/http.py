@@ -9,6 +9,7 @@ reads as closed, or a write fails) and its request is cancelled at the controlle
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
 import queue
@@ -206,7 +207,7 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(request, job, id_, first, events)
             return
         text = []
-        for kind, value in [first, *events]:
+        for kind, value in itertools.chain([first], events):
             if kind == "text":
                 text.append(value)
                 continue
@@ -227,7 +228,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if request.chat:
                 self._event(api.chunk_body(request, id_, "", first=True))
-            for kind, value in [first, *events]:
+            for kind, value in itertools.chain([first], events):
                 if kind == "text":
                     self._event(api.chunk_body(request, id_, value))
                     continue
@@ -293,6 +294,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status, HTTPStatus(status).phrase)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

@@ -129,8 +129,10 @@ class AgentService:
                            param="max_tokens")
         return asked
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Cancel what runs and what waits (503), say goodbye, end the worker."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel what runs and what waits (503), say goodbye, end the worker. A worker
+        still waiting on a controller that does not answer after ``timeout_s`` is left
+        behind (a daemon thread: the process may exit)."""
         self._stopping.set()
         current = self._current
         if current is not None:
