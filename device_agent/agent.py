@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -152,6 +153,14 @@ class TelemetryOptions:
     probe_bytes: int = 16 * 1024
 
 
+def device_name(given: str | None, secure: bool) -> str | None:
+    """The name a device asks for: as given; with keys none (the controller names it by
+    its key); without keys one from the host name, made unique."""
+    if given or secure:
+        return given or None
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
 class DeviceAgent:
     def __init__(self, drafter: Drafter, link: ControllerLink, device_id: str | None = None,
                  telemetry: TelemetryOptions | None = None, resume_timeout_s: float = 60.0,
@@ -171,6 +180,7 @@ class DeviceAgent:
         self._telemetry_sent_at = -float("inf")
         self._progress_at = time.monotonic()  # the request's start or last verdict
         self._request_id = ""  # the request in flight (errors about others are ignored)
+        self._cancelled: Callable[[], bool] = lambda: False  # the request in flight's
 
     def register(self, measure: bool = True) -> P.Welcome:
         """Hello -> welcome, then (``measure``) measure the link and send telemetry."""
@@ -220,9 +230,11 @@ class DeviceAgent:
         max_new_tokens: int,
         sampling: SamplingOptions | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Run one request to completion; ``on_tokens`` sees each round's committed tokens
-        (and may end the request: RequestCancelled).
+        (and may end the request: RequestCancelled). ``cancelled`` is asked while the
+        agent waits (for a verdict, between resume attempts): True ends the request too.
 
         A lost link (no answer for the link's timeout, its connection closed, the
         controller closing or restarted, before or during the request) is survived: the
@@ -233,6 +245,7 @@ class DeviceAgent:
         sampling = sampling or SamplingOptions()
         request = _Request(uuid.uuid4().hex[:12], prompt_ids, max_new_tokens, sampling)
         self._request_id = request.request_id
+        self._cancelled = cancelled or (lambda: False)
         started = time.perf_counter()
         self._progress_at = time.monotonic()
         tokens = request.committed
@@ -287,11 +300,10 @@ class DeviceAgent:
                     return result()
                 if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
                     self.send_telemetry()
-        except (KeyboardInterrupt, RequestCancelled) as exc:  # the controller frees it now
+        except (KeyboardInterrupt, Exception) as exc:
+            # Whatever ends it early: the controller frees it now (if the link can take a
+            # word: a cancel is idempotent), and what it committed goes with the exception.
             self.link.send(P.Cancel(request.request_id), wait=False)
-            exc.partial_result = result(partial=True)
-            raise
-        except Exception as exc:  # whatever ends it early: what it committed goes with it
             exc.partial_result = result(partial=True)
             raise
 
@@ -320,6 +332,8 @@ class DeviceAgent:
         # Resumes that succeed but never lead to a verdict (a controller that fails on this
         # request each time) end too: the limit counts from the last commit, not this loss.
         while time.monotonic() < give_up_at:
+            if self._cancelled():
+                raise RequestCancelled("cancelled while resuming")
             try:
                 self.link.reconnect()
                 draft_len = self._ask_resume(request, round_)
@@ -390,6 +404,8 @@ class DeviceAgent:
                 try:
                     msg = self.link.receive(self.keepalive_s)
                 except LinkTimeout:
+                    if self._cancelled():
+                        raise RequestCancelled("cancelled while waiting") from None
                     silent = time.monotonic() - quiet_since
                     if silent >= self.link.timeout_s:
                         raise LinkTimeout(self.link.silence(silent)) from None

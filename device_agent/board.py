@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_ENTRIES = 32  # Telemetry's map and list limit (protocol.UNPACK_LIMITS)
 SENSOR_OFF_C = -256.0  # what tegrastats prints for a powered-down thermal zone
 NVPMODEL_TIMEOUT_S = 5.0
+POWER_MODE_EVERY_S = 60.0
 
 _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
 _SWAP = re.compile(r"\bSWAP (\d+)/(\d+)MB")
@@ -174,11 +176,13 @@ class BoardMonitor:
 
     def _read(self) -> None:
         assert self._process is not None and self._process.stdout is not None
-        mode = read_power_mode(self._nvpmodel)
+        mode, mode_read_at = (None, None), -float("inf")
         for line in self._process.stdout:
             state = parse_tegrastats(line)
             if state is None:
                 continue
+            if time.monotonic() - mode_read_at > POWER_MODE_EVERY_S:  # nvpmodel -m changes it
+                mode, mode_read_at = read_power_mode(self._nvpmodel), time.monotonic()
             state.power_mode, state.power_mode_id = mode
             with self._lock:
                 self._latest = state

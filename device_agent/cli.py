@@ -6,9 +6,7 @@ import argparse
 import codecs
 import json
 import logging
-import socket
 import sys
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -250,6 +248,7 @@ def generate(args: argparse.Namespace) -> int:
         GaveUp,
         SamplingOptions,
         TelemetryOptions,
+        device_name,
         partial_result,
     )
     from device_agent.link import ControllerLink, KeyRefused, LinkLost, LinkRefused
@@ -264,9 +263,7 @@ def generate(args: argparse.Namespace) -> int:
     if problem:
         print(f"device-agent: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    device_id = args.device_id
-    if curve is None and not device_id:
-        device_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    device_id = device_name(args.device_id, secure=curve is not None)
     drafter = load_drafter(args)
     if drafter is None:
         return EXIT_USAGE

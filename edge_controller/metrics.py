@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from device_agent.board import board_figures
+from device_agent.board import BOARD_FIGURES, board_figures
 
 if TYPE_CHECKING:
     from edge_controller.draft_control import Decision, DeviceEstimates
@@ -74,3 +74,6 @@ class ControllerMetrics:
                       self.delay, self.rtt, self.uplink):
             with contextlib.suppress(KeyError):  # never reported yet
                 gauge.remove(device_id)
+        for figure in (*BOARD_FIGURES, "temperature_max_c"):
+            with contextlib.suppress(KeyError):
+                self.board.remove(device_id, figure)

@@ -46,15 +46,16 @@ def serve(run_controller, lab_keys, drafter):
     """``with serve(**agent_config) as (controller, service)``: both running."""
 
     @contextmanager
-    def start(controller_overrides=None, board=None, **overrides) -> Iterator:
-        with run_controller(**(controller_overrides or {})) as controller:
-            config = load_agent_config(
-                None, controller__endpoint=controller.endpoint,
-                controller__key=lab_keys.controller_key,
-                controller__keys_dir=str(lab_keys.device_dir("board")),
-                http__bind="127.0.0.1:0", **overrides)
+    def start(controller_overrides=None, board=None, insecure=False, **overrides) -> Iterator:
+        with run_controller(insecure=insecure, **(controller_overrides or {})) as controller:
+            link = {"controller__insecure": True} if insecure else {
+                "controller__key": lab_keys.controller_key,
+                "controller__keys_dir": str(lab_keys.device_dir("board"))}
+            config = load_agent_config(None, controller__endpoint=controller.endpoint,
+                                       http__bind="127.0.0.1:0", **link, **overrides)
+            curve = None if insecure else lab_keys.client("board")
             try:
-                with running(config, drafter, lab_keys.client("board"), board) as service:
+                with running(config, drafter, curve, board) as service:
                     wait_for(lambda: service.service.health.registered, "registration")
                     yield controller, service
             finally:
@@ -241,17 +242,52 @@ def test_unsupported_parameters_get_400_and_a_full_queue_429(serve):
 def test_an_unreachable_controller_gives_503_after_the_resume_timeout(drafter, unused_endpoint):
     config = load_agent_config(None, controller__endpoint=unused_endpoint,
                                controller__insecure=True, controller__timeout_s=1.0,
-                               controller__resume_timeout_s=1.0, http__bind="127.0.0.1:0")
+                               controller__resume_timeout_s=3.0, http__bind="127.0.0.1:0")
     with running(config, drafter) as service:
         api = client(service)
+        answered = {}
+
+        def ask(name: str) -> None:
+            with pytest.raises(openai.InternalServerError) as err:
+                api.completions.create(model="any", prompt=PROMPT, max_tokens=4)
+            answered[name] = (time.monotonic(), err.value)
+
         started = time.monotonic()
-        with pytest.raises(openai.InternalServerError) as err:
-            api.completions.create(model="any", prompt=PROMPT, max_tokens=4)
-        assert err.value.status_code == 503
-        assert err.value.body["code"] == "controller_unavailable"
-        assert time.monotonic() - started < 30
+        first = threading.Thread(target=ask, args=("first",))
+        first.start()
+        wait_for(lambda: service.service.health.in_flight, "the first request at work")
+        ask("waiting")
+        first.join(30)
+        for _, err in answered.values():
+            assert err.status_code == 503 and err.body["code"] == "controller_unavailable"
+        assert 1.0 + 3.0 <= answered["first"][0] - started < 30
+        # The request that waited meanwhile is answered with the first, not a timeout later.
+        assert abs(answered["waiting"][0] - answered["first"][0]) < 1.5
         status, health = http(service.url + "/health")
         assert status == 503 and not json.loads(health)["registered"]
+
+
+def test_stopping_answers_the_request_in_flight_with_503(serve):
+    """Insecure too: without keys the agent names itself (as generate does)."""
+    with serve(insecure=True) as (controller, service):
+        assert service.service.health.device_id.startswith(socket.gethostname())
+        api = client(service)
+        model = service.service.health.target
+        answer = {}
+
+        def ask() -> None:
+            with pytest.raises(openai.InternalServerError) as err:
+                api.completions.create(model=model, prompt=LONG, max_tokens=800, temperature=0)
+            answer["error"] = err.value
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        wait_for(lambda: service.service.health.rounds > 0, "rounds")
+        assert service.service.stop()  # the worker ends: the request is cancelled
+        asking.join(30)
+        assert answer["error"].status_code == 503 and "shutting down" in str(answer["error"])
+        wait_for(lambda: controller.verifier.slots_in_use == 0, "the slot freed")
+        wait_for(lambda: len(controller.sessions) == 0, "goodbye")
 
 
 @pytest.fixture

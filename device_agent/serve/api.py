@@ -125,6 +125,9 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise unsupported("stream_options", f"stream_options={options!r}")
+    if options and not request.stream:
+        raise ApiError(400, "stream_options is only allowed with stream true",
+                       param="stream_options")
     request.include_usage = bool(options.get("include_usage", False))
     return request
 
@@ -185,6 +188,8 @@ def _messages(messages: Any) -> list[dict[str, str]]:
             raise unsupported(where, f"{', '.join(extra)} in a message")
         out.append({"role": "system" if role == "developer" else role,
                     "content": _content(message.get("content"), where)})
+        if isinstance(message.get("name"), str):  # for templates that use it
+            out[-1]["name"] = message["name"]
     return out
 
 

@@ -17,6 +17,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +36,6 @@ MAX_BODY_BYTES = 1 << 20
 MAX_CONNECTIONS = 64  # HTTP threads at once; more connections are closed at once
 POLL_S = 0.2  # how often a waiting handler looks whether its client is still there
 SOCKET_TIMEOUT_S = 60.0  # a client that sends nothing for this long is dropped
-TLS_ALERT = 0x15  # first byte of a TLS alert record (a client's close_notify)
 
 
 class ServeApp:
@@ -72,10 +72,11 @@ class ServeApp:
             raise ApiError(400, f"the prompt holds {len(prompt_ids)} tokens; this agent's "
                            f"draft context holds {limit}", param="prompt",
                            code="context_length_exceeded")
+        if request.max_tokens is not None:
+            self.service.max_tokens(request.max_tokens)  # over the known limit: 400 now
         temperature = request.temperature if request.temperature >= MIN_TEMPERATURE else 0.0
         sampling = SamplingOptions(temperature, request.top_p, 0, request.seed, self.draft_top_k)
-        return Job(prompt_ids, self.service.max_tokens(request.max_tokens), sampling,
-                   request.stop)
+        return Job(prompt_ids, request.max_tokens, sampling, request.stop)
 
     def _prompt_ids(self, request: CompletionRequest) -> list[int]:
         if request.chat:
@@ -86,7 +87,7 @@ class ServeApp:
                     raise ApiError(400, str(exc)) from None
             try:
                 return self._chat.prompt_ids(request.messages)
-            except Exception as exc:  # noqa: BLE001 - the template's own complaint (roles...)
+            except Exception as exc:  # noqa: BLE001 - the template's complaint, bad Unicode
                 raise ApiError(400, f"the chat template refused the messages: {exc}",
                                param="messages") from None
         if isinstance(request.prompt, list):
@@ -94,7 +95,11 @@ class ServeApp:
                 raise ApiError(400, f"prompt token ids must be in 0..{self.drafter.vocab_size - 1}",
                                param="prompt")
             return request.prompt
-        return self.drafter.tokenize(request.prompt)
+        try:
+            return self.drafter.tokenize(request.prompt)
+        except UnicodeEncodeError:
+            raise ApiError(400, "the prompt is not valid Unicode (a lone surrogate?)",
+                           param="prompt") from None
 
 
 class ApiServer(ThreadingHTTPServer):
@@ -138,6 +143,9 @@ class Handler(BaseHTTPRequestHandler):
     server: ApiServer
 
     def setup(self) -> None:
+        # Headers and body (and each event) go out at once: Nagle's algorithm would hold a
+        # body behind the headers' ACK, which a client delays by up to 40 ms.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.server.tls is not None:  # the handshake runs here, not in the accept loop
             self.request.settimeout(SOCKET_TIMEOUT_S)
             self.request = self.server.tls.wrap_socket(self.request, server_side=True)
@@ -158,6 +166,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, routes: dict) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        self._responded = False
         try:
             if not self.server.app.authorized(self.headers.get("Authorization")):
                 raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
@@ -170,6 +179,12 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(exc.status, exc.body())
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
             self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500, never a dropped line
+            log.exception("%s %s", self.command, path)
+            self.close_connection = True
+            if not self._responded:
+                self._send_json(500, ApiError(500, f"internal error: {type(exc).__name__}",
+                                              type_="server_error").body())
 
     def _health(self) -> None:
         app = self.server.app
@@ -220,10 +235,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, request: CompletionRequest, job: Job, id_: str,
                 first: tuple[str, Any], events: Iterator[tuple[str, Any]]) -> None:
+        self._responded = True
+        self._chunked = self.request_version != "HTTP/1.0"  # 1.0: the body ends at close
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
         self.end_headers()
         try:
             if request.chat:
@@ -242,37 +262,50 @@ class Handler(BaseHTTPRequestHandler):
                         self._event(api.usage_chunk(request, id_, outcome.prompt_tokens,
                                                     outcome.completion_tokens))
                 self._chunk(b"data: [DONE]\n\n")
-                self._chunk(b"")
+                if self._chunked:
+                    self._chunk(b"")
         except OSError:  # the client hung up mid-stream: the worker cancels the request
             job.cancelled.set()
             self.close_connection = True
 
     def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
-        """The job's events up to its end; stops early (and cancels it) if the client goes."""
+        """The job's events up to its end; stops early (and cancels it) if the client goes,
+        every ``POLL_S`` whether events flow or not."""
+        checked = time.monotonic()
         while True:
             try:
                 kind, value = job.events.get(timeout=POLL_S)
             except queue.Empty:
+                if not self.server.app.service.alive:
+                    kind, value = "end", Outcome(None, len(job.prompt_ids), 0, ApiError(
+                        503, "the agent's worker stopped", type_="server_error"))
+                else:
+                    kind = value = None
+            if time.monotonic() - checked >= POLL_S or kind is None:
+                checked = time.monotonic()
                 if self._client_gone():
                     job.cancelled.set()
                     self.close_connection = True
                     return
+            if kind is None:
                 continue
             yield kind, value
             if kind == "end":
                 return
 
     def _client_gone(self) -> bool:
-        """The client closed its side (we never read a second request while answering)."""
+        """The client closed its side. Plain HTTP: the socket reads as closed (bytes there
+        are a pipelined next request). TLS: anything readable at all, since a TLS 1.3
+        close_notify looks like data from outside and a client sends nothing else while
+        it waits for an answer."""
         sock = self.connection
         try:
             if not select.select([sock], [], [], 0)[0]:
                 return False
-            # Under TLS, peek at the raw bytes: a close_notify alert or nothing means gone.
             peeked = socket.socket.recv(sock, 1, socket.MSG_PEEK)
         except (OSError, ValueError):
             return True
-        return not peeked or (isinstance(sock, ssl.SSLSocket) and peeked[0] == TLS_ALERT)
+        return not peeked or isinstance(sock, ssl.SSLSocket)
 
     # ---- bodies ----------------------------------------------------------------------
     def _read_json(self) -> Any:
@@ -291,6 +324,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(body).encode(), "application/json")
 
     def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self._responded = True
         self.send_response(status, HTTPStatus(status).phrase)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -303,4 +337,4 @@ class Handler(BaseHTTPRequestHandler):
         self._chunk(b"data: " + json.dumps(body).encode() + b"\n\n")
 
     def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)

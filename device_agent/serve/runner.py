@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.agent import DeviceAgent, TelemetryOptions
+from device_agent.agent import DeviceAgent, TelemetryOptions, device_name
 from device_agent.board import BoardMonitor
 from device_agent.drafter import Drafter
 from device_agent.link import ControllerLink
@@ -64,28 +64,36 @@ def running(config: AgentConfig, drafter: Drafter, curve=None,
     c, h, t = config.controller, config.http, config.telemetry
     api_key = read_api_key(h.api_key_file)
     tls = tls_context(h.tls_cert, h.tls_key)
-    with ControllerLink(c.endpoint, curve=curve, timeout_s=c.timeout_s) as link:
-        telemetry = TelemetryOptions(t.spectral_efficiency, t.interval_s,
-                                     probe_bursts=t.probe_uplink)
-        agent = DeviceAgent(drafter, link, c.device_id or None, telemetry,
-                            resume_timeout_s=c.resume_timeout_s, board=board)
-        service = AgentService(agent, queue_size=h.queue_size,
-                               default_max_tokens=h.default_max_tokens).start()
-        try:
-            server = ApiServer(http_address(h.bind), ServeApp(service, api_key=api_key,
-                                                             draft_top_k=config.draft.top_k),
-                               tls)
-        except OSError as exc:
-            service.stop()
-            raise ConfigError(f"http.bind {h.bind}: {exc.strerror or exc}") from None
-        thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-        thread.start()
-        try:
-            yield RunningService(server, service)
-        finally:
-            server.shutdown()
-            server.server_close()
-            service.stop()
+    link = ControllerLink(c.endpoint, curve=curve, timeout_s=c.timeout_s)
+    telemetry = TelemetryOptions(t.spectral_efficiency, t.interval_s,
+                                 probe_bursts=t.probe_uplink)
+    agent = DeviceAgent(drafter, link, device_name(c.device_id, secure=curve is not None),
+                        telemetry, resume_timeout_s=c.resume_timeout_s, board=board)
+    service = AgentService(agent, queue_size=h.queue_size,
+                           default_max_tokens=h.default_max_tokens).start()
+    try:
+        server = ApiServer(http_address(h.bind), ServeApp(service, api_key=api_key,
+                                                         draft_top_k=config.draft.top_k), tls)
+    except OSError as exc:
+        _stop(service, link)
+        raise ConfigError(f"http.bind {h.bind}: {exc.strerror or exc}") from None
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    try:
+        yield RunningService(server, service)
+    finally:
+        server.shutdown()
+        server.server_close()
+        _stop(service, link)
+
+
+def _stop(service: AgentService, link: ControllerLink) -> None:
+    """The worker owns the link: it is closed here only once the worker has ended."""
+    if service.stop():
+        link.close()
+    else:
+        log.warning("the agent's worker did not stop in time (a controller that does not "
+                    "answer); leaving it to the process's exit")
 
 
 def serve(config: AgentConfig, drafter: Drafter, curve=None) -> int:

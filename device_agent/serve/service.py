@@ -129,10 +129,10 @@ class AgentService:
                            param="max_tokens")
         return asked
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> bool:
         """Cancel what runs and what waits (503), say goodbye, end the worker. A worker
         still waiting on a controller that does not answer after ``timeout_s`` is left
-        behind (a daemon thread: the process may exit)."""
+        behind (a daemon thread: the process may exit); then False."""
         self._stopping.set()
         current = self._current
         if current is not None:
@@ -145,8 +145,14 @@ class AgentService:
             job.end(Outcome(None, 0, 0, ApiError(503, "the agent is shutting down",
                                                   type_="server_error")))
         self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     # ---- the worker ----------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """The worker runs (HTTP threads give up on a job when it does not)."""
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         try:
             self._register()
@@ -154,11 +160,21 @@ class AgentService:
                 try:
                     job = self._queue.get(timeout=self.check_every_s)
                 except queue.Empty:
-                    self._keep_registered()
-                    continue
-                self._current = job
-                self._serve(job)
-                self._current = None
+                    job = None
+                try:
+                    if job is None:
+                        self._keep_registered()
+                    else:
+                        self._current = job
+                        self._serve(job)
+                except Exception as exc:  # noqa: BLE001 - a bug must not end the service
+                    log.exception("agent worker")
+                    if job is not None:
+                        job.end(Outcome(None, len(job.prompt_ids), 0, ApiError(
+                            500, f"internal error: {type(exc).__name__}", type_="server_error")))
+                    self._lost(exc)
+                finally:
+                    self._current = None
         finally:
             self.agent.close()
 
@@ -189,7 +205,7 @@ class AgentService:
             try:
                 self.agent.check_registered()
                 return
-            except (LinkLost, ControllerError, ProtocolError) as exc:
+            except (LinkLost, LinkRefused, ControllerError, ProtocolError) as exc:
                 self._lost(exc)
                 self._retry_at = 0.0  # it was registered a moment ago: at once
         if time.monotonic() >= self._retry_at:
@@ -219,14 +235,16 @@ class AgentService:
         finish, outcome, error = None, "done", None
         try:
             max_tokens = self.max_tokens(job.max_tokens)
-            result = self.agent.generate(job.prompt_ids, max_tokens, job.sampling, on_tokens)
+            result = self.agent.generate(job.prompt_ids, max_tokens, job.sampling, on_tokens,
+                                         cancelled=job.cancelled.is_set)
             eos = self.agent.welcome.eos_token_ids
             finish = "stop" if result.tokens and result.tokens[-1] in eos else "length"
             self._register_seen()
         except RequestCancelled as exc:
             result = partial_result(exc)
             finish, outcome = ("stop", "stopped") if text.stopped else (None, "cancelled")
-            self._register_seen()
+            if self._stopping.is_set() and not text.stopped:
+                error = ApiError(503, "the agent is shutting down", type_="server_error")
         except ApiError as exc:
             error, outcome = exc, "refused"
         except Exception as exc:  # noqa: BLE001 - each failure is an answer, never the end
@@ -239,6 +257,19 @@ class AgentService:
         tokens = text.tokens if text.stopped else len(result.tokens) if result else 0
         job.end(Outcome(finish, len(job.prompt_ids), tokens, error))
         self.metrics.finished(outcome, len(job.prompt_ids), result, tokens)
+        if outcome == "unavailable" and error is not None:
+            self._fail_waiting(error)
+
+    def _fail_waiting(self, error: ApiError) -> None:
+        """The controller could not be reached for a whole resume timeout: the requests
+        that waited meanwhile get the same answer now, not one timeout each."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            job.end(Outcome(None, len(job.prompt_ids), 0, error))
+            self.metrics.finished("unavailable", len(job.prompt_ids), None, 0)
 
     def _register_seen(self) -> None:
         """A request went through: whatever the health checks said, it is registered."""
@@ -250,7 +281,7 @@ class AgentService:
 
     def _error_for(self, exc: Exception) -> tuple[ApiError, str]:
         """The client's answer to a request that failed with ``exc``, and its outcome."""
-        if isinstance(exc, ControllerError) and exc.code in CLIENT_ERRORS:
+        if isinstance(exc, ControllerError) and exc.code in CLIENT_ERRORS and not exc.fatal:
             return ApiError(400, f"the controller refused the request: {exc}"), "refused"
         if isinstance(exc, ControllerError) and exc.code in BUSY_ERRORS:
             return ApiError(503, f"the controller is at capacity: {exc}", type_="server_error",
