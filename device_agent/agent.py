@@ -181,6 +181,10 @@ class DeviceAgent:
         self._progress_at = time.monotonic()  # the request's start or last verdict
         self._request_id = ""  # the request in flight (errors about others are ignored)
         self._cancelled: Callable[[], bool] = lambda: False  # the request in flight's
+        self.resuming = False  # a lost link is being mended (read by serve's /health)
+        # Asked wherever the agent waits, requests or not (a service stopping): True ends
+        # the wait with RequestCancelled.
+        self.interrupted: Callable[[], bool] = lambda: False
 
     def register(self, measure: bool = True) -> P.Welcome:
         """Hello -> welcome, then (``measure``) measure the link and send telemetry."""
@@ -324,6 +328,13 @@ class DeviceAgent:
         error) raise as they are."""
         log.warning("link lost (%s); resuming request %s at round %d", lost,
                     request.request_id, round_)
+        self.resuming = True
+        try:
+            return self._resume_until(request, round_, lost)
+        finally:
+            self.resuming = False
+
+    def _resume_until(self, request: _Request, round_: int, lost: LinkLost) -> int:
         give_up_at = self._progress_at + self.link.timeout_s + self.resume_timeout_s
         delay = RESUME_FIRST_DELAY_S
         exc: Exception = lost
@@ -332,7 +343,7 @@ class DeviceAgent:
         # Resumes that succeed but never lead to a verdict (a controller that fails on this
         # request each time) end too: the limit counts from the last commit, not this loss.
         while time.monotonic() < give_up_at:
-            if self._cancelled():
+            if self._cancelled() or self.interrupted():
                 raise RequestCancelled("cancelled while resuming")
             try:
                 self.link.reconnect()
@@ -404,7 +415,7 @@ class DeviceAgent:
                 try:
                     msg = self.link.receive(self.keepalive_s)
                 except LinkTimeout:
-                    if self._cancelled():
+                    if self._cancelled() or self.interrupted():
                         raise RequestCancelled("cancelled while waiting") from None
                     silent = time.monotonic() - quiet_since
                     if silent >= self.link.timeout_s:

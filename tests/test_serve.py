@@ -194,7 +194,7 @@ def test_a_client_that_hangs_up_frees_the_controllers_slot(serve):
                            "temperature": 0}).encode()
         host, port = service.server.server_address[:2]
         with socket.create_connection((host, port)) as hung:
-            hung.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            hung.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                          b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             wait_for(lambda: controller.verifier.slots_in_use == 1, "the request at work")
         wait_for(lambda: controller.verifier.slots_in_use == 0, "slot freed after timeout", 10.0)
@@ -370,3 +370,60 @@ def _healthy(url: str) -> bool:
         return http(url + "/health", timeout=1)[0] == 200
     except OSError:
         return False
+
+
+def test_http_hardening(drafter, unused_endpoint, monkeypatch):
+    """No controller needed: what the HTTP layer refuses, in OpenAI's error shape."""
+    from device_agent.serve import http as serve_http
+
+    monkeypatch.setattr(serve_http, "READ_DEADLINE_S", 1.0)
+    monkeypatch.setattr(serve_http, "MAX_CONNECTIONS", 3)
+    config = load_agent_config(None, controller__endpoint=unused_endpoint,
+                               controller__insecure=True, http__bind="127.0.0.1:0")
+    with running(config, drafter) as service:
+        host, port = service.server.server_address[:2]
+
+        def raw(data: bytes, wait_s: float = 5.0) -> bytes:
+            """The whole answer (every refusal closes the connection)."""
+            with socket.create_connection((host, port), timeout=wait_s) as sock:
+                sock.sendall(data)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                return answer
+
+        rebound = raw(b"GET /health HTTP/1.1\r\nHost: attacker.example:8080\r\n\r\n")
+        assert rebound.startswith(b"HTTP/1.1 403") and b'"bad_host"' in rebound
+        cross = raw(b"GET /v1/models HTTP/1.1\r\nHost: localhost:8080\r\n"
+                    b"Origin: http://attacker.example\r\n\r\n")
+        assert cross.startswith(b"HTTP/1.1 403") and b'"bad_origin"' in cross
+        form = raw(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                   b"text/plain\r\nContent-Length: 2\r\n\r\n{}")
+        assert form.startswith(b"HTTP/1.1 415")
+        smuggled = raw(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: 2\r\nTransfer-Encoding: chunked"
+                       b"\r\n\r\n{}")
+        assert smuggled.startswith(b"HTTP/1.1 400")
+        nested = b"[" * 100_000 + b"]" * 100_000
+        deep = raw(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                   b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(nested), nested))
+        assert deep.startswith(b"HTTP/1.1 400") and b"not valid JSON" in deep
+        put = raw(b"PUT /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert put.startswith(b"HTTP/1.1 405") and b'"error"' in put
+
+        # A client that trickles its request is cut off at the read deadline...
+        with socket.create_connection((host, port), timeout=5) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\n")
+            started = time.monotonic()
+            assert slow.recv(100) == b"" and time.monotonic() - started < 3
+        # ...and connections beyond the limit get 503 at once, not silence.
+        idle = [socket.create_connection((host, port)) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            assert raw(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").startswith(
+                b"HTTP/1.1 503")
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.3)
+        assert http(service.url + "/v1/models")[0] == 200  # the service is fine after all

@@ -128,7 +128,11 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     if options and not request.stream:
         raise ApiError(400, "stream_options is only allowed with stream true",
                        param="stream_options")
-    request.include_usage = bool(options.get("include_usage", False))
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "stream_options.include_usage must be true or false",
+                       param="stream_options")
+    request.include_usage = include_usage
     return request
 
 
@@ -149,14 +153,16 @@ def _number(body: dict, name: str, default: float) -> float:
 
 
 def _max_tokens(body: dict, chat: bool) -> int | None:
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    value = body.get(name)
-    if value is None:
+    """``max_completion_tokens`` (chat) over ``max_tokens``; each checked when given."""
+    given = None
+    for name in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
+        value = body.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ApiError(400, f"{name} must be an integer >= 1", param=name)
+        given = value if value is not None else given
+    if given is None:
         return None if chat else COMPLETIONS_MAX_TOKENS
-    if type(value) is not int or value < 1:
-        raise ApiError(400, f"{name} must be an integer >= 1", param=name)
-    return value
+    return given
 
 
 def _prompt(prompt: Any) -> str | list[int]:
@@ -168,7 +174,7 @@ def _prompt(prompt: Any) -> str | list[int]:
         return prompt
     if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         return prompt
-    if isinstance(prompt, list) and len(prompt) > 1:
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
         raise unsupported("prompt", "a batch of prompts")
     raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
 
@@ -194,6 +200,8 @@ def _messages(messages: Any) -> list[dict[str, str]]:
 
 
 def _content(content: Any, where: str) -> str:
+    if content is None:  # an assistant turn may have none
+        return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):

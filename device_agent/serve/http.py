@@ -8,6 +8,7 @@ reads as closed, or a write fails) and its request is cancelled at the controlle
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import itertools
 import json
@@ -16,26 +17,37 @@ import queue
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from device_agent.agent import SamplingOptions
 from device_agent.serve import api
 from device_agent.serve.api import ApiError, CompletionRequest
 from device_agent.serve.chat import ChatTemplate
+from device_agent.serve.config import is_loopback
 from device_agent.serve.service import AgentService, Job, Outcome
 from edge_controller.protocol import MIN_TEMPERATURE
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
-MAX_CONNECTIONS = 64  # HTTP threads at once; more connections are closed at once
+MAX_CONNECTIONS = 64  # HTTP threads at once; more connections are answered 503
+MAX_PER_CLIENT = 16  # connections from one address beyond loopback
 POLL_S = 0.2  # how often a waiting handler looks whether its client is still there
-SOCKET_TIMEOUT_S = 60.0  # a client that sends nothing for this long is dropped
+READ_DEADLINE_S = 10.0  # a request (line, headers, body) or a keep-alive pause, in all
+SOCKET_TIMEOUT_S = 60.0  # a client that takes no bytes for this long is dropped
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+WARN_EVERY_S = 10.0
+_BUSY_BODY = json.dumps(ApiError(503, "too many connections", type_="server_error").body())
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+         % (len(_BUSY_BODY), _BUSY_BODY.encode()))
 
 
 class ServeApp:
@@ -110,7 +122,10 @@ class ApiServer(ThreadingHTTPServer):
                  tls: ssl.SSLContext | None = None):
         self.app = app
         self.tls = tls
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.loopback = is_loopback(address[0])  # then only loopback Host names are served
+        self._open: dict[str, int] = {}  # connections per client address
+        self._lock = threading.Lock()
+        self._warned_at = -WARN_EVERY_S
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -122,18 +137,43 @@ class ApiServer(ThreadingHTTPServer):
         return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("%d connections open: closing one from %s", MAX_CONNECTIONS,
-                        client_address[0])
-            self.shutdown_request(request)
+        client = client_address[0]
+        with self._lock:
+            total, mine = sum(self._open.values()), self._open.get(client, 0)
+            refuse = total >= MAX_CONNECTIONS or (mine >= MAX_PER_CLIENT
+                                                 and not is_loopback(client))
+            if not refuse:
+                self._open[client] = mine + 1
+        if refuse:
+            self._refuse(request, client)
             return
         super().process_request(request, client_address)
+
+    def _refuse(self, request: socket.socket, client: str) -> None:
+        if time.monotonic() - self._warned_at > WARN_EVERY_S:  # a flood logs one line
+            self._warned_at = time.monotonic()
+            log.warning("%d connections open: refusing more (latest from %s)",
+                        sum(self._open.values()), client)
+        if self.tls is None:
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(_BUSY)
+        self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            with self._lock:
+                left = self._open.pop(client_address[0]) - 1
+                if left:
+                    self._open[client_address[0]] = left
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # a client gone mid-request: its business
+            log.debug("connection from %s: %s", client_address[0], sys.exc_info()[1])
+            return
+        super().handle_error(request, client_address)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -146,10 +186,42 @@ class Handler(BaseHTTPRequestHandler):
         # Headers and body (and each event) go out at once: Nagle's algorithm would hold a
         # body behind the headers' ACK, which a client delays by up to 40 ms.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._deadline: threading.Timer | None = None
         if self.server.tls is not None:  # the handshake runs here, not in the accept loop
-            self.request.settimeout(SOCKET_TIMEOUT_S)
+            self.request.settimeout(READ_DEADLINE_S)
             self.request = self.server.tls.wrap_socket(self.request, server_side=True)
         super().setup()
+
+    def handle_one_request(self) -> None:
+        """One request, read within READ_DEADLINE_S (the wait for it included): a client
+        that trickles its headers, or idles on a kept-alive connection, is cut off then."""
+        self._deadline = threading.Timer(READ_DEADLINE_S, self._cut_off)
+        self._deadline.daemon = True
+        self._deadline.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._read_done()
+
+    def _read_done(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _cut_off(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """The standard library's own refusals (bad request lines, huge headers, unknown
+        methods: 405 here) in OpenAI's error shape, not HTML."""
+        self.close_connection = True
+        code = 405 if code == HTTPStatus.NOT_IMPLEMENTED else code
+        error = ApiError(code, message or HTTPStatus(code).phrase,
+                         type_="invalid_request_error" if code < 500 else "server_error")
+        with contextlib.suppress(OSError):
+            self._send_json(code, error.body())
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         log.debug("%s %s", self.address_string(), format % args)
@@ -168,16 +240,20 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         self._responded = False
         try:
+            self._check_origin()
             if not self.server.app.authorized(self.headers.get("Authorization")):
                 raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
                                code="invalid_api_key")
             if path not in routes:
                 raise ApiError(404, f"no route {self.command} {path}", code="not_found")
+            if self.command == "GET":
+                self._read_done()
             routes[path]()
         except ApiError as exc:
             self.close_connection = True  # its body may be unread: no next request on it
-            self._send_json(exc.status, exc.body())
-        except (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
+            with contextlib.suppress(OSError):
+                self._send_json(exc.status, exc.body())
+        except OSError:  # the client went away (ssl.SSLError is one)
             self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - a bug answers 500, never a dropped line
             log.exception("%s %s", self.command, path)
@@ -186,16 +262,37 @@ class Handler(BaseHTTPRequestHandler):
                 self._send_json(500, ApiError(500, f"internal error: {type(exc).__name__}",
                                               type_="server_error").body())
 
+    def _check_origin(self) -> None:
+        """Browsers must not reach a loopback API: DNS rebinding makes a foreign name
+        resolve to 127.0.0.1, and a form posts cross-site as text/plain."""
+        host = self.headers.get("Host") or ""
+        try:
+            name = urlsplit(f"//{host}").hostname or ""  # lower case, no port, no brackets
+        except ValueError:
+            name = ""
+        if self.server.loopback and name not in LOOPBACK_HOSTS:
+            raise ApiError(403, f"Host {host!r} is not this loopback API's name",
+                           code="bad_host")
+        origin = self.headers.get("Origin")
+        if origin and self.server.loopback and urlsplit(origin).hostname not in LOOPBACK_HOSTS:
+            raise ApiError(403, "cross-origin requests are not served", code="bad_origin")
+        if self.command == "POST" and self.headers.get_content_type() != "application/json":
+            raise ApiError(415, "POST bodies must be Content-Type: application/json")
+
     def _health(self) -> None:
         app = self.server.app
         health = app.service.health
-        body = {"status": "ok" if health.registered else "unavailable",
-                "registered": health.registered, "device_id": health.device_id,
+        resuming = app.service.agent.resuming  # a request is mending a lost link
+        registered = health.registered and not resuming
+        body = {"status": "ok" if registered else "unavailable",
+                "registered": registered, "device_id": health.device_id,
                 "controller": app.service.agent.link.endpoint, "draft": app.drafter.model_id,
                 "target": health.target, "rounds": health.rounds,
                 "last_round_at": health.last_round_at, "in_flight": health.in_flight,
-                "queue_depth": app.service.queue_depth(), "problem": health.problem}
-        self._send_json(200 if health.registered else 503, body)
+                "queue_depth": app.service.queue_depth(),
+                "problem": "the link to the controller is lost; resuming" if resuming
+                else health.problem}
+        self._send_json(200 if registered else 503, body)
 
     def _models(self) -> None:
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "multispin-edge"}
@@ -309,16 +406,20 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- bodies ----------------------------------------------------------------------
     def _read_json(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") or len(lengths) > 1:
+            raise ApiError(400, "one Content-Length and no Transfer-Encoding, please")
+        if not lengths or not lengths[0].isascii() or not lengths[0].isdigit():
             raise ApiError(411, "a request body with Content-Length is required")
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise ApiError(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
+        if int(lengths[0]) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body of {lengths[0]} bytes exceeds {MAX_BODY_BYTES}")
+        body = self.rfile.read(int(lengths[0]))
+        self._read_done()
         try:
-            return json.loads(self.rfile.read(int(length)))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, "the request body is not valid JSON "
+                           f"({type(exc).__name__})") from None
 
     def _send_json(self, status: int, body: dict) -> None:
         self._send(status, json.dumps(body).encode(), "application/json")

@@ -94,6 +94,7 @@ class AgentService:
         self.metrics = ServeMetrics(self.queue_depth, agent.board)
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._stopping = threading.Event()
+        agent.interrupted = self._stopping.is_set  # a stop ends the agent's waits
         self._thread = threading.Thread(target=self._run, name="agent", daemon=True)
         self._retry_at = 0.0
         self._retry_s = 1.0
@@ -182,6 +183,8 @@ class AgentService:
         """Hello (and a link measurement); on failure, the next try after a backoff."""
         try:
             self.agent.register()
+        except RequestCancelled:  # stopping
+            return
         except (LinkLost, LinkRefused, ControllerError, ProtocolError) as exc:
             self._lost(exc)
             return
@@ -204,6 +207,8 @@ class AgentService:
         if self.health.registered:
             try:
                 self.agent.check_registered()
+                return
+            except RequestCancelled:  # stopping
                 return
             except (LinkLost, LinkRefused, ControllerError, ProtocolError) as exc:
                 self._lost(exc)
