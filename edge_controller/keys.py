@@ -153,6 +153,11 @@ def load_own_keypair(directory: Path, name: str) -> Keypair:
     return load_keypair(_paths(directory, name)[1])
 
 
+def public_key(directory: Path, name: str) -> str:
+    """``name``'s public key (Z85) from a keys directory, without reading its secret."""
+    return _load(_paths(directory, name)[0])[0].decode("ascii")
+
+
 def device_client(keys_dir: Path, controller_key: str) -> CurveClient:
     require_curve()
     return CurveClient(load_own_keypair(keys_dir, DEVICE), parse_public_key(controller_key))

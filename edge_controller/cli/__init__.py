@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("start", "keys", "plan", "status", "trial")
+COMMANDS = ("start", "keys", "plan", "status", "trial", "fleet")
 
 
 def main(argv: list[str] | None = None) -> int:

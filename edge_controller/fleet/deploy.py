@@ -1,0 +1,514 @@
+"""Deploy, status, logs and uninstall for a fleet of boards, boards in parallel.
+
+Per board, ``deploy`` runs these steps; each is skipped when the board already has what it
+would make (idempotent), and ``dry_run`` only says what would change:
+
+1. connect (host key checked) and probe (docs/fleet.md);
+2. the wheelhouse for its platform (edge side, once per platform), pushed where missing;
+   a venv made with the board's Python and ``pip install --no-index --find-links``;
+3. its keypair made on the board (``device-agent keys init``); only the public key comes
+   back and is listed on the controller under the board's name;
+4. the draft model (skipped when its sha256 matches), the agent config, the unit;
+5. the service (re)started where anything it runs changed; wait until the board's
+   ``/health`` says registered; ``device-agent bench`` on the board.
+
+What a board has is recorded in its ``state.json``; a board whose record matches and
+whose service runs and is registered is "unchanged".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_controller.fleet.inventory import Board, Fleet
+from edge_controller.fleet.probe import BoardFacts, parse_probe, probe_script
+from edge_controller.fleet.remote import BoardError, Remote
+from edge_controller.fleet.wheelhouse import (
+    PROJECT,
+    Wheelhouse,
+    assemble,
+    keep_built,
+    llama_build_env,
+)
+
+log = logging.getLogger(__name__)
+
+UNIT = "device-agent.service"
+REGISTER_TIMEOUT_S = 120.0
+BENCH_TOKENS = 32
+MIN_DISK_MB = 1024
+
+
+@dataclass
+class BoardReport:
+    board: str
+    status: str = "failed"  # deployed | unchanged | would change | failed | ...
+    why: str = ""
+    changes: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    draft: str = ""
+    draft_tok_s: float | None = None
+    seconds: float = 0.0
+    facts: dict = field(default_factory=dict)
+
+
+class Paths:
+    """Where things live on a board: all under ``~/install_dir``."""
+
+    def __init__(self, home: str, install_dir: str):
+        self.root = f"{home}/{install_dir}"
+        self.venv = f"{self.root}/.venv"
+        self.bin = f"{self.venv}/bin"
+        self.wheels = f"{self.root}/wheels"
+        self.keys = f"{self.root}/keys"
+        self.models = f"{self.root}/models"
+        self.config = f"{self.root}/agent.toml"
+        self.unit = f"{self.root}/{UNIT}"
+        self.state = f"{self.root}/state.json"
+
+
+class Deployer:
+    def __init__(self, fleet: Fleet, cache: Path, *, dry_run: bool = False, jobs: int = 4,
+                 accept_new: bool = False, progress=print):
+        self.fleet = fleet
+        self.cache = cache
+        self.dry_run = dry_run
+        self.accept_new = accept_new
+        self.progress = progress
+        self._jobs = asyncio.Semaphore(max(1, jobs))
+        self._wheelhouses: dict[str, asyncio.Task] = {}  # per platform, built once
+        self._builds: dict[str, asyncio.Lock] = {}  # one llama build per platform at a time
+
+    def say(self, board: Board, text: str) -> None:
+        self.progress(f"[{board.name}] {text}")
+
+    # ---- deploy ----------------------------------------------------------------------
+    async def deploy(self, boards: list[Board]) -> list[BoardReport]:
+        return list(await asyncio.gather(*(self._guarded(self._deploy_one, b) for b in boards)))
+
+    async def _guarded(self, step, board: Board) -> BoardReport:
+        """One board's work; whatever fails there is its report, never the others'."""
+        report = BoardReport(board.name, draft=board.draft)
+        started = time.monotonic()
+        async with self._jobs:
+            try:
+                await step(board, report)
+            except BoardError as exc:
+                report.status, report.why = "failed", str(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug on one board must not stop all
+                log.exception("[%s]", board.name)
+                report.status, report.why = "failed", f"{type(exc).__name__}: {exc}"
+        report.seconds = time.monotonic() - started
+        self.say(board, f"{report.status}{': ' + report.why if report.why else ''}")
+        return report
+
+    async def _connect(self, board: Board) -> Remote:
+        if self.accept_new and board.known_hosts_policy == "strict":
+            board = _with(board, known_hosts_policy="accept-new")
+        if self.dry_run and board.known_hosts_policy == "accept-new":
+            self.say(board, "dry run: a first-seen host key would be trusted; checking "
+                     "strictly instead")
+            board = _with(board, known_hosts_policy="strict")
+        self.say(board, f"connecting to {board.user + '@' if board.user else ''}{board.host}")
+        return await Remote.connect(board)
+
+    async def _deploy_one(self, board: Board, report: BoardReport) -> None:
+        remote = await self._connect(board)
+        try:
+            await self._deploy_on(remote, board, report)
+        finally:
+            remote.close()
+
+    async def _deploy_on(self, remote: Remote, board: Board, report: BoardReport) -> None:
+        facts = await self._probe(remote, board, report)
+        paths = Paths(remote.home, board.install_dir)
+        cuda = board.llama_cuda == "auto"
+        wheelhouse = await self._wheelhouse(facts, cuda)
+        draft_path, draft_sha = _draft(board.draft)
+        config = agent_config(board, paths, self.fleet.controller_key, draft_path.name,
+                              threads=board.threads or facts.cpus)
+        unit = agent_unit(board, paths, remote.board.user or "")
+        old = json.loads(await remote.read(paths.state) or "{}")
+        wanted = {"wheelhouse": wheelhouse.digest, "draft": draft_sha,
+                  "config": _sha(config), "unit": _sha(unit), "python": facts.python}
+        changes = [key for key, value in wanted.items() if old.get(key) != value]
+        public = await self._public_key(remote, paths)
+        listed = _listed_key(self.fleet.controller_keys_dir, board.name)
+        if public is None or listed != public:
+            changes.append("keys")
+        running = await self._service(remote, board, paths, "status") if not changes else False
+        if not changes and running:
+            registered = await self._registered(remote, board, paths, timeout_s=10)
+            if registered:
+                report.status, report.versions = "unchanged", old.get("versions", {})
+                report.draft_tok_s = old.get("draft_tok_s")
+                return
+            changes.append("service (not registered)")
+        elif not changes:
+            changes.append("service (not running)")
+        report.changes = changes
+        if self.dry_run:
+            report.status = "would change"
+            report.why = ", ".join(changes)
+            if wheelhouse.llama_source:
+                env = llama_build_env(facts) if cuda else {}
+                report.why += f"; would build llama-cpp-python on the board with {env}"
+            return
+        await self._install(remote, board, paths, facts, wheelhouse, cuda,
+                            "wheelhouse" in changes or "python" in changes)
+        public = await self._keys(remote, board, paths, public)
+        await self._copy_draft(remote, board, paths, draft_path, draft_sha)
+        await remote.run(f"mkdir -p {shlex.quote(paths.root)}")
+        await remote.write(paths.config, config, 0o600)
+        await remote.write(paths.unit, unit)
+        await self._service(remote, board, paths, "restart")
+        self.say(board, "waiting for the agent to register with the controller")
+        if not await self._registered(remote, board, paths, REGISTER_TIMEOUT_S):
+            logs = await self._logs(remote, board, paths, 5)
+            raise BoardError(f"the agent did not register within {REGISTER_TIMEOUT_S:.0f} s; "
+                             f"its log ends: {' | '.join(logs.strip().splitlines()[-3:])}")
+        report.draft_tok_s = await self._bench(remote, board, paths, draft_path.name,
+                                               board.threads or facts.cpus)
+        report.versions = await self._versions(remote, paths)
+        state = {**wanted, "versions": report.versions, "draft_tok_s": report.draft_tok_s,
+                 "public_key": public, "deployed_at": time.time()}
+        await remote.write(paths.state, json.dumps(state, indent=1))
+        report.status = "deployed"
+
+    async def _probe(self, remote: Remote, board: Board, report: BoardReport) -> BoardFacts:
+        out = await remote.run(probe_script(board.python), what="probe")
+        facts = parse_probe(out.stdout)
+        report.facts = facts.to_dict()
+        jetson = f", {facts.jetpack} (L4T {facts.l4t}, sm_{facts.gpu_arch})" if facts.jetson \
+            else ""
+        self.say(board, f"{facts.os} {facts.arch}, Python {facts.python or 'missing'}, "
+                 f"{facts.cpus} CPUs, {facts.mem_total_mb} MiB, {facts.disk_free_mb} MiB "
+                 f"free{jetson}")
+        if not facts.python:
+            raise BoardError(f"no Python at {board.python!r} on the board (set python = ...)")
+        if tuple(map(int, facts.python.split(".")[:2])) < (3, 11):
+            raise BoardError(f"the board's Python is {facts.python}; the agent needs >= 3.11 "
+                             "(set python = to a newer interpreter)")
+        if facts.disk_free_mb < MIN_DISK_MB:
+            raise BoardError(f"only {facts.disk_free_mb} MiB free in the home directory")
+        return facts
+
+    async def _wheelhouse(self, facts: BoardFacts, cuda: bool) -> Wheelhouse:
+        key = f"{facts.platform}-{cuda}"
+        if key not in self._wheelhouses:
+            self._wheelhouses[key] = asyncio.ensure_future(
+                asyncio.to_thread(assemble, self.cache, facts, cuda))
+        return await self._wheelhouses[key]
+
+    async def _install(self, remote: Remote, board: Board, paths: Paths, facts: BoardFacts,
+                       wheelhouse: Wheelhouse, cuda: bool, reinstall: bool) -> None:
+        have = await remote.run(f"mkdir -p {shlex.quote(paths.wheels)} && "
+                                f"ls {shlex.quote(paths.wheels)}")
+        present = set(have.stdout.split())
+        missing = [p for p in sorted(wheelhouse.directory.iterdir())
+                   if not p.name.startswith(".") and p.name not in present]
+        self.say(board, f"pushing {len(missing)} of the wheelhouse's files")
+        for path in missing:
+            await remote.put(path, f"{paths.wheels}/{path.name}")
+        if (await remote.run(f"test -x {shlex.quote(paths.bin)}/python", check=False)).status:
+            self.say(board, "making the venv")
+            await remote.run(f"{shlex.quote(board.python)} -m venv {shlex.quote(paths.venv)}",
+                             what="python -m venv")
+        find = f"--no-index --find-links {shlex.quote(paths.wheels)}"
+        pip = f"{shlex.quote(paths.bin)}/python -m pip -q --disable-pip-version-check"
+        if wheelhouse.llama_source:
+            async with self._builds.setdefault(facts.platform, asyncio.Lock()):
+                await self._build_llama(remote, board, paths, facts, cuda, pip, find)
+        self.say(board, "installing offline (pip --no-index)")
+        force = " --force-reinstall --no-deps" if reinstall else ""
+        await remote.run(f"{pip} install {find} '{PROJECT}[device]'", what="pip install",
+                         timeout_s=1800)
+        if force:  # the project's own wheel again, in case only its contents changed
+            await remote.run(f"{pip} install {find}{force} {PROJECT}", what="pip install")
+
+    async def _build_llama(self, remote: Remote, board: Board, paths: Paths,
+                           facts: BoardFacts, cuda: bool, pip: str, find: str) -> None:
+        """Build llama-cpp-python on the board (the first of its platform) and keep it."""
+        env = llama_build_env(facts) if cuda else {}
+        self.say(board, f"building llama-cpp-python on the board ({env or 'CPU'}): minutes")
+        await remote.run(f"{pip} wheel {find} --no-deps -w {shlex.quote(paths.wheels)} "
+                         "llama-cpp-python", env=env, what="building llama-cpp-python "
+                         "(CUDA: is nvcc on PATH and the JetPack CUDA toolkit installed?)",
+                         timeout_s=3600)
+        listing = await remote.run(f"ls {shlex.quote(paths.wheels)}")
+        built = [n for n in listing.stdout.split() if n.startswith("llama_cpp_python-")
+                 and n.endswith(".whl")]
+        if built:
+            local = self.cache / "wheelhouse" / "incoming" / built[0]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            async with remote.connection.start_sftp_client() as sftp:
+                await sftp.get(f"{paths.wheels}/{built[0]}", str(local))
+            keep_built(self.cache, facts, cuda, local)
+
+    async def _public_key(self, remote: Remote, paths: Paths) -> str | None:
+        text = await remote.read(f"{paths.keys}/device.key")
+        found = re.search(r'public-key = "([^"]{40})"', text or "")
+        return found.group(1) if found else None
+
+    async def _keys(self, remote: Remote, board: Board, paths: Paths,
+                    public: str | None) -> str:
+        from edge_controller.keys import list_device, revoke_device
+
+        if public is None:
+            self.say(board, "making the device's keypair on the board")
+            out = await remote.run(f"{shlex.quote(paths.bin)}/device-agent keys init --dir "
+                                   f"{shlex.quote(paths.keys)}", what="device-agent keys init")
+            public = out.stdout.strip().splitlines()[-1]
+        listed = _listed_key(self.fleet.controller_keys_dir, board.name)
+        if listed != public:
+            if listed is not None:
+                log.warning("[%s] its key changed on the board: the old one is revoked",
+                            board.name)
+                revoke_device(self.fleet.controller_keys_dir, board.name)
+            list_device(self.fleet.controller_keys_dir, board.name, public)
+            self.say(board, f"listed on the controller as {board.name} ({public[:8]}...)")
+        return public
+
+    async def _copy_draft(self, remote: Remote, board: Board, paths: Paths, draft: Path,
+                          sha: str) -> None:
+        target = f"{paths.models}/{draft.name}"
+        out = await remote.run(f"sha256sum {shlex.quote(target)} 2>/dev/null", check=False)
+        if out.stdout.split()[:1] == [sha]:
+            return
+        self.say(board, f"copying the draft {draft.name} ({draft.stat().st_size >> 20} MiB)")
+        await remote.run(f"mkdir -p {shlex.quote(paths.models)}")
+        await remote.put(draft, target + ".part")
+        await remote.run(f"mv {shlex.quote(target + '.part')} {shlex.quote(target)}")
+
+    async def _service(self, remote: Remote, board: Board, paths: Paths,
+                       action: str) -> bool:
+        """start/restart/stop/status the agent's service; status: is it running."""
+        command = service_command(board, paths, action)
+        result = await remote.run(command, check=action != "status", what=f"service {action}")
+        return result.status == 0
+
+    async def _registered(self, remote: Remote, board: Board, paths: Paths,
+                          timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            health = await self._health(remote, board, paths)
+            if health.get("registered"):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(1.0)
+
+    async def _health(self, remote: Remote, board: Board, paths: Paths) -> dict:
+        url = f"http://{board.http}/health"
+        code = ("import json, urllib.request, urllib.error\n"
+                f"try: r = urllib.request.urlopen({url!r}, timeout=3)\n"
+                "except urllib.error.HTTPError as e: r = e\n"
+                "except OSError as e: print('{}'); raise SystemExit\n"
+                "print(r.read().decode())")
+        out = await remote.run(f"{shlex.quote(paths.bin)}/python -c {shlex.quote(code)}",
+                               check=False)
+        try:
+            return json.loads(out.stdout or "{}")
+        except ValueError:
+            return {}
+
+    async def _bench(self, remote: Remote, board: Board, paths: Paths, draft: str,
+                     threads: int) -> float | None:
+        out = await remote.run(
+            f"{shlex.quote(paths.bin)}/device-agent bench --draft "
+            f"{shlex.quote(paths.models + '/' + draft)} --tokens {BENCH_TOKENS} --threads "
+            f"{threads} --json", check=False)
+        try:
+            return round(json.loads(out.stdout)["draft_tokens_per_s"], 1)
+        except (ValueError, KeyError):
+            self.say(board, f"bench failed: {out.stderr.strip()[-200:]}")
+            return None
+
+    async def _versions(self, remote: Remote, paths: Paths) -> dict[str, str]:
+        code = ("import importlib.metadata as m, json, sys\n"
+                "names = ['multispin-edge', 'llama-cpp-python', 'pyzmq', 'numpy']\n"
+                "print(json.dumps({'python': sys.version.split()[0], "
+                "**{n: m.version(n) for n in names}}))")
+        out = await remote.run(f"{shlex.quote(paths.bin)}/python -c {shlex.quote(code)}",
+                               check=False)
+        try:
+            return json.loads(out.stdout)
+        except ValueError:
+            return {}
+
+    async def _logs(self, remote: Remote, board: Board, paths: Paths, lines: int) -> str:
+        return (await remote.run(logs_command(board, paths, lines), check=False)).stdout
+
+    # ---- status, logs, uninstall -----------------------------------------------------
+    async def status(self, boards: list[Board]) -> list[BoardReport]:
+        async def one(board: Board, report: BoardReport) -> None:
+            remote = await self._connect(board)
+            try:
+                paths = Paths(remote.home, board.install_dir)
+                state = json.loads(await remote.read(paths.state) or "{}")
+                running = await self._service(remote, board, paths, "status")
+                health = await self._health(remote, board, paths) if running else {}
+                report.versions = state.get("versions", {})
+                report.draft_tok_s = state.get("draft_tok_s")
+                report.status = ("registered" if health.get("registered") else
+                                 "running, not registered" if running else
+                                 "not installed" if not state else "stopped")
+                report.why = health.get("problem") or ""
+            finally:
+                remote.close()
+        return list(await asyncio.gather(*(self._guarded(one, b) for b in boards)))
+
+    async def logs(self, board: Board, lines: int) -> str:
+        remote = await self._connect(board)
+        try:
+            return await self._logs(remote, board, Paths(remote.home, board.install_dir),
+                                    lines)
+        finally:
+            remote.close()
+
+    async def uninstall(self, boards: list[Board]) -> list[BoardReport]:
+        from edge_controller.keys import KeyFileError, revoke_device
+
+        async def one(board: Board, report: BoardReport) -> None:
+            remote = await self._connect(board)
+            try:
+                paths = Paths(remote.home, board.install_dir)
+                if self.dry_run:
+                    report.status, report.why = "would remove", paths.root
+                    return
+                if await remote.read(paths.unit) is not None:
+                    await self._service(remote, board, paths, "remove")
+                await remote.run(f"rm -rf {shlex.quote(paths.root)}")
+            finally:
+                remote.close()
+            with contextlib.suppress(KeyFileError):  # not listed
+                revoke_device(self.fleet.controller_keys_dir, board.name)
+            report.status = "removed"
+        return list(await asyncio.gather(*(self._guarded(one, b) for b in boards)))
+
+
+# ---- what goes on a board ----------------------------------------------------------------
+def agent_config(board: Board, paths: Paths, controller_key: str, draft: str,
+                 threads: int) -> str:
+    return "\n".join([
+        "# written by edge-controller fleet deploy (configs/agent.example.toml)",
+        "[controller]",
+        f"endpoint = {json.dumps(board.controller)}",
+        f"key = {json.dumps(controller_key)}",
+        f"keys_dir = {json.dumps(paths.keys)}",
+        f"device_id = {json.dumps(board.name)}",
+        "[draft]",
+        f"model = {json.dumps(paths.models + '/' + draft)}",
+        f"threads = {threads}",
+        "[http]",
+        f"bind = {json.dumps(board.http)}",
+        "",
+    ])
+
+
+def agent_unit(board: Board, paths: Paths, user: str) -> str:
+    """The unit the board runs (configs/device-agent*.service, with this install's paths)."""
+    lines = [
+        "# written by edge-controller fleet deploy",
+        "[Unit]",
+        "Description=multispin-edge device agent",
+        *(["After=network-online.target", "Wants=network-online.target"]
+          if board.service == "system" else []),
+        "",
+        "[Service]",
+        "Type=simple",
+        *([f"User={user}"] if board.service == "system" and user else []),
+        f"WorkingDirectory={paths.root}",
+        f"ExecStart={paths.bin}/device-agent serve --config {paths.config}",
+        "KillSignal=SIGTERM",
+        "TimeoutStopSec=15",
+        "Restart=on-failure",
+        "RestartSec=2",
+        f"Environment=MULTISPIN_CACHE={paths.root}/cache",
+        "NoNewPrivileges=true",
+        "",
+        "[Install]",
+        f"WantedBy={'multi-user.target' if board.service == 'system' else 'default.target'}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def service_command(board: Board, paths: Paths, action: str) -> str:
+    """The shell command that does ``action`` (start/restart/stop/status/remove) to the
+    agent's service in the board's mode."""
+    unit = shlex.quote(paths.unit)
+    if board.service == "supervisor":
+        python = f"{shlex.quote(paths.bin)}/python -m device_agent.supervise"
+        verb = {"remove": "stop"}.get(action, action)
+        return f"{python} {verb} {unit}" + (" >/dev/null" if action == "status" else "")
+    sudo, ctl, target = ("sudo -n ", "systemctl", "/etc/systemd/system") \
+        if board.service == "system" else ("", "systemctl --user", "$HOME/.config/systemd/user")
+    name = UNIT
+    if action == "status":
+        return f"{sudo}{ctl} is-active --quiet {name}"
+    if action == "stop":
+        return f"{sudo}{ctl} stop {name}"
+    if action == "remove":
+        return (f"{sudo}{ctl} disable --now {name}; {sudo}rm -f {target}/{name}; "
+                f"{sudo}{ctl} daemon-reload")
+    linger = "loginctl enable-linger \"$USER\" && " if board.service == "user" else ""
+    return (f"{sudo}mkdir -p {target} && {sudo}cp {unit} {target}/{name} && "
+            f"{sudo}{ctl} daemon-reload && {linger}{sudo}{ctl} enable {name} && "
+            f"{sudo}{ctl} restart {name}")
+
+
+def logs_command(board: Board, paths: Paths, lines: int) -> str:
+    if board.service == "supervisor":
+        return (f"{shlex.quote(paths.bin)}/python -m device_agent.supervise logs "
+                f"{shlex.quote(paths.unit)} --lines {lines}")
+    ctl = "sudo -n journalctl" if board.service == "system" else "journalctl --user"
+    return f"{ctl} -u {UNIT} -n {lines} --no-pager"
+
+
+def _draft(name: str) -> tuple[Path, str]:
+    from device_agent.cli import resolve_draft
+
+    try:
+        path = resolve_draft(name)
+    except (FileNotFoundError, KeyError) as exc:
+        raise BoardError(f"draft {name!r}: {exc}") from None
+    return path, _file_sha(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _listed_key(keys_dir: Path, name: str) -> str | None:
+    from edge_controller.keys import ALLOWLIST, KeyFileError, public_key
+
+    try:
+        return public_key(keys_dir / ALLOWLIST, name)
+    except KeyFileError:
+        return None
+
+
+def _with(board: Board, **changes) -> Board:
+    import dataclasses
+
+    return dataclasses.replace(board, **changes)

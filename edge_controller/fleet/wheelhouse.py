@@ -1,0 +1,160 @@
+"""The offline install set: every wheel a board's agent needs, assembled on the edge.
+
+Boards in the field often have no route to a package index, so the edge (which has one,
+or a pip cache) assembles a *wheelhouse* per board platform and pushes it; the board runs
+``pip install --no-index --find-links``. What goes in: the project's own wheel and the
+``device`` extra's packages at the versions installed on the edge (the versions its
+tests ran), with their dependencies.
+
+- A board of the edge's own platform (OS, architecture, Python tag) gets the wheels this
+  edge already has, llama-cpp-python included (the set-up built it once; pip's cache
+  keeps it): ``pip wheel`` collects them.
+- Another platform gets binary wheels for its tags (``pip download --platform``) and
+  llama-cpp-python as a source distribution with its build requirements; the first board
+  of that platform builds it (on a Jetson with ``CMAKE_ARGS="-DGGML_CUDA=on
+  -DCMAKE_CUDA_ARCHITECTURES=<probed>"``), and the edge keeps that wheel for the others
+  (:func:`keep_built`). No board of another platform exists in this project's tests:
+  docs/fleet.md says which steps could not be exercised.
+
+Wheelhouses are cached under the user cache directory, per platform; their *digest*
+hashes what the wheels hold (not their zip timestamps), so a rebuilt but identical
+project wheel does not make a deploy think anything changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_controller.fleet.probe import BoardFacts
+from edge_controller.fleet.remote import BoardError
+
+log = logging.getLogger(__name__)
+
+PROJECT = "multispin-edge"
+DEVICE_PACKAGES = ("llama-cpp-python", "pyzmq", "msgpack", "psutil", "numpy",
+                   "prometheus-client")  # the [device] extra, pinned to the edge's versions
+LLAMA = "llama-cpp-python"
+LLAMA_BUILD_REQUIREMENTS = ("scikit-build-core[pyproject]", "cmake", "ninja")
+ROOT = Path(__file__).resolve().parents[2]  # the project's source tree (pyproject.toml)
+
+
+@dataclass
+class Wheelhouse:
+    directory: Path
+    digest: str  # of what the wheels hold: unchanged digest, nothing to install
+    llama_source: bool  # llama-cpp-python is a source distribution: build on the board
+
+
+def edge_platform() -> str:
+    return (f"{platform.system().lower()}-{platform.machine()}-"
+            f"cp{sys.version_info.major}{sys.version_info.minor}")
+
+
+def pins() -> list[str]:
+    """The device extra's packages at the versions installed here."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in DEVICE_PACKAGES]
+
+
+def llama_build_env(facts: BoardFacts) -> dict[str, str]:
+    """What building llama-cpp-python on this board needs in its environment."""
+    if not facts.gpu_arch:
+        return {}
+    return {"CMAKE_ARGS": f"-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES={facts.gpu_arch}",
+            "CUDACXX": "/usr/local/cuda/bin/nvcc"}
+
+
+def needs_build(facts: BoardFacts, cuda: bool) -> bool:
+    """Does this board need a llama-cpp-python built for it (not the edge's wheel)?"""
+    return (cuda and bool(facts.gpu_arch)) or platform_of(facts, cuda) != edge_platform()
+
+
+def platform_of(facts: BoardFacts, cuda: bool) -> str:
+    return facts.platform if cuda else facts.platform.split("-cuda")[0]
+
+
+def assemble(cache: Path, facts: BoardFacts, cuda: bool) -> Wheelhouse:
+    """The wheelhouse for a board (built once per platform; the project wheel each time)."""
+    key = platform_of(facts, cuda)
+    directory = cache / "wheelhouse" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("multispin_edge-*.whl"):
+        old.unlink()
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(directory), str(ROOT),
+         what="building the project's wheel")
+    built = (cache / "wheelhouse" / "built" / key)
+    kept = sorted(built.glob("llama_cpp_python-*.whl")) if built.is_dir() else []
+    for wheel in kept:  # a board of this platform built it before
+        shutil.copy2(wheel, directory / wheel.name)
+    stamp = directory / ".pins"
+    wanted = "\n".join(pins())
+    if stamp.is_file() and stamp.read_text() == wanted:
+        pass  # the dependencies are there from an earlier deploy
+    elif not needs_build(facts, cuda):
+        _pip("wheel", "-w", str(directory), "--find-links", str(directory), *pins(),
+             what="collecting the device's wheels")
+        stamp.write_text(wanted)
+    else:
+        _download_for(directory, facts, skip_llama=bool(kept))
+        stamp.write_text(wanted)
+    llama_source = needs_build(facts, cuda) and not kept
+    return Wheelhouse(directory, digest(directory), llama_source)
+
+
+def _download_for(directory: Path, facts: BoardFacts, skip_llama: bool) -> None:
+    """Wheels for another platform's tags, and llama-cpp-python's source to build there."""
+    major, minor = facts.python.split(".")[:2]
+    tags = ["--only-binary=:all:", "--implementation", "cp", "--python-version",
+            f"{major}.{minor}", "--platform", f"manylinux2014_{facts.arch}",
+            "--platform", f"manylinux_2_28_{facts.arch}", "--platform", f"linux_{facts.arch}"]
+    others = [p for p in pins() if not p.startswith(LLAMA)]
+    _pip("download", "-d", str(directory), *tags, *others, *LLAMA_BUILD_REQUIREMENTS,
+         what=f"downloading wheels for {facts.platform}")
+    if not skip_llama:
+        llama = next(p for p in pins() if p.startswith(LLAMA))
+        _pip("download", "-d", str(directory), "--no-deps", "--no-binary", ":all:", llama,
+             what="downloading llama-cpp-python's source")
+        # Its own dependencies (jinja2, diskcache, ...) as wheels for the board.
+        _pip("download", "-d", str(directory), *tags, "jinja2", "diskcache",
+             "typing-extensions", what="downloading llama-cpp-python's dependencies")
+
+
+def keep_built(cache: Path, facts: BoardFacts, cuda: bool, wheel: Path) -> None:
+    """Keep a wheel a board built for its platform: the next board of that kind reuses it."""
+    built = cache / "wheelhouse" / "built" / platform_of(facts, cuda)
+    built.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(wheel, built / wheel.name)
+
+
+def digest(directory: Path) -> str:
+    """What the wheelhouse holds: names and member contents, not zip timestamps."""
+    h = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith("."):
+            continue
+        h.update(path.name.encode())
+        if path.suffix == ".whl":
+            with zipfile.ZipFile(path) as wheel:
+                for info in sorted(wheel.infolist(), key=lambda i: i.filename):
+                    if not info.filename.endswith("/RECORD"):  # RECORD hashes the rest
+                        h.update(info.filename.encode())
+                        h.update(hashlib.sha256(wheel.read(info)).digest())
+        else:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _pip(*args: str, what: str) -> None:
+    command = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise BoardError(f"{what} on the edge failed: {tail}")

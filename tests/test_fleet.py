@@ -1,0 +1,202 @@
+"""``edge-controller fleet`` against real SSH servers: one ``sshd`` per network namespace,
+each board its own user and home, no route to any package index (the install is offline
+by construction). One board carries a Jetson identity fixture (nv_tegra_release, a fake
+nvcc: named as such); the CUDA build of llama-cpp-python cannot run here, so that board
+says ``llama_cuda = "off"`` and gets the platform's CPU wheel (docs/fleet.md), while a
+dry run shows the CUDA build it would do. systemd is not PID 1 here: the agents run
+under ``device_agent.supervise``, which runs the unit's ExecStart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_controller.launch import BIN, LabKeys, controller_process
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and users need root"),
+]
+
+PROMPT = "The three most important inventions of the last century are"
+
+
+def ensure_sshd() -> None:
+    """CI installs openssh-server here rather than skipping these tests."""
+    if Path("/usr/sbin/sshd").exists():
+        return
+    subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server"], check=True,
+                   capture_output=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def lab(default_models):
+    from edge_controller.fleet.lab import FleetLab, cleanup_stale
+
+    ensure_sshd()
+    cleanup_stale()
+    with FleetLab(boards=4, jetson=(1,)) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, lab):
+    """The edge's wheelhouse, assembled where the index is reachable (this namespace):
+    deploys in the hub namespace then find it."""
+    from edge_controller.fleet.probe import parse_probe, probe_script
+    from edge_controller.fleet.wheelhouse import assemble
+
+    out = subprocess.run(["sh", "-c", probe_script("/usr/bin/python3")], capture_output=True,
+                         text=True, check=True).stdout
+    cache = tmp_path_factory.mktemp("edge-cache")
+    assemble(cache, parse_probe(out), cuda=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def controller(lab, tmp_path_factory):
+    keys = LabKeys(tmp_path_factory.mktemp("keys"))
+
+    def in_hub(argv, **kwargs):
+        return subprocess.Popen(lab.in_hub(argv), **kwargs)
+
+    with controller_process(tmp_path_factory.mktemp("log") / "controller.log", keys,
+                            "--policy", "fixed", endpoint=f"tcp://{lab.hub_address}:5555",
+                            spawn=in_hub) as process:
+        yield keys, process
+
+
+def inventory(lab, keys: LabKeys, path: Path, boards=None, **board_overrides) -> Path:
+    """A fleet file for the lab's boards (``boards``: lab board indices)."""
+    lines = ["[defaults]", f'ssh_key = "{lab.client_key}"', f'known_hosts = "{lab.known_hosts}"',
+             'draft = "q4_0"', f'controller = "tcp://{lab.hub_address}:5555"',
+             'python = "/usr/bin/python3"', 'service = "supervisor"', "threads = 1",
+             'llama_cuda = "off"', "", "[controller]", f'keys_dir = "{keys.controller_dir}"', ""]
+    for i in boards if boards is not None else range(len(lab.boards)):
+        board = lab.boards[i]
+        lines += ["[[board]]", f'name = "{board.name}"', f'host = "{board.address}"',
+                  f'user = "{board.user}"']
+        lines += [f"{k} = {json.dumps(v)}" for k, v in board_overrides.get(i, {}).items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def fleet(lab, cache: Path, *args: str, timeout: float = 600) -> tuple[int, list[dict], str]:
+    """Run ``edge-controller fleet ... --json`` in the hub: (exit, per-board reports, log)."""
+    argv = [str(BIN / "edge-controller"), "fleet", *args, "--cache", str(cache)]
+    if args[0] != "logs":
+        argv.append("--json")
+    proc = subprocess.run(lab.in_hub(argv), capture_output=True, text=True, timeout=timeout)
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc.returncode, reports, proc.stdout + proc.stderr
+
+
+def complete(lab, board) -> dict:
+    """One greedy completion through the board's own API, from inside the board."""
+    code = ("import json, sys, urllib.request\n"
+            "models = json.load(urllib.request.urlopen('http://127.0.0.1:8080/v1/models'))\n"
+            "body = {'model': models['data'][0]['id'], 'prompt': sys.argv[1], 'max_tokens': 16,"
+            " 'temperature': 0}\n"
+            "request = urllib.request.Request('http://127.0.0.1:8080/v1/completions', "
+            "json.dumps(body).encode(), {'Content-Type': 'application/json'})\n"
+            "print(urllib.request.urlopen(request, timeout=120).read().decode())")
+    out = subprocess.run(lab.in_board(board, [sys.executable, "-c", code, PROMPT]),
+                         capture_output=True, text=True, timeout=180, check=True)
+    return json.loads(out.stdout)
+
+
+def test_deploy_three_boards_then_unchanged_then_uninstall(lab, cache, controller, tmp_path,
+                                                          target, default_models):
+    from device_agent.drafter import Drafter
+    from edge_controller.fleet.deploy import UNIT
+    from models.target import reference_greedy
+
+    keys, _ = controller
+    path = inventory(lab, keys, tmp_path / "fleet.toml", boards=[0, 1, 2])
+    drafter = Drafter(default_models.drafts["q4_0"])
+    ids, _ = reference_greedy(target, drafter.tokenize(PROMPT), 16)
+    want = drafter.detokenize(ids).decode()  # the target alone's text, as a board decodes it
+
+    code, reports, log = fleet(lab, cache, "deploy", str(path), "--dry-run")
+    assert code == 0, log
+    assert [r["status"] for r in reports] == ["would change"] * 3
+    assert not (lab.boards[0].home / "multispin-agent").exists()  # nothing changed
+    assert not (keys.controller_dir / "devices").exists()
+
+    code, reports, log = fleet(lab, cache, "deploy", str(path))
+    assert code == 0, log
+    by_name = {r["board"]: r for r in reports}
+    assert all(r["status"] == "deployed" for r in reports), log
+    assert by_name["b1"]["facts"]["jetpack"] == "JetPack 6"  # the Jetson fixture, probed
+    assert by_name["b1"]["facts"]["gpu_arch"] == "87"
+    assert by_name["b1"]["facts"]["cuda"] == "12.2"
+    assert all(r["draft_tok_s"] and r["draft_tok_s"] > 0 for r in reports)
+    for board in lab.boards[:3]:
+        root = board.home / "multispin-agent"
+        assert (root / UNIT).is_file() and (root / "keys" / "device.key_secret").is_file()
+        assert (keys.controller_dir / "devices" / f"{board.name}.key").is_file()
+        answer = complete(lab, board)
+        assert answer["choices"][0]["text"] == want
+    # The boards' secret keys never left them: the edge holds only its own.
+    assert [p.name for p in keys.controller_dir.rglob("*.key_secret")] == \
+        ["controller.key_secret"]
+    first_s = max(r["seconds"] for r in reports)
+
+    code, reports, log = fleet(lab, cache, "deploy", str(path))
+    assert code == 0, log
+    assert [r["status"] for r in reports] == ["unchanged"] * 3, log
+    assert max(r["seconds"] for r in reports) < first_s
+
+    code, reports, log = fleet(lab, cache, "status", str(path))
+    assert code == 0 and [r["status"] for r in reports] == ["registered"] * 3, log
+    code, _, log = fleet(lab, cache, "logs", str(path), "b0", "--lines", "50")
+    assert code == 0 and "serving" in log
+
+    code, reports, log = fleet(lab, cache, "uninstall", str(path))
+    assert code == 0 and [r["status"] for r in reports] == ["removed"] * 3, log
+    for board in lab.boards[:3]:
+        assert not (board.home / "multispin-agent").exists()
+        assert not (keys.controller_dir / "devices" / f"{board.name}.key").exists()
+        assert not subprocess.run(["pgrep", "-u", board.user], capture_output=True).stdout
+
+
+def test_unreachable_and_bad_host_key_boards_fail_alone(lab, cache, controller, tmp_path):
+    keys, _ = controller
+    bad_known_hosts = tmp_path / "known_hosts"
+    other = lab.known_hosts.read_text().splitlines()
+    # Board 3's address with board 0's key: what a man in the middle (or a reinstall) shows.
+    bad_known_hosts.write_text(f"{lab.boards[3].address} {other[0].split(' ', 1)[1]}\n")
+    path = inventory(lab, keys, tmp_path / "fleet.toml", boards=[0, 3],
+                     **{1: {"known_hosts": str(bad_known_hosts)}})
+    path.write_text(path.read_text() + "\n[[board]]\nname = \"gone\"\nhost = \"10.233.0.250\"\n"
+                    "user = \"nobody\"\n")
+    code, reports, log = fleet(lab, cache, "deploy", str(path), "--dry-run")
+    by_name = {r["board"]: r for r in reports}
+    assert code == 1, log
+    assert by_name["b0"]["status"] == "would change"
+    assert by_name["b3"]["status"] == "failed" and "host key" in by_name["b3"]["why"]
+    assert by_name["gone"]["status"] == "failed" and "cannot reach" in by_name["gone"]["why"]
+
+
+def test_a_jetson_board_dry_run_shows_its_cuda_build(lab, cache, controller, tmp_path):
+    keys, _ = controller
+    path = inventory(lab, keys, tmp_path / "fleet.toml", boards=[1],
+                     **{1: {"llama_cuda": "auto"}})
+    code, reports, log = fleet(lab, cache, "deploy", str(path), "--dry-run")
+    assert code == 0, log
+    (report,) = reports
+    assert report["status"] == "would change"
+    assert "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=87" in report["why"]
+
+
+def test_the_lab_boards_have_no_route_out(lab):
+    out = subprocess.run(lab.in_board(lab.boards[0], ["ip", "route"]), capture_output=True,
+                         text=True, check=True).stdout
+    assert "default" not in out
