@@ -50,12 +50,12 @@ def cache(tmp_path_factory, lab):
     """The edge's wheelhouse, assembled where the index is reachable (this namespace):
     deploys in the hub namespace then find it."""
     from edge_controller.fleet.probe import parse_probe, probe_script
-    from edge_controller.fleet.wheelhouse import assemble
+    from edge_controller.fleet.wheelhouse import assemble, project_wheel
 
     out = subprocess.run(["sh", "-c", probe_script("/usr/bin/python3")], capture_output=True,
                          text=True, check=True).stdout
     cache = tmp_path_factory.mktemp("edge-cache")
-    assemble(cache, parse_probe(out), cuda=False)
+    assemble(cache, parse_probe(out), cuda=False, project=project_wheel(cache))
     return cache
 
 
@@ -72,7 +72,8 @@ def controller(lab, tmp_path_factory):
         yield keys, process
 
 
-def inventory(lab, keys: LabKeys, path: Path, boards=None, **board_overrides) -> Path:
+def inventory(lab, keys: LabKeys, path: Path, boards=None,
+              overrides: dict[int, dict] | None = None) -> Path:
     """A fleet file for the lab's boards (``boards``: lab board indices)."""
     lines = ["[defaults]", f'ssh_key = "{lab.client_key}"', f'known_hosts = "{lab.known_hosts}"',
              'draft = "q4_0"', f'controller = "tcp://{lab.hub_address}:5555"',
@@ -82,7 +83,7 @@ def inventory(lab, keys: LabKeys, path: Path, boards=None, **board_overrides) ->
         board = lab.boards[i]
         lines += ["[[board]]", f'name = "{board.name}"', f'host = "{board.address}"',
                   f'user = "{board.user}"']
-        lines += [f"{k} = {json.dumps(v)}" for k, v in board_overrides.get(i, {}).items()]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in (overrides or {}).get(i, {}).items()]
         lines.append("")
     path.write_text("\n".join(lines))
     return path
@@ -164,7 +165,15 @@ def test_deploy_three_boards_then_unchanged_then_uninstall(lab, cache, controlle
     for board in lab.boards[:3]:
         assert not (board.home / "multispin-agent").exists()
         assert not (keys.controller_dir / "devices" / f"{board.name}.key").exists()
-        assert not subprocess.run(["pgrep", "-u", board.user], capture_output=True).stdout
+        assert not alive_processes(board.user)
+
+
+def alive_processes(user: str) -> list[str]:
+    """The user's processes that still run (exited ones this container's init has not
+    reaped yet are gone for our purpose)."""
+    out = subprocess.run(["ps", "-o", "stat=,pid=,args=", "-u", user], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if line.strip() and not line.startswith("Z")]
 
 
 def test_unreachable_and_bad_host_key_boards_fail_alone(lab, cache, controller, tmp_path):
@@ -174,7 +183,7 @@ def test_unreachable_and_bad_host_key_boards_fail_alone(lab, cache, controller, 
     # Board 3's address with board 0's key: what a man in the middle (or a reinstall) shows.
     bad_known_hosts.write_text(f"{lab.boards[3].address} {other[0].split(' ', 1)[1]}\n")
     path = inventory(lab, keys, tmp_path / "fleet.toml", boards=[0, 3],
-                     **{1: {"known_hosts": str(bad_known_hosts)}})
+                     overrides={3: {"known_hosts": str(bad_known_hosts)}})
     path.write_text(path.read_text() + "\n[[board]]\nname = \"gone\"\nhost = \"10.233.0.250\"\n"
                     "user = \"nobody\"\n")
     code, reports, log = fleet(lab, cache, "deploy", str(path), "--dry-run")
@@ -188,7 +197,7 @@ def test_unreachable_and_bad_host_key_boards_fail_alone(lab, cache, controller, 
 def test_a_jetson_board_dry_run_shows_its_cuda_build(lab, cache, controller, tmp_path):
     keys, _ = controller
     path = inventory(lab, keys, tmp_path / "fleet.toml", boards=[1],
-                     **{1: {"llama_cuda": "auto"}})
+                     overrides={1: {"llama_cuda": "auto"}})
     code, reports, log = fleet(lab, cache, "deploy", str(path), "--dry-run")
     assert code == 0, log
     (report,) = reports

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_controller.fleet.inventory import load_fleet
     from models.store import cache_dir
 
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         fleet = load_fleet(args.fleet)
         names = getattr(args, "boards", None)

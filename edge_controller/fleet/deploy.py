@@ -39,6 +39,9 @@ from edge_controller.fleet.wheelhouse import (
     assemble,
     keep_built,
     llama_build_env,
+    planned,
+    platform_of,
+    project_wheel,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +89,8 @@ class Deployer:
         self.accept_new = accept_new
         self.progress = progress
         self._jobs = asyncio.Semaphore(max(1, jobs))
-        self._wheelhouses: dict[str, asyncio.Task] = {}  # per platform, built once
+        self._project: asyncio.Future | None = None  # the project's wheel, built once
+        self._wheelhouses: dict[str, asyncio.Future] = {}  # per platform, built once
         self._builds: dict[str, asyncio.Lock] = {}  # one llama build per platform at a time
 
     def say(self, board: Board, text: str) -> None:
@@ -204,10 +208,15 @@ class Deployer:
         return facts
 
     async def _wheelhouse(self, facts: BoardFacts, cuda: bool) -> Wheelhouse:
-        key = f"{facts.platform}-{cuda}"
+        if self.dry_run:  # nothing assembled, nothing downloaded
+            return planned(self.cache, facts, cuda)
+        if self._project is None:
+            self._project = asyncio.ensure_future(asyncio.to_thread(project_wheel, self.cache))
+        project = await self._project
+        key = platform_of(facts, cuda)
         if key not in self._wheelhouses:
             self._wheelhouses[key] = asyncio.ensure_future(
-                asyncio.to_thread(assemble, self.cache, facts, cuda))
+                asyncio.to_thread(assemble, self.cache, facts, cuda, project))
         return await self._wheelhouses[key]
 
     async def _install(self, remote: Remote, board: Board, paths: Paths, facts: BoardFacts,
@@ -218,8 +227,7 @@ class Deployer:
         missing = [p for p in sorted(wheelhouse.directory.iterdir())
                    if not p.name.startswith(".") and p.name not in present]
         self.say(board, f"pushing {len(missing)} of the wheelhouse's files")
-        for path in missing:
-            await remote.put(path, f"{paths.wheels}/{path.name}")
+        await remote.put([(path, f"{paths.wheels}/{path.name}") for path in missing])
         if (await remote.run(f"test -x {shlex.quote(paths.bin)}/python", check=False)).status:
             self.say(board, "making the venv")
             await remote.run(f"{shlex.quote(board.python)} -m venv {shlex.quote(paths.venv)}",
@@ -287,7 +295,7 @@ class Deployer:
             return
         self.say(board, f"copying the draft {draft.name} ({draft.stat().st_size >> 20} MiB)")
         await remote.run(f"mkdir -p {shlex.quote(paths.models)}")
-        await remote.put(draft, target + ".part")
+        await remote.put([(draft, target + ".part")])
         await remote.run(f"mv {shlex.quote(target + '.part')} {shlex.quote(target)}")
 
     async def _service(self, remote: Remote, board: Board, paths: Paths,

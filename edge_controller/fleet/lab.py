@@ -8,12 +8,12 @@ Layout::
 
 Boards have no route beyond the bridge (no package index: an install there is offline by
 construction). A board may be given a *Jetson identity fixture*: an
-``/etc/nv_tegra_release`` seen only inside its namespace (``ip netns exec`` bind-mounts
-``/etc/netns/<ns>/``) and a fake ``nvcc`` first on its PATH. These are fixtures written
-from the documented formats, not a board.
+``etc/nv_tegra_release`` under a fixture root its sshd announces as
+``MULTISPIN_PROBE_ROOT`` (the probe reads it there), and a fake ``nvcc`` first on its
+PATH. These are fixtures written from the documented formats, not a board.
 
 Teardown kills every process the lab and its boards' users started (by pid), removes the
-namespaces, the users, their homes and the /etc/netns entries.
+namespaces, the users and their homes.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ class FleetLab:
             bin_dir.mkdir()
             (bin_dir / "nvcc").write_text(FIXTURE_NVCC)
             (bin_dir / "nvcc").chmod(0o755)
-            etc = Path("/etc/netns") / board.namespace
-            etc.mkdir(parents=True, exist_ok=True)
+            etc = board.home / "fixture-root" / "etc"
+            etc.mkdir(parents=True)
             (etc / "nv_tegra_release").write_text(FIXTURE_TEGRA_RELEASE)
         _run(["chown", "-R", f"{board.user}:{board.user}", str(board.home)])
         (ssh / "authorized_keys").chmod(0o600)
@@ -150,15 +150,18 @@ class FleetLab:
         host_key.write_private_key(str(host_key_path))
         host_key_path.chmod(0o600)
         path = "/usr/local/bin:/usr/bin:/bin"
+        env = ""
         if board.jetson:
             path = f"{board.home}/fixture-bin:{path}"
+            env = f" MULTISPIN_PROBE_ROOT={board.home}/fixture-root"
         config = config_dir / "sshd_config"
         config.write_text("\n".join([
             f"ListenAddress {board.address}", "Port 22", f"HostKey {host_key_path}",
             f"PidFile {config_dir}/sshd.pid", "UsePAM no", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
             "AuthorizedKeysFile .ssh/authorized_keys", f"AllowUsers {board.user}",
-            "StrictModes no", f"SetEnv PATH={path}", "PermitRootLogin no", "",
+            "StrictModes no", f"SetEnv PATH={path}{env}", "PermitRootLogin no",
+            "Subsystem sftp internal-sftp", "",
         ]))
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
         proc = subprocess.Popen(["ip", "netns", "exec", board.namespace, SSHD, "-D", "-e",
@@ -196,7 +199,6 @@ class FleetLab:
                 proc.wait()
         for name in self._namespaces:
             _run(["ip", "netns", "del", name], check=False)
-            shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
         for user in self._users:
             _run(["userdel", user], check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -209,7 +211,6 @@ def cleanup_stale() -> list[str]:
     stale = [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
     for name in stale:
         _run(["ip", "netns", "del", name], check=False)
-        shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
     return stale
 
 

@@ -4,7 +4,9 @@ The script reads only paths and tools that exist on a plain Linux board or a Jet
 ``uname``, the interpreter named in the inventory, ``df`` of the home, ``/proc/meminfo``,
 ``/etc/nv_tegra_release`` (L4T, hence JetPack), ``nvcc --version`` (CUDA) and, where
 there is no nvidia-smi, the GPU architecture that the L4T release implies. A test board
-provides the same paths (tests/test_fleet.py names its Jetson files as fixtures).
+provides the same paths: ``$MULTISPIN_PROBE_ROOT`` (unset on a real board) is put before
+``/etc/nv_tegra_release``, so a test board's sshd can point it at a fixture tree
+(edge_controller/fleet/lab.py names its Jetson files as fixtures).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def probe_script(python: str) -> str:
         'echo "mem_available_kb=$(awk \'/^MemAvailable:/ {print $2}\' /proc/meminfo)"',
         'echo "cpus=$(getconf _NPROCESSORS_ONLN)"',
         'echo "systemd=$(test -d /run/systemd/system && echo yes || echo no)"',
-        'if [ -r /etc/nv_tegra_release ]; then echo "tegra=$(head -n 1 /etc/nv_tegra_release)"; fi',
+        'TEGRA="${MULTISPIN_PROBE_ROOT:-}/etc/nv_tegra_release"',
+        'if [ -r "$TEGRA" ]; then echo "tegra=$(head -n 1 "$TEGRA")"; fi',
         'NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)',
         'if [ -n "$NVCC" ]; then echo "cuda=$("$NVCC" --version | '
         'sed -n \'s/.*release \\([0-9.]*\\).*/\\1/p\')"; fi',

@@ -95,12 +95,16 @@ class Remote:
                              f"{' | '.join(said)}")
         return result
 
-    async def put(self, local: Path, remote: str) -> None:
+    async def put(self, files: list[tuple[Path, str]]) -> None:
+        """Copy (local, remote path) pairs, over one SFTP session."""
+        if not files:
+            return
         try:
             async with self.connection.start_sftp_client() as sftp:
-                await sftp.put(str(local), remote)
+                for local, remote in files:
+                    await sftp.put(str(local), remote)
         except (asyncssh.Error, OSError) as exc:
-            raise BoardError(f"copying {local.name} to the board: {exc}") from None
+            raise BoardError(f"copying files to the board: {exc}") from None
 
     async def write(self, remote: str, text: str, mode: int = 0o644) -> None:
         try:

@@ -81,15 +81,32 @@ def platform_of(facts: BoardFacts, cuda: bool) -> str:
     return facts.platform if cuda else facts.platform.split("-cuda")[0]
 
 
-def assemble(cache: Path, facts: BoardFacts, cuda: bool) -> Wheelhouse:
-    """The wheelhouse for a board (built once per platform; the project wheel each time)."""
+def project_wheel(cache: Path) -> Path:
+    """The project's own wheel, built from this source tree (once per deploy run)."""
+    directory = cache / "wheelhouse" / "project"
+    shutil.rmtree(directory, ignore_errors=True)
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(directory), str(ROOT),
+         what="building the project's wheel")
+    (wheel,) = directory.glob("multispin_edge-*.whl")
+    return wheel
+
+
+def planned(cache: Path, facts: BoardFacts, cuda: bool) -> Wheelhouse:
+    """What :func:`assemble` would give, without assembling (a dry run)."""
+    built = cache / "wheelhouse" / "built" / platform_of(facts, cuda)
+    kept = built.is_dir() and any(built.glob("llama_cpp_python-*.whl"))
+    return Wheelhouse(cache / "wheelhouse" / platform_of(facts, cuda), "(to assemble)",
+                      needs_build(facts, cuda) and not kept)
+
+
+def assemble(cache: Path, facts: BoardFacts, cuda: bool, project: Path) -> Wheelhouse:
+    """The wheelhouse for a board's platform, with the ``project`` wheel."""
     key = platform_of(facts, cuda)
     directory = cache / "wheelhouse" / key
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("multispin_edge-*.whl"):
         old.unlink()
-    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(directory), str(ROOT),
-         what="building the project's wheel")
+    shutil.copy2(project, directory / project.name)
     built = (cache / "wheelhouse" / "built" / key)
     kept = sorted(built.glob("llama_cpp_python-*.whl")) if built.is_dir() else []
     for wheel in kept:  # a board of this platform built it before
