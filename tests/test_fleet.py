@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_controller.launch import BIN, LabKeys, controller_process
+from edge_controller.launch import LabKeys, controller_process
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,31 +72,12 @@ def controller(lab, tmp_path_factory):
         yield keys, process
 
 
-def inventory(lab, keys: LabKeys, path: Path, boards=None,
-              overrides: dict[int, dict] | None = None) -> Path:
-    """A fleet file for the lab's boards (``boards``: lab board indices)."""
-    lines = ["[defaults]", f'ssh_key = "{lab.client_key}"', f'known_hosts = "{lab.known_hosts}"',
-             'draft = "q4_0"', f'controller = "tcp://{lab.hub_address}:5555"',
-             'python = "/usr/bin/python3"', 'service = "supervisor"', "threads = 1",
-             'llama_cuda = "off"', "", "[controller]", f'keys_dir = "{keys.controller_dir}"', ""]
-    for i in boards if boards is not None else range(len(lab.boards)):
-        board = lab.boards[i]
-        lines += ["[[board]]", f'name = "{board.name}"', f'host = "{board.address}"',
-                  f'user = "{board.user}"']
-        lines += [f"{k} = {json.dumps(v)}" for k, v in (overrides or {}).get(i, {}).items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
+def inventory(lab, keys: LabKeys, path: Path, boards=None, overrides=None) -> Path:
+    return lab.inventory(path, keys.controller_dir, boards, overrides)
 
 
-def fleet(lab, cache: Path, *args: str, timeout: float = 600) -> tuple[int, list[dict], str]:
-    """Run ``edge-controller fleet ... --json`` in the hub: (exit, per-board reports, log)."""
-    argv = [str(BIN / "edge-controller"), "fleet", *args, "--cache", str(cache)]
-    if args[0] != "logs":
-        argv.append("--json")
-    proc = subprocess.run(lab.in_hub(argv), capture_output=True, text=True, timeout=timeout)
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return proc.returncode, reports, proc.stdout + proc.stderr
+def fleet(lab, cache: Path, *args: str) -> tuple[int, list[dict], str]:
+    return lab.fleet(cache, *args)
 
 
 def complete(lab, board) -> dict:
@@ -193,6 +174,20 @@ def test_unreachable_and_bad_host_key_boards_fail_alone(lab, cache, controller, 
     assert by_name["b3"]["status"] == "failed" and "host key" in by_name["b3"]["why"]
     assert by_name["gone"]["status"] == "failed" and "cannot reach" in by_name["gone"]["why"]
 
+    # --accept-new trusts a board seen for the first time (and writes its key down), but
+    # never a board whose key changed.
+    unknown = tmp_path / "empty_known_hosts"
+    unknown.write_text("")
+    path = inventory(lab, keys, tmp_path / "fleet2.toml", boards=[0, 3],
+                     overrides={0: {"known_hosts": str(unknown)},
+                                3: {"known_hosts": str(bad_known_hosts)}})
+    code, reports, log = fleet(lab, cache, "status", str(path), "--accept-new")
+    by_name = {r["board"]: r for r in reports}
+    assert by_name["b0"]["status"] == "not installed", log
+    assert "TRUSTED ON FIRST USE" in log
+    assert unknown.read_text().startswith(lab.boards[0].address + " ssh-ed25519 ")
+    assert by_name["b3"]["status"] == "failed" and "host key" in by_name["b3"]["why"]
+
 
 def test_a_jetson_board_dry_run_shows_its_cuda_build(lab, cache, controller, tmp_path):
     keys, _ = controller
@@ -209,3 +204,41 @@ def test_the_lab_boards_have_no_route_out(lab):
     out = subprocess.run(lab.in_board(lab.boards[0], ["ip", "route"]), capture_output=True,
                          text=True, check=True).stdout
     assert "default" not in out
+
+
+def test_the_example_inventory_loads(tmp_path):
+    from edge_controller.fleet.inventory import load_fleet
+    from edge_controller.keys import CONTROLLER, init_keypair
+
+    keys = tmp_path / "keys"
+    public = init_keypair(keys, CONTROLLER).public_text
+    example = Path(__file__).parent.parent / "configs" / "fleet.example.toml"
+    text = example.read_text().replace('config = "controller.toml"', f'keys_dir = "{keys}"')
+    (tmp_path / "fleet.toml").write_text(text)
+    fleet = load_fleet(tmp_path / "fleet.toml")
+    assert [b.name for b in fleet.boards] == ["orin-nano-1", "orin-nano-2", "agx-orin-1"]
+    assert fleet.boards[2].threads == 8 and fleet.boards[0].service == "user"
+    assert fleet.controller_key == public
+
+
+@pytest.mark.parametrize("board, said", [
+    ('name = "a b"\nhost = "h"', "not a valid device name"),
+    ('name = "a"', "host required"),
+    ('name = "a"\nhost = "h"\nservice = "cron"', "service must be one of"),
+    ('name = "a"\nhost = "h"\nport = 0', "port must be"),
+    ('name = "a"\nhost = "h"\ninstall_dir = "/opt/x"', "relative to the user's home"),
+    ('name = "a"\nhost = "h"\nthreads = "four"', "threads must be a int"),
+    ('name = "a"\nhost = "h"\nflavour = 1', r"unknown key board\[0\]\.flavour"),
+    ('name = "a"\nhost = "h"\ncontroller = "h:1"', "controller must be tcp://"),
+])
+def test_a_bad_inventory_is_refused_with_the_key_named(tmp_path, board, said):
+    from edge_controller.config import ConfigError
+    from edge_controller.fleet.inventory import load_fleet
+    from edge_controller.keys import CONTROLLER, init_keypair
+
+    init_keypair(tmp_path / "keys", CONTROLLER)
+    path = tmp_path / "fleet.toml"
+    path.write_text(f'[defaults]\ncontroller = "tcp://e:5555"\n[controller]\n'
+                    f'keys_dir = "{tmp_path / "keys"}"\n[[board]]\n{board}\n')
+    with pytest.raises(ConfigError, match=said):
+        load_fleet(path)

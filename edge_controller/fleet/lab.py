@@ -19,10 +19,12 @@ namespaces, the users and their homes.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -186,6 +188,38 @@ class FleetLab:
 
     def in_board(self, board: LabBoard, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", board.namespace, *argv]
+
+    def inventory(self, path: Path, controller_keys: Path, boards: list[int] | None = None,
+                  overrides: dict[int, dict] | None = None) -> Path:
+        """A fleet file for the lab's boards (``boards``: indices; ``overrides``: a board's
+        own keys): supervisor service, the lab's SSH key and known_hosts, CPU wheel."""
+        lines = ["[defaults]", f'ssh_key = "{self.client_key}"',
+                 f'known_hosts = "{self.known_hosts}"', 'draft = "q4_0"',
+                 f'controller = "tcp://{self.hub_address}:5555"', 'python = "/usr/bin/python3"',
+                 'service = "supervisor"', "threads = 1", 'llama_cuda = "off"', "",
+                 "[controller]", f'keys_dir = "{controller_keys}"', ""]
+        for i in boards if boards is not None else range(len(self.boards)):
+            board = self.boards[i]
+            lines += ["[[board]]", f'name = "{board.name}"', f'host = "{board.address}"',
+                      f'user = "{board.user}"']
+            lines += [f"{k} = {json.dumps(v)}" for k, v in (overrides or {}).get(i, {}).items()]
+            lines.append("")
+        path.write_text("\n".join(lines))
+        return path
+
+    def fleet(self, cache: Path, *args: str,
+              timeout_s: float = 600) -> tuple[int, list[dict], str]:
+        """``edge-controller fleet ARGS --cache CACHE [--json]`` run in the hub: (exit code,
+        one report per board, the output)."""
+        argv = [str(Path(sys.executable).parent / "edge-controller"), "fleet", *args,
+                "--cache", str(cache)]
+        if args[0] != "logs":
+            argv.append("--json")
+        proc = subprocess.run(self.in_hub(argv), capture_output=True, text=True,
+                              timeout=timeout_s)
+        reports = [json.loads(line) for line in proc.stdout.splitlines()
+                   if line.startswith("{")]
+        return proc.returncode, reports, proc.stdout + proc.stderr
 
     def close(self) -> None:
         for user in self._users:  # what deploys started as the boards' users
