@@ -134,9 +134,7 @@ class ControllerConfig:
             (self.control.resolve_interval_s >= 0 and self.control.resolve_threshold >= 0,
              "control.resolve_interval_s and resolve_threshold must be >= 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         return self
 
 
@@ -158,14 +156,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerC
 def load_sections(cls: type[T], path: str | Path | None, overrides: dict[str, Any]) -> T:
     """A config dataclass of sections (each a dataclass) from a TOML file and
     ``section__key`` overrides, every key and type checked (not yet validated)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "config file") if path is not None else {}
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         raw.setdefault(section, {})[key] = value
@@ -180,6 +171,23 @@ def load_sections(cls: type[T], path: str | Path | None, overrides: dict[str, An
         defaults = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
         setattr(config, name, dataclasses.replace(section, **checked_table(defaults, table, name)))
     return config
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file's tables; ConfigError saying what is wrong with it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def require(checks: list[tuple[bool, str]]) -> None:
+    """ConfigError with the message of the first check that fails."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def checked_table(

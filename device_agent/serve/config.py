@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_controller.config import ConfigError, load_sections
+from edge_controller.config import ConfigError, load_sections, require
 from edge_controller.protocol import MAX_TOP_K
 
 DEFAULT_HTTP = "127.0.0.1:8080"
@@ -80,9 +80,7 @@ class AgentConfig:
              "telemetry.interval_s must be > 0, probe_uplink >= 0, tegrastats_interval_ms "
              ">= 100"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         host, _port = http_address(h.bind)
         if not is_loopback(host) and not (h.api_key_file and h.tls_cert):
             raise ConfigError(

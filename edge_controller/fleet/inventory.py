@@ -8,12 +8,11 @@ the controller's public key and keys directory come from the controller's own co
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_controller.config import ConfigError, checked_table
+from edge_controller.config import ConfigError, checked_table, read_toml
 from edge_controller.protocol import DEVICE_NAME
 
 SERVICES = ("user", "system", "supervisor")  # how the agent's unit is run on the board
@@ -80,12 +79,7 @@ class Fleet:
 
 
 def load_fleet(path: str | Path) -> Fleet:
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"fleet file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "fleet file")
     unknown = set(raw) - {"defaults", "controller", "board"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: "
