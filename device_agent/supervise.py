@@ -41,7 +41,8 @@ def read_unit(path: Path) -> dict[str, list[str]]:
             continue
         if section == "[Service]" and "=" in line:
             key, value = line.split("=", 1)
-            values.setdefault(key.strip(), []).append(value.strip().replace("%h", home))
+            value = value.strip().replace("%%", "\0").replace("%h", home).replace("\0", "%")
+            values.setdefault(key.strip(), []).append(value)
     if "ExecStart" not in values:
         raise SystemExit(f"{path}: no ExecStart in [Service]")
     return values
@@ -51,17 +52,24 @@ def _files(unit: Path) -> tuple[Path, Path]:
     return unit.with_suffix(".pid"), unit.with_suffix(".log")
 
 
-def running_pid(unit: Path) -> int | None:
-    pid_file = _files(unit)[0]
+def _started(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot), None if it is gone or a zombie: with
+    the pid, it names one process (a pid alone may since belong to another)."""
     try:
-        pid = int(pid_file.read_text())
-        os.kill(pid, 0)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def running_pid(unit: Path) -> int | None:
+    """The service's pid, if the process the pid file names still runs."""
+    try:
+        pid_text, started = _files(unit)[0].read_text().split()
+        pid = int(pid_text)
     except (OSError, ValueError):
         return None
-    state = Path(f"/proc/{pid}/stat")
-    if state.is_file() and state.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
-        return None  # a zombie of an exited run
-    return pid
+    return pid if pid > 1 and _started(pid) == started else None
 
 
 def start(unit: Path) -> int:
@@ -80,7 +88,7 @@ def start(unit: Path) -> int:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=values.get("WorkingDirectory", [None])[-1], env=env,
                                 start_new_session=True)
-    pid_file.write_text(str(proc.pid))
+    pid_file.write_text(f"{proc.pid} {_started(proc.pid)}")
     print(f"started (pid {proc.pid}), log {log_file}")
     return 0
 
@@ -92,16 +100,28 @@ def stop(unit: Path) -> int:
         return 0
     values = read_unit(unit)
     signum = getattr(signal, values.get("KillSignal", ["SIGTERM"])[-1], signal.SIGTERM)
-    timeout = float(values.get("TimeoutStopSec", [STOP_TIMEOUT_S])[-1])
-    os.kill(pid, signum)
-    deadline = time.monotonic() + timeout
-    while running_pid(unit) is not None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if running_pid(unit) is not None:
-        os.kill(pid, signal.SIGKILL)
+    timeout = _seconds(values.get("TimeoutStopSec", [str(STOP_TIMEOUT_S)])[-1])
+    # The service leads its own session (start_new_session): signal its whole group.
+    os.killpg(pid, signum)
+    for sig in (None, signal.SIGKILL):
+        if sig is not None:
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + (timeout if sig is None else 5.0)
+        while running_pid(unit) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if running_pid(unit) is None:
+            break
     _files(unit)[0].unlink(missing_ok=True)
     print("stopped")
     return 0
+
+
+def _seconds(value: str) -> float:
+    """A systemd time span of seconds: "15", "15s", "1.5"."""
+    try:
+        return float(value.rstrip("s"))
+    except ValueError:
+        return STOP_TIMEOUT_S
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from edge_controller.launch import LabKeys, controller_process
+from edge_controller.launch import BIN, LabKeys, controller_process
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,8 +32,11 @@ def ensure_sshd() -> None:
     """CI installs openssh-server here rather than skipping these tests."""
     if Path("/usr/sbin/sshd").exists():
         return
-    subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server"], check=True,
-                   capture_output=True, timeout=600)
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "openssh-server"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, capture_output=True, timeout=600, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, env=env)
+        subprocess.run(install, check=True, capture_output=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +171,10 @@ def test_unreachable_and_bad_host_key_boards_fail_alone(lab, cache, controller, 
                      overrides={3: {"known_hosts": str(bad_known_hosts)}})
     path.write_text(path.read_text() + "\n[[board]]\nname = \"gone\"\nhost = \"10.233.0.250\"\n"
                     "user = \"nobody\"\n")
-    code, reports, log = fleet(lab, cache, "deploy", str(path), "--dry-run")
+    code, reports, log = fleet(lab, cache, "deploy", str(path))
     by_name = {r["board"]: r for r in reports}
     assert code == 1, log
-    assert by_name["b0"]["status"] == "would change"
+    assert by_name["b0"]["status"] == "deployed", log  # the others failing stopped nothing
     assert by_name["b3"]["status"] == "failed" and "host key" in by_name["b3"]["why"]
     assert by_name["gone"]["status"] == "failed" and "cannot reach" in by_name["gone"]["why"]
 
@@ -183,7 +187,7 @@ def test_unreachable_and_bad_host_key_boards_fail_alone(lab, cache, controller, 
                                 3: {"known_hosts": str(bad_known_hosts)}})
     code, reports, log = fleet(lab, cache, "status", str(path), "--accept-new")
     by_name = {r["board"]: r for r in reports}
-    assert by_name["b0"]["status"] == "not installed", log
+    assert by_name["b0"]["status"] == "registered", log  # deployed above
     assert "TRUSTED ON FIRST USE" in log
     assert unknown.read_text().startswith(lab.boards[0].address + " ssh-ed25519 ")
     assert by_name["b3"]["status"] == "failed" and "host key" in by_name["b3"]["why"]
@@ -242,3 +246,25 @@ def test_a_bad_inventory_is_refused_with_the_key_named(tmp_path, board, said):
                     f'keys_dir = "{tmp_path / "keys"}"\n[[board]]\n{board}\n')
     with pytest.raises(ConfigError, match=said):
         load_fleet(path)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed here")
+@pytest.mark.parametrize("service", ["user", "system"])
+def test_the_units_a_deploy_writes_verify(tmp_path, service):
+    from edge_controller.fleet.deploy import Paths, agent_unit
+    from edge_controller.fleet.inventory import Board
+
+    paths = Paths(str(tmp_path), "multispin-agent")
+    Path(paths.bin).mkdir(parents=True)
+    Path(paths.bin, "device-agent").symlink_to(BIN / "device-agent")
+    board = Board("b", "h", controller="tcp://e:5555", service=service)
+    unit = tmp_path / "device-agent.service"
+    unit.write_text(agent_unit(board, paths, "jetson"))
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    command = ["systemd-analyze", *(["--user"] if service == "user" else []), "verify", str(unit)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
+    problems = [line for line in proc.stderr.splitlines() if unit.name in line]
+    assert proc.returncode == 0 and not problems, proc.stderr

@@ -38,6 +38,7 @@ from edge_controller.fleet.wheelhouse import (
     Wheelhouse,
     assemble,
     keep_built,
+    kept_wheels,
     llama_build_env,
     planned,
     platform_of,
@@ -103,8 +104,8 @@ class Deployer:
     async def _guarded(self, step, board: Board) -> BoardReport:
         """One board's work; whatever fails there is its report, never the others'."""
         report = BoardReport(board.name, draft=board.draft)
-        started = time.monotonic()
         async with self._jobs:
+            started = time.monotonic()
             try:
                 await step(board, report)
             except BoardError as exc:
@@ -141,8 +142,8 @@ class Deployer:
         draft_path, draft_sha = _draft(board.draft)
         config = agent_config(board, paths, self.fleet.controller_key, draft_path.name,
                               threads=board.threads or facts.cpus)
-        unit = agent_unit(board, paths, remote.board.user or "")
-        old = json.loads(await remote.read(paths.state) or "{}")
+        unit = agent_unit(board, paths, remote.user)
+        old = _json(await remote.read(paths.state))
         wanted = {"wheelhouse": wheelhouse.digest, "draft": draft_sha,
                   "config": _sha(config), "unit": _sha(unit), "python": facts.python}
         changes = [key for key, value in wanted.items() if old.get(key) != value]
@@ -169,7 +170,7 @@ class Deployer:
                 report.why += f"; would build llama-cpp-python on the board with {env}"
             return
         await self._install(remote, board, paths, facts, wheelhouse, cuda,
-                            "wheelhouse" in changes or "python" in changes)
+                            new_python="python" in changes)
         public = await self._keys(remote, board, paths, public)
         await self._copy_draft(remote, board, paths, draft_path, draft_sha)
         await remote.run(f"mkdir -p {shlex.quote(paths.root)}")
@@ -186,7 +187,8 @@ class Deployer:
         report.versions = await self._versions(remote, paths)
         state = {**wanted, "versions": report.versions, "draft_tok_s": report.draft_tok_s,
                  "public_key": public, "deployed_at": time.time()}
-        await remote.write(paths.state, json.dumps(state, indent=1))
+        await remote.write(paths.state + ".part", json.dumps(state, indent=1))
+        await remote.run(f"mv {shlex.quote(paths.state + '.part')} {shlex.quote(paths.state)}")
         report.status = "deployed"
 
     async def _probe(self, remote: Remote, board: Board, report: BoardReport) -> BoardFacts:
@@ -208,45 +210,71 @@ class Deployer:
         return facts
 
     async def _wheelhouse(self, facts: BoardFacts, cuda: bool) -> Wheelhouse:
-        if self.dry_run:  # nothing assembled, nothing downloaded
-            return planned(self.cache, facts, cuda)
+        """Once per platform and run; a dry run assembles nothing and downloads nothing."""
+        key = platform_of(facts, cuda)
+        if key not in self._wheelhouses:
+            self._wheelhouses[key] = asyncio.ensure_future(self._make_wheelhouse(facts, cuda))
+        return await self._wheelhouses[key]
+
+    async def _make_wheelhouse(self, facts: BoardFacts, cuda: bool) -> Wheelhouse:
+        if self.dry_run:
+            return await asyncio.to_thread(planned, self.cache, facts, cuda)
         if self._project is None:
             self._project = asyncio.ensure_future(asyncio.to_thread(project_wheel, self.cache))
         project = await self._project
-        key = platform_of(facts, cuda)
-        if key not in self._wheelhouses:
-            self._wheelhouses[key] = asyncio.ensure_future(
-                asyncio.to_thread(assemble, self.cache, facts, cuda, project))
-        return await self._wheelhouses[key]
+        return await asyncio.to_thread(assemble, self.cache, facts, cuda, project)
 
     async def _install(self, remote: Remote, board: Board, paths: Paths, facts: BoardFacts,
-                       wheelhouse: Wheelhouse, cuda: bool, reinstall: bool) -> None:
-        have = await remote.run(f"mkdir -p {shlex.quote(paths.wheels)} && "
-                                f"ls {shlex.quote(paths.wheels)}")
-        present = set(have.stdout.split())
-        missing = [p for p in sorted(wheelhouse.directory.iterdir())
-                   if not p.name.startswith(".") and p.name not in present]
-        self.say(board, f"pushing {len(missing)} of the wheelhouse's files")
-        await remote.put([(path, f"{paths.wheels}/{path.name}") for path in missing])
-        if (await remote.run(f"test -x {shlex.quote(paths.bin)}/python", check=False)).status:
+                       wheelhouse: Wheelhouse, cuda: bool, new_python: bool) -> None:
+        """Make the board's wheels directory hold exactly the wheelhouse (by content: a
+        rebuilt project wheel has the same name), then install; what changed is
+        reinstalled, so a board never keeps an old wheel under a recorded new digest."""
+        wheels = shlex.quote(paths.wheels)
+        listing = await remote.run(f"mkdir -p {wheels} && cd {wheels} && "
+                                   "find . -maxdepth 1 -type f -name '*' -exec sha256sum {} +",
+                                   what="listing the board's wheels")
+        have = {line.split()[1][2:]: line.split()[0] for line in listing.stdout.splitlines()
+                if len(line.split()) == 2}
+        local = {p.name: p for p in sorted(wheelhouse.directory.iterdir())
+                 if not p.name.startswith(".")}
+        changed = [p for name, p in local.items() if have.get(name) != _file_sha(p)]
+        stale = [name for name in have if name not in local]
+        self.say(board, f"pushing {len(changed)} of the wheelhouse's {len(local)} files")
+        await remote.put([(p, f"{paths.wheels}/{p.name}.part") for p in changed])
+        renames = [f"mv {shlex.quote(p.name + '.part')} {shlex.quote(p.name)}" for p in changed]
+        removals = [f"rm -f {shlex.quote(name)}" for name in stale]
+        if renames or removals:
+            await remote.run(f"cd {wheels} && " + " && ".join(renames + removals))
+        venv_missing = (await remote.run(f"test -x {shlex.quote(paths.bin)}/python",
+                                         check=False)).status != 0
+        if venv_missing or new_python:
             self.say(board, "making the venv")
-            await remote.run(f"{shlex.quote(board.python)} -m venv {shlex.quote(paths.venv)}",
-                             what="python -m venv")
-        find = f"--no-index --find-links {shlex.quote(paths.wheels)}"
-        pip = f"{shlex.quote(paths.bin)}/python -m pip -q --disable-pip-version-check"
+            await remote.run(f"{shlex.quote(board.python)} -m venv --clear "
+                             f"{shlex.quote(paths.venv)}", what="python -m venv")
+        find = f"--no-index --find-links {wheels}"
+        pip = (f"{shlex.quote(paths.bin)}/python -m pip -q --disable-pip-version-check "
+               "--no-cache-dir")
         if wheelhouse.llama_source:
-            async with self._builds.setdefault(facts.platform, asyncio.Lock()):
+            async with self._builds.setdefault(platform_of(facts, cuda), asyncio.Lock()):
                 await self._build_llama(remote, board, paths, facts, cuda, pip, find)
         self.say(board, "installing offline (pip --no-index)")
-        force = " --force-reinstall --no-deps" if reinstall else ""
         await remote.run(f"{pip} install {find} '{PROJECT}[device]'", what="pip install",
                          timeout_s=1800)
-        if force:  # the project's own wheel again, in case only its contents changed
-            await remote.run(f"{pip} install {find}{force} {PROJECT}", what="pip install")
+        again = [f"{wheels}/{shlex.quote(p.name)}" for p in changed if p.suffix == ".whl"]
+        if again and not (venv_missing or new_python):
+            await remote.run(f"{pip} install {find} --force-reinstall --no-deps "
+                             + " ".join(again), what="pip install (changed wheels)",
+                             timeout_s=1800)
 
     async def _build_llama(self, remote: Remote, board: Board, paths: Paths,
                            facts: BoardFacts, cuda: bool, pip: str, find: str) -> None:
-        """Build llama-cpp-python on the board (the first of its platform) and keep it."""
+        """Build llama-cpp-python on the board (the first of its platform) and keep it;
+        a board after it in the same run gets the kept wheel."""
+        built = kept_wheels(self.cache, facts, cuda)
+        if built:
+            self.say(board, "using the llama-cpp-python wheel built on a board like it")
+            await remote.put([(built[0], f"{paths.wheels}/{built[0].name}")])
+            return
         env = llama_build_env(facts) if cuda else {}
         self.say(board, f"building llama-cpp-python on the board ({env or 'CPU'}): minutes")
         await remote.run(f"{pip} wheel {find} --no-deps -w {shlex.quote(paths.wheels)} "
@@ -363,7 +391,7 @@ class Deployer:
             remote = await self._connect(board)
             try:
                 paths = Paths(remote.home, board.install_dir)
-                state = json.loads(await remote.read(paths.state) or "{}")
+                state = _json(await remote.read(paths.state))
                 running = await self._service(remote, board, paths, "status")
                 health = await self._health(remote, board, paths) if running else {}
                 report.versions = state.get("versions", {})
@@ -388,19 +416,21 @@ class Deployer:
         from edge_controller.keys import KeyFileError, revoke_device
 
         async def one(board: Board, report: BoardReport) -> None:
-            remote = await self._connect(board)
+            try:
+                remote = await self._connect(board)
+            finally:  # an unreachable board is taken off the allowlist all the same
+                if not self.dry_run:
+                    with contextlib.suppress(KeyFileError):
+                        revoke_device(self.fleet.controller_keys_dir, board.name)
             try:
                 paths = Paths(remote.home, board.install_dir)
                 if self.dry_run:
                     report.status, report.why = "would remove", paths.root
                     return
-                if await remote.read(paths.unit) is not None:
-                    await self._service(remote, board, paths, "remove")
+                await remote.run(service_command(board, paths, "remove"), check=False)
                 await remote.run(f"rm -rf {shlex.quote(paths.root)}")
             finally:
                 remote.close()
-            with contextlib.suppress(KeyFileError):  # not listed
-                revoke_device(self.fleet.controller_keys_dir, board.name)
             report.status = "removed"
         return list(await asyncio.gather(*(self._guarded(one, b) for b in boards)))
 
@@ -425,7 +455,10 @@ def agent_config(board: Board, paths: Paths, controller_key: str, draft: str,
 
 
 def agent_unit(board: Board, paths: Paths, user: str) -> str:
-    """The unit the board runs (configs/device-agent*.service, with this install's paths)."""
+    """The unit the board runs (configs/device-agent*.service, with this install's paths;
+    ``%`` is systemd's specifier character, doubled; the inventory allows no spaces)."""
+    paths = Paths(paths.root.rsplit("/", 1)[0].replace("%", "%%"),
+                  paths.root.rsplit("/", 1)[1].replace("%", "%%"))
     lines = [
         "# written by edge-controller fleet deploy",
         "[Unit]",
@@ -435,7 +468,7 @@ def agent_unit(board: Board, paths: Paths, user: str) -> str:
         "",
         "[Service]",
         "Type=simple",
-        *([f"User={user}"] if board.service == "system" and user else []),
+        *([f"User={user}"] if board.service == "system" else []),
         f"WorkingDirectory={paths.root}",
         f"ExecStart={paths.bin}/device-agent serve --config {paths.config}",
         "KillSignal=SIGTERM",
@@ -461,7 +494,9 @@ def service_command(board: Board, paths: Paths, action: str) -> str:
         verb = {"remove": "stop"}.get(action, action)
         return f"{python} {verb} {unit}" + (" >/dev/null" if action == "status" else "")
     sudo, ctl, target = ("sudo -n ", "systemctl", "/etc/systemd/system") \
-        if board.service == "system" else ("", "systemctl --user", "$HOME/.config/systemd/user")
+        if board.service == "system" else (
+            "", "XDG_RUNTIME_DIR=/run/user/$(id -u) systemctl --user",
+            "$HOME/.config/systemd/user")
     name = UNIT
     if action == "status":
         return f"{sudo}{ctl} is-active --quiet {name}"
@@ -470,9 +505,11 @@ def service_command(board: Board, paths: Paths, action: str) -> str:
     if action == "remove":
         return (f"{sudo}{ctl} disable --now {name}; {sudo}rm -f {target}/{name}; "
                 f"{sudo}{ctl} daemon-reload")
-    linger = "loginctl enable-linger \"$USER\" && " if board.service == "user" else ""
-    return (f"{sudo}mkdir -p {target} && {sudo}cp {unit} {target}/{name} && "
-            f"{sudo}{ctl} daemon-reload && {linger}{sudo}{ctl} enable {name} && "
+    # A user manager needs linger (it then runs without a login) and, over SSH, its bus.
+    linger = ("loginctl enable-linger \"$(id -un)\" && "
+              "export XDG_RUNTIME_DIR=/run/user/$(id -u) && ") if board.service == "user" else ""
+    return (f"{linger}{sudo}mkdir -p {target} && {sudo}cp {unit} {target}/{name} && "
+            f"{sudo}{ctl} daemon-reload && {sudo}{ctl} enable {name} && "
             f"{sudo}{ctl} restart {name}")
 
 
@@ -501,6 +538,15 @@ def _file_sha(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _json(text: str | None) -> dict:
+    """A board's JSON answer or file; {} for anything else (half-written, hostile)."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _sha(text: str) -> str:

@@ -8,6 +8,7 @@ the controller's public key and keys directory come from the controller's own co
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from edge_controller.config import ConfigError, checked_table, read_toml
 from edge_controller.protocol import DEVICE_NAME
 
 SERVICES = ("user", "system", "supervisor")  # how the agent's unit is run on the board
+SAFE_PATH = re.compile(r"[A-Za-z0-9._-][A-Za-z0-9._/-]{0,200}")  # no spaces, quotes, %, $
+USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+HTTP_BIND = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}")
 KNOWN_HOSTS_POLICIES = ("strict", "accept-new")
 
 
@@ -52,8 +56,14 @@ class Board:
             (self.llama_cuda not in ("auto", "off"), f"board {self.name}: llama_cuda must be "
              "auto or off"),
             (self.threads < 0, f"board {self.name}: threads must be >= 0"),
-            (Path(self.install_dir).is_absolute() or ".." in Path(self.install_dir).parts,
-             f"board {self.name}: install_dir is relative to the user's home, without .."),
+            (not SAFE_PATH.fullmatch(self.install_dir) or ".." in Path(self.install_dir).parts,
+             f"board {self.name}: install_dir is relative to the user's home: letters, "
+             "digits, . _ - and /, no .."),
+            (bool(self.user) and not USER.fullmatch(self.user),
+             f"board {self.name}: user {self.user!r} is not a user name"),
+            (not HTTP_BIND.fullmatch(self.http), f"board {self.name}: http must be HOST:PORT"),
+            (not SAFE_PATH.fullmatch(self.python.lstrip("/")),
+             f"board {self.name}: python must be a command or path without spaces"),
         ]
         for bad, message in problems:
             if bad:

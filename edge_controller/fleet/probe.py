@@ -42,6 +42,8 @@ def probe_script(python: str) -> str:
         'echo "systemd=$(test -d /run/systemd/system && echo yes || echo no)"',
         'TEGRA="${MULTISPIN_PROBE_ROOT:-}/etc/nv_tegra_release"',
         'if [ -r "$TEGRA" ]; then echo "tegra=$(head -n 1 "$TEGRA")"; fi',
+        'DT="${MULTISPIN_PROBE_ROOT:-}/proc/device-tree/compatible"',
+        'if [ -r "$DT" ]; then echo "compatible=$(tr \'\\0\' \' \' < "$DT")"; fi',
         'NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)',
         'if [ -n "$NVCC" ]; then echo "cuda=$("$NVCC" --version | '
         'sed -n \'s/.*release \\([0-9.]*\\).*/\\1/p\')"; fi',
@@ -106,7 +108,11 @@ def parse_probe(text: str) -> BoardFacts:
         major = release.group(1)
         facts.l4t = f"{major}.{release.group(2)}"
         facts.jetpack, default_arch = L4T_RELEASES.get(major, (f"L4T R{major}", ""))
-        if soc := re.search(r"BOARD: t(\d{3})", tegra):  # t210ref, t186ref (R32)
+        # The SoC: the device tree says it on every release ("nvidia,tegra234"); R32's
+        # release line does too ("BOARD: t210ref"). R35 runs Xavier (t194) and Orin.
+        compatible = values.get("compatible", "")
+        if soc := (re.search(r"nvidia,tegra(\d{3})", compatible)
+                   or re.search(r"BOARD: t(\d{3})", tegra)):
             facts.soc = f"t{soc.group(1)}"
         facts.gpu_arch = facts.gpu_arch or SOC_ARCH.get(facts.soc, default_arch)
     return facts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from edge_controller.fleet.inventory import Board
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")  # a POSIX user name, as useradd takes
 
 
 class BoardError(RuntimeError):
@@ -38,14 +40,18 @@ def _known_hosts_entry(board: Board) -> str:
 
 
 class Remote:
-    def __init__(self, board: Board, connection: asyncssh.SSHClientConnection, home: str):
+    def __init__(self, board: Board, connection: asyncssh.SSHClientConnection):
         self.board = board
         self.connection = connection
-        self.home = home  # the board user's home directory
+        self.home = ""  # the board user's home directory
+        self.user = ""  # the user we log in as
 
     @classmethod
     async def connect(cls, board: Board) -> Remote:
         known_hosts = Path(board.known_hosts).expanduser()
+        if board.known_hosts_policy == "strict" and not known_hosts.is_file():
+            raise BoardError(f"known_hosts file {known_hosts} does not exist: add the board's "
+                             "key (ssh-keyscan), or deploy once with --accept-new")
         accept_new = board.known_hosts_policy == "accept-new" and not _known(board, known_hosts)
         options = {"port": board.port, "connect_timeout": CONNECT_TIMEOUT_S,
                    "known_hosts": None if accept_new else str(known_hosts)}
@@ -74,8 +80,12 @@ class Remote:
                 f.write(line)
             log.warning("[%s] TRUSTED ON FIRST USE: host key %s of %s written to %s",
                         board.name, key.get_fingerprint(), board.host, known_hosts)
-        remote = cls(board, connection, "")
-        remote.home = (await remote.run('printf %s "$HOME"')).stdout
+        remote = cls(board, connection)
+        who = (await remote.run('printf "%s\\n%s" "$HOME" "$(id -un)"')).stdout.split("\n")
+        if len(who) != 2 or not who[0].startswith("/") or not USER.fullmatch(who[1]):
+            remote.close()
+            raise BoardError(f"the board answered an odd home or user name: {who!r}")
+        remote.home, remote.user = who
         return remote
 
     async def run(self, command: str, check: bool = True, env: dict | None = None,
@@ -129,4 +139,4 @@ def _known(board: Board, known_hosts: Path) -> bool:
     if not known_hosts.is_file():
         return False
     matched = asyncssh.match_known_hosts(str(known_hosts), board.host, board.host, board.port)
-    return bool(matched[0] or matched[1])  # trusted host keys, trusted CA keys
+    return bool(matched[0] or matched[1] or matched[2])  # trusted, CA and revoked keys

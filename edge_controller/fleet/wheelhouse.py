@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +92,26 @@ def project_wheel(cache: Path) -> Path:
     return wheel
 
 
-def planned(cache: Path, facts: BoardFacts, cuda: bool) -> Wheelhouse:
-    """What :func:`assemble` would give, without assembling (a dry run)."""
+def kept_wheels(cache: Path, facts: BoardFacts, cuda: bool) -> list[Path]:
+    """llama-cpp-python wheels a board of this platform built before."""
     built = cache / "wheelhouse" / "built" / platform_of(facts, cuda)
-    kept = built.is_dir() and any(built.glob("llama_cpp_python-*.whl"))
-    return Wheelhouse(cache / "wheelhouse" / platform_of(facts, cuda), "(to assemble)",
-                      needs_build(facts, cuda) and not kept)
+    return sorted(built.glob("llama_cpp_python-*.whl")) if built.is_dir() else []
+
+
+def planned(cache: Path, facts: BoardFacts, cuda: bool) -> Wheelhouse:
+    """What :func:`assemble` would give, changing nothing (a dry run): the cached
+    wheelhouse with this tree's project wheel (built aside) if the platform has one, else
+    a digest that matches no board."""
+    directory = cache / "wheelhouse" / platform_of(facts, cuda)
+    llama_source = needs_build(facts, cuda) and not kept_wheels(cache, facts, cuda)
+    if not (directory / ".pins").is_file() or (directory / ".pins").read_text() != \
+            "\n".join(pins()):
+        return Wheelhouse(directory, "(to assemble)", llama_source)
+    with tempfile.TemporaryDirectory() as tmp:
+        project = project_wheel(Path(tmp))
+        files = [p for p in directory.iterdir() if not p.name.startswith(("multispin_edge-",
+                                                                           "."))]
+        return Wheelhouse(directory, digest([*files, project]), llama_source)
 
 
 def assemble(cache: Path, facts: BoardFacts, cuda: bool, project: Path) -> Wheelhouse:
@@ -107,8 +122,7 @@ def assemble(cache: Path, facts: BoardFacts, cuda: bool, project: Path) -> Wheel
     for old in directory.glob("multispin_edge-*.whl"):
         old.unlink()
     shutil.copy2(project, directory / project.name)
-    built = (cache / "wheelhouse" / "built" / key)
-    kept = sorted(built.glob("llama_cpp_python-*.whl")) if built.is_dir() else []
+    kept = kept_wheels(cache, facts, cuda)
     for wheel in kept:  # a board of this platform built it before
         shutil.copy2(wheel, directory / wheel.name)
     stamp = directory / ".pins"
@@ -123,7 +137,7 @@ def assemble(cache: Path, facts: BoardFacts, cuda: bool, project: Path) -> Wheel
         _download_for(directory, facts, skip_llama=bool(kept))
         stamp.write_text(wanted)
     llama_source = needs_build(facts, cuda) and not kept
-    return Wheelhouse(directory, digest(directory), llama_source)
+    return Wheelhouse(directory, digest(list(directory.iterdir())), llama_source)
 
 
 def _download_for(directory: Path, facts: BoardFacts, skip_llama: bool) -> None:
@@ -151,10 +165,10 @@ def keep_built(cache: Path, facts: BoardFacts, cuda: bool, wheel: Path) -> None:
     shutil.copy2(wheel, built / wheel.name)
 
 
-def digest(directory: Path) -> str:
-    """What the wheelhouse holds: names and member contents, not zip timestamps."""
+def digest(files: list[Path]) -> str:
+    """What a wheelhouse holds: names and member contents, not zip timestamps."""
     h = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
+    for path in sorted(files, key=lambda p: p.name):
         if path.name.startswith("."):
             continue
         h.update(path.name.encode())
