@@ -16,6 +16,7 @@ sandboxing; systemd does those on a real board.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -102,10 +103,10 @@ def stop(unit: Path) -> int:
     signum = getattr(signal, values.get("KillSignal", ["SIGTERM"])[-1], signal.SIGTERM)
     timeout = _seconds(values.get("TimeoutStopSec", [str(STOP_TIMEOUT_S)])[-1])
     # The service leads its own session (start_new_session): signal its whole group.
-    os.killpg(pid, signum)
+    _signal_group(pid, signum)
     for sig in (None, signal.SIGKILL):
         if sig is not None:
-            os.killpg(pid, sig)
+            _signal_group(pid, sig)
         deadline = time.monotonic() + (timeout if sig is None else 5.0)
         while running_pid(unit) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -114,6 +115,11 @@ def stop(unit: Path) -> int:
     _files(unit)[0].unlink(missing_ok=True)
     print("stopped")
     return 0
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # gone meanwhile
+        os.killpg(pid, signum)
 
 
 def _seconds(value: str) -> float:

@@ -79,11 +79,13 @@ def check_name(name: str) -> str:
     return name
 
 
-def parse_public_key(text: str) -> bytes:
-    """A Z85 public key given as text, or read from a public ``.key`` file; Z85 bytes."""
+def parse_public_key(text: str, files: bool = True) -> bytes:
+    """A Z85 public key given as text, or (``files``) read from a public ``.key`` file;
+    Z85 bytes. Text from elsewhere (a board's answer) is parsed with ``files=False``: it
+    must never name a file of this host."""
     candidate = text.strip()
     path = Path(candidate)
-    if path.is_file():  # a path wins, even one of 40 characters
+    if files and path.is_file():  # a path wins, even one of 40 characters
         public, _ = _load(path)
         return public
     try:
@@ -164,10 +166,14 @@ def device_client(keys_dir: Path, controller_key: str) -> CurveClient:
 
 
 # ---- the allowlist -------------------------------------------------------------------------
-def list_device(keys_dir: Path, name: str, public_key: str) -> Path:
-    """Add ``name`` with ``public_key`` to the allowlist; return the file written."""
+def list_device(keys_dir: Path, name: str, public_key: str, files: bool = True) -> Path:
+    """Add ``name`` with ``public_key`` (``files``: or the path of its file) to the
+    allowlist; return the file written. The controller's own key is never listed."""
     check_name(name)
-    key = parse_public_key(public_key)
+    key = parse_public_key(public_key, files)
+    if (keys_dir / f"{CONTROLLER}.key").is_file() and key == _load(keys_dir /
+                                                                   f"{CONTROLLER}.key")[0]:
+        raise KeyFileError("that is the controller's own public key, not a device's")
     allowlist = Allowlist(keys_dir)
     allowlist.reload()
     if name in allowlist.names.values():

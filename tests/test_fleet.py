@@ -268,3 +268,40 @@ def test_the_units_a_deploy_writes_verify(tmp_path, service):
                           env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
     problems = [line for line in proc.stderr.splitlines() if unit.name in line]
     assert proc.returncode == 0 and not problems, proc.stderr
+
+
+def test_a_boards_answers_are_not_trusted(tmp_path, monkeypatch):
+    """What a compromised board could say: paths in its facts, a wheel for the others
+    with a start-up hook, a path instead of a key, terminal escapes."""
+    import importlib.metadata
+    import zipfile
+
+    from edge_controller.fleet.deploy import printable
+    from edge_controller.fleet.probe import parse_probe
+    from edge_controller.fleet.remote import BoardError
+    from edge_controller.fleet.wheelhouse import check_built
+    from edge_controller.keys import KeyFileError, parse_public_key
+
+    facts = parse_probe("os=Linux\narch=x86_64/../..\npython=3.11.2\ngpu_arch=/../../.ssh\n")
+    assert (facts.arch, facts.gpu_arch, facts.python) == ("", "", "3.11.2")
+
+    version = importlib.metadata.version("llama-cpp-python")
+    for name in (f"llama_cpp_python-/../../x-{version}-py3-none-any.whl",
+                 "llama_cpp_python-0.0.1-py3-none-any.whl"):
+        with pytest.raises(BoardError):
+            check_built(name)
+    hooked = tmp_path / f"llama_cpp_python-{version}-py3-none-linux_x86_64.whl"
+    with zipfile.ZipFile(hooked, "w") as wheel:
+        wheel.writestr("llama_cpp/__init__.py", "")
+        wheel.writestr("evil.pth", "import os")
+    with pytest.raises(BoardError, match="evil.pth"):
+        check_built(hooked.name, hooked)
+
+    # A board's "key" that names a file here is taken as key text, never read.
+    monkeypatch.chdir(tmp_path)
+    name = "k" * 36 + ".key"
+    (tmp_path / name).write_text("public-key = \"" + "a" * 40 + "\"")
+    assert parse_public_key(name, files=False) == name.encode()
+    with pytest.raises(KeyFileError):
+        parse_public_key("/etc/passwd", files=False)
+    assert printable("ok\x1b]0;owned\x07") == "ok\\x1b]0;owned\\x07"

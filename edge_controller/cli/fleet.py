@@ -44,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             continue
         parser.add_argument("--boards", help="only these boards (comma-separated names)")
         parser.add_argument("--jobs", type=int, default=4, help="boards at once (default 4)")
+        parser.add_argument("--board-timeout", type=float, default=7200.0, metavar="S",
+                            help="give up on a board after S seconds (default 7200: a CUDA "
+                            "build on a Jetson takes a while)")
         parser.add_argument("--accept-new", action="store_true",
                             help="trust a board's host key the first time it is seen (and "
                             "write it to known_hosts); a changed key is refused regardless")
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                         jobs=getattr(args, "jobs", 4), accept_new=getattr(args, "accept_new",
                                                                           False),
                         progress=(lambda text: print(text, file=sys.stderr)) if quiet else
-                        (lambda text: print(text, flush=True)))
+                        (lambda text: print(text, flush=True)),
+                        board_timeout_s=getattr(args, "board_timeout", 7200.0))
     if args.action == "logs":
         from edge_controller.fleet.remote import BoardError
 

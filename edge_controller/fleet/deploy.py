@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import shlex
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from edge_controller.fleet.wheelhouse import (
     PROJECT,
     Wheelhouse,
     assemble,
+    check_built,
     keep_built,
     kept_wheels,
     llama_build_env,
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 UNIT = "device-agent.service"
 REGISTER_TIMEOUT_S = 120.0
+BOARD_TIMEOUT_S = 7200.0  # one board's whole deploy (a CUDA build on a Jetson included)
 BENCH_TOKENS = 32
 MIN_DISK_MB = 1024
 
@@ -83,19 +86,21 @@ class Paths:
 
 class Deployer:
     def __init__(self, fleet: Fleet, cache: Path, *, dry_run: bool = False, jobs: int = 4,
-                 accept_new: bool = False, progress=print):
+                 accept_new: bool = False, progress=print,
+                 board_timeout_s: float = BOARD_TIMEOUT_S):
         self.fleet = fleet
         self.cache = cache
         self.dry_run = dry_run
         self.accept_new = accept_new
         self.progress = progress
+        self.board_timeout_s = board_timeout_s
         self._jobs = asyncio.Semaphore(max(1, jobs))
         self._project: asyncio.Future | None = None  # the project's wheel, built once
         self._wheelhouses: dict[str, asyncio.Future] = {}  # per platform, built once
         self._builds: dict[str, asyncio.Lock] = {}  # one llama build per platform at a time
 
     def say(self, board: Board, text: str) -> None:
-        self.progress(f"[{board.name}] {text}")
+        self.progress(f"[{board.name}] {printable(text)}")
 
     # ---- deploy ----------------------------------------------------------------------
     async def deploy(self, boards: list[Board]) -> list[BoardReport]:
@@ -107,9 +112,12 @@ class Deployer:
         async with self._jobs:
             started = time.monotonic()
             try:
-                await step(board, report)
+                await asyncio.wait_for(step(board, report), self.board_timeout_s)
+            except TimeoutError:
+                report.status = "failed"
+                report.why = f"not done after {self.board_timeout_s:.0f} s (--board-timeout)"
             except BoardError as exc:
-                report.status, report.why = "failed", str(exc)
+                report.status, report.why = "failed", printable(str(exc))
             except Exception as exc:  # noqa: BLE001 - a bug on one board must not stop all
                 log.exception("[%s]", board.name)
                 report.status, report.why = "failed", f"{type(exc).__name__}: {exc}"
@@ -155,8 +163,8 @@ class Deployer:
         if not changes and running:
             registered = await self._registered(remote, board, paths, timeout_s=10)
             if registered:
-                report.status, report.versions = "unchanged", old.get("versions", {})
-                report.draft_tok_s = old.get("draft_tok_s")
+                report.status, report.versions = "unchanged", _versions(old.get("versions"))
+                report.draft_tok_s = _rate(old.get("draft_tok_s"))
                 return
             changes.append("service (not registered)")
         elif not changes:
@@ -282,36 +290,50 @@ class Deployer:
                          "(CUDA: is nvcc on PATH and the JetPack CUDA toolkit installed?)",
                          timeout_s=3600)
         listing = await remote.run(f"ls {shlex.quote(paths.wheels)}")
-        built = [n for n in listing.stdout.split() if n.startswith("llama_cpp_python-")
-                 and n.endswith(".whl")]
-        if built:
-            local = self.cache / "wheelhouse" / "incoming" / built[0]
-            local.parent.mkdir(parents=True, exist_ok=True)
-            async with remote.connection.start_sftp_client() as sftp:
-                await sftp.get(f"{paths.wheels}/{built[0]}", str(local))
+        built = [n for n in listing.stdout.split() if n.startswith("llama_cpp_python-")]
+        if not built:
+            raise BoardError("building llama-cpp-python left no wheel on the board")
+        check_built(built[0])  # a plain name: nothing of the board's chooses an edge path
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / built[0]
+            await remote.get(f"{paths.wheels}/{built[0]}", local)
             keep_built(self.cache, facts, cuda, local)
 
     async def _public_key(self, remote: Remote, paths: Paths) -> str | None:
         text = await remote.read(f"{paths.keys}/device.key")
-        found = re.search(r'public-key = "([^"]{40})"', text or "")
+        found = re.search(r'public-key = "([0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40})"', text or "")
         return found.group(1) if found else None
 
     async def _keys(self, remote: Remote, board: Board, paths: Paths,
                     public: str | None) -> str:
-        from edge_controller.keys import list_device, revoke_device
+        from edge_controller.keys import (
+            KeyFileError,
+            list_device,
+            parse_public_key,
+            revoke_device,
+        )
 
         if public is None:
             self.say(board, "making the device's keypair on the board")
-            out = await remote.run(f"{shlex.quote(paths.bin)}/device-agent keys init --dir "
-                                   f"{shlex.quote(paths.keys)}", what="device-agent keys init")
-            public = out.stdout.strip().splitlines()[-1]
+            await remote.run(f"{shlex.quote(paths.bin)}/device-agent keys init --dir "
+                             f"{shlex.quote(paths.keys)}", what="device-agent keys init")
+            public = await self._public_key(remote, paths)
+            if public is None:
+                raise BoardError("device-agent keys init left no public key on the board")
         listed = _listed_key(self.fleet.controller_keys_dir, board.name)
         if listed != public:
+            try:  # the board's word: key text only, never a path, never the controller's
+                parse_public_key(public, files=False)
+            except KeyFileError as exc:
+                raise BoardError(f"the board's public key: {exc}") from None
             if listed is not None:
                 log.warning("[%s] its key changed on the board: the old one is revoked",
                             board.name)
                 revoke_device(self.fleet.controller_keys_dir, board.name)
-            list_device(self.fleet.controller_keys_dir, board.name, public)
+            try:
+                list_device(self.fleet.controller_keys_dir, board.name, public, files=False)
+            except KeyFileError as exc:
+                raise BoardError(f"listing the board's key: {exc}") from None
             self.say(board, f"listed on the controller as {board.name} ({public[:8]}...)")
         return public
 
@@ -364,11 +386,10 @@ class Deployer:
             f"{shlex.quote(paths.bin)}/device-agent bench --draft "
             f"{shlex.quote(paths.models + '/' + draft)} --tokens {BENCH_TOKENS} --threads "
             f"{threads} --json", check=False)
-        try:
-            return round(json.loads(out.stdout)["draft_tokens_per_s"], 1)
-        except (ValueError, KeyError):
+        rate = _rate(_json(out.stdout).get("draft_tokens_per_s"))
+        if rate is None:
             self.say(board, f"bench failed: {out.stderr.strip()[-200:]}")
-            return None
+        return rate
 
     async def _versions(self, remote: Remote, paths: Paths) -> dict[str, str]:
         code = ("import importlib.metadata as m, json, sys\n"
@@ -377,10 +398,7 @@ class Deployer:
                 "**{n: m.version(n) for n in names}}))")
         out = await remote.run(f"{shlex.quote(paths.bin)}/python -c {shlex.quote(code)}",
                                check=False)
-        try:
-            return json.loads(out.stdout)
-        except ValueError:
-            return {}
+        return _versions(_json(out.stdout))
 
     async def _logs(self, remote: Remote, board: Board, paths: Paths, lines: int) -> str:
         return (await remote.run(logs_command(board, paths, lines), check=False)).stdout
@@ -394,12 +412,12 @@ class Deployer:
                 state = _json(await remote.read(paths.state))
                 running = await self._service(remote, board, paths, "status")
                 health = await self._health(remote, board, paths) if running else {}
-                report.versions = state.get("versions", {})
-                report.draft_tok_s = state.get("draft_tok_s")
+                report.versions = _versions(state.get("versions"))
+                report.draft_tok_s = _rate(state.get("draft_tok_s"))
                 report.status = ("registered" if health.get("registered") else
                                  "running, not registered" if running else
                                  "not installed" if not state else "stopped")
-                report.why = health.get("problem") or ""
+                report.why = printable(str(health.get("problem") or ""))
             finally:
                 remote.close()
         return list(await asyncio.gather(*(self._guarded(one, b) for b in boards)))
@@ -407,8 +425,8 @@ class Deployer:
     async def logs(self, board: Board, lines: int) -> str:
         remote = await self._connect(board)
         try:
-            return await self._logs(remote, board, Paths(remote.home, board.install_dir),
-                                    lines)
+            return printable(await self._logs(remote, board,
+                                              Paths(remote.home, board.install_dir), lines))
         finally:
             remote.close()
 
@@ -538,6 +556,24 @@ def _file_sha(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def printable(text: str) -> str:
+    """A board's words, safe for a terminal: control characters shown as escapes."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+
+
+def _versions(value: object) -> dict[str, str]:
+    """A board's version map, with only short printable strings kept."""
+    if not isinstance(value, dict):
+        return {}
+    return {printable(str(k))[:40]: printable(v)[:40] for k, v in value.items()
+            if isinstance(v, str)}
+
+
+def _rate(value: object) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    return round(float(value), 1) if ok and value < 1e9 else None
 
 
 def _json(text: str | None) -> dict:

@@ -90,8 +90,25 @@ class BoardFacts:
         return asdict(self)
 
 
+# What each fact may look like: a board's answer names directories on the edge (its
+# platform's wheelhouse), so anything else is dropped, never trusted.
+FACT_PATTERNS = {
+    "os": r"[A-Za-z]{1,32}", "arch": r"[a-z0-9_]{1,32}", "kernel": r"[\w.+-]{1,128}",
+    "python": r"\d{1,2}\.\d{1,3}\.\d{1,3}", "python_path": r"/[\w./+-]{0,255}",
+    "disk_free_kb": r"\d{1,18}", "mem_total_kb": r"\d{1,18}", "mem_available_kb": r"\d{1,18}",
+    "cpus": r"\d{1,4}", "systemd": r"yes|no", "tegra": r"[\w ,.:()#/+-]{1,300}",
+    "compatible": r"[\w ,.+-]{1,500}", "cuda": r"\d{1,3}(\.\d{1,3}){0,2}",
+    "gpu_arch": r"\d{2,3}",
+}
+
+
 def parse_probe(text: str) -> BoardFacts:
-    values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        value = value.strip()
+        if sep and key in FACT_PATTERNS and re.fullmatch(FACT_PATTERNS[key], value):
+            values[key] = value
     facts = BoardFacts(
         os=values.get("os", ""), arch=values.get("arch", ""), kernel=values.get("kernel", ""),
         python=values.get("python", ""), python_path=values.get("python_path", ""),

@@ -8,6 +8,7 @@ written there (said loudly), while a board whose key changed is refused either w
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import shlex
@@ -21,6 +22,9 @@ from edge_controller.fleet.inventory import Board
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+KEEPALIVE_S, KEEPALIVE_MISSES = 15.0, 4  # a board silent for a minute is gone
+COPY_TIMEOUT_S = 1800.0  # one file copy (a draft over slow Wi-Fi)
+MAX_OUTPUT_BYTES = 1 << 20  # of one command's stdout or stderr: more is a hostile board
 USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")  # a POSIX user name, as useradd takes
 
 
@@ -54,7 +58,8 @@ class Remote:
                              "key (ssh-keyscan), or deploy once with --accept-new")
         accept_new = board.known_hosts_policy == "accept-new" and not _known(board, known_hosts)
         options = {"port": board.port, "connect_timeout": CONNECT_TIMEOUT_S,
-                   "known_hosts": None if accept_new else str(known_hosts)}
+                   "known_hosts": None if accept_new else str(known_hosts),
+                   "keepalive_interval": KEEPALIVE_S, "keepalive_count_max": KEEPALIVE_MISSES}
         if board.user:
             options["username"] = board.user
         if board.ssh_key:
@@ -94,49 +99,84 @@ class Remote:
         if env:
             command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + command
         try:
-            done = await asyncio.wait_for(self.connection.run(command, check=False), timeout_s)
+            result = await asyncio.wait_for(self._run(command), timeout_s)
         except (TimeoutError, asyncssh.Error, OSError) as exc:
             raise BoardError(f"{what or command[:60]}: {exc or type(exc).__name__}") from None
-        result = Result(done.exit_status if done.exit_status is not None else -1,
-                        str(done.stdout or ""), str(done.stderr or ""))
         if check and result.status != 0:
             said = (result.stderr or result.stdout).strip().splitlines()[-3:]
             raise BoardError(f"{what or command[:60]} failed (exit {result.status}): "
                              f"{' | '.join(said)}")
         return result
 
+    async def _run(self, command: str) -> Result:
+        """Run ``command``; at most MAX_OUTPUT_BYTES of each stream are taken."""
+        async with self.connection.create_process(command, encoding="utf-8",
+                                                  errors="replace") as process:
+            out, err = await asyncio.gather(_capped(process.stdout), _capped(process.stderr))
+            if out is None or err is None:
+                process.terminate()
+                raise BoardError(f"more than {MAX_OUTPUT_BYTES} bytes of output from "
+                                 f"{command[:60]!r}")
+            await process.wait()
+            status = process.exit_status
+        return Result(status if status is not None else -1, out, err)
+
     async def put(self, files: list[tuple[Path, str]]) -> None:
         """Copy (local, remote path) pairs, over one SFTP session."""
-        if not files:
-            return
-        try:
-            async with self.connection.start_sftp_client() as sftp:
-                for local, remote in files:
-                    await sftp.put(str(local), remote)
-        except (asyncssh.Error, OSError) as exc:
-            raise BoardError(f"copying files to the board: {exc}") from None
+        if files:
+            await self._sftp(lambda sftp: _each(sftp.put, [(str(a), b) for a, b in files]),
+                             "copying files to the board")
+
+    async def get(self, remote: str, local: Path) -> None:
+        await self._sftp(lambda sftp: sftp.get(remote, str(local)), f"fetching {remote}")
 
     async def write(self, remote: str, text: str, mode: int = 0o644) -> None:
-        try:
-            async with self.connection.start_sftp_client() as sftp, \
-                    sftp.open(remote, "w") as f:
+        async def write(sftp) -> None:
+            async with sftp.open(remote, "w") as f:
                 await f.write(text)
-            await self.run(f"chmod {mode:o} {shlex.quote(remote)}")
-        except (asyncssh.Error, OSError) as exc:
-            raise BoardError(f"writing {remote} on the board: {exc}") from None
+        await self._sftp(write, f"writing {remote} on the board")
+        await self.run(f"chmod {mode:o} {shlex.quote(remote)}")
+
+    async def _sftp(self, work, what: str) -> None:
+        try:
+            async with self.connection.start_sftp_client() as sftp:
+                await asyncio.wait_for(work(sftp), COPY_TIMEOUT_S)
+        except (TimeoutError, asyncssh.Error, OSError) as exc:
+            raise BoardError(f"{what}: {exc or type(exc).__name__}") from None
 
     async def read(self, remote: str) -> str | None:
-        """A file's text, or None if it does not exist."""
-        result = await self.run(f"cat {shlex.quote(remote)} 2>/dev/null", check=False)
+        """A file's text (its first MAX_OUTPUT_BYTES), or None if it does not exist."""
+        result = await self.run(f"head -c {MAX_OUTPUT_BYTES} {shlex.quote(remote)} "
+                                "2>/dev/null", check=False)
         return result.stdout if result.status == 0 else None
 
     def close(self) -> None:
         self.connection.close()
 
 
+async def _each(call, items: list[tuple]) -> None:
+    for item in items:
+        await call(*item)
+
+
+async def _capped(stream) -> str | None:
+    """A stream's text up to MAX_OUTPUT_BYTES; None beyond."""
+    chunks, size = [], 0
+    while chunk := await stream.read(65536):
+        size += len(chunk)
+        if size > MAX_OUTPUT_BYTES:
+            return None
+        chunks.append(chunk)
+    return "".join(chunks)
+
+
 def _known(board: Board, known_hosts: Path) -> bool:
     """The known_hosts file has a key for this board (hashed entries included)."""
     if not known_hosts.is_file():
         return False
-    matched = asyncssh.match_known_hosts(str(known_hosts), board.host, board.host, board.port)
+    try:
+        address = str(ipaddress.ip_address(board.host.strip("[]")))
+    except ValueError:
+        address = ""  # a host name: matched by name
+    matched = asyncssh.match_known_hosts(str(known_hosts), board.host, address, board.port)
     return bool(matched[0] or matched[1] or matched[2])  # trusted, CA and revoked keys

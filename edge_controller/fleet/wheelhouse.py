@@ -27,6 +27,7 @@ import hashlib
 import importlib.metadata
 import logging
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,9 @@ DEVICE_PACKAGES = ("llama-cpp-python", "pyzmq", "msgpack", "psutil", "numpy",
 LLAMA = "llama-cpp-python"
 LLAMA_BUILD_REQUIREMENTS = ("scikit-build-core[pyproject]", "cmake", "ninja")
 ROOT = Path(__file__).resolve().parents[2]  # the project's source tree (pyproject.toml)
+PLATFORM = re.compile(r"[a-z]{1,32}-[a-z0-9_]{1,32}-cp\d{2,4}(-cuda\d{2,3})?")
+BUILT_WHEEL = re.compile(r"llama_cpp_python-(\d+\.\d+\.\d+)-[\w.]+-[\w.]+-[\w.]+\.whl")
+BUILT_MEMBERS = re.compile(r"(llama_cpp/|llama_cpp_python-[\w.]+\.dist-info/|bin/|include/|lib/)")
 
 
 @dataclass
@@ -79,7 +83,10 @@ def needs_build(facts: BoardFacts, cuda: bool) -> bool:
 
 
 def platform_of(facts: BoardFacts, cuda: bool) -> str:
-    return facts.platform if cuda else facts.platform.split("-cuda")[0]
+    key = facts.platform if cuda else facts.platform.split("-cuda")[0]
+    if not PLATFORM.fullmatch(key):  # it names directories under the cache
+        raise BoardError(f"the board's platform {key!r} is not one this tool knows")
+    return key
 
 
 def project_wheel(cache: Path) -> Path:
@@ -158,8 +165,30 @@ def _download_for(directory: Path, facts: BoardFacts, skip_llama: bool) -> None:
              "typing-extensions", what="downloading llama-cpp-python's dependencies")
 
 
+def check_built(name: str, wheel: Path | None = None) -> None:
+    """A llama-cpp-python wheel a board built, before the edge keeps it for other boards
+    (a board that lies must not reach the others): the pinned version, a plain file name,
+    and only llama.cpp's own files inside (no .pth, nothing that runs at start-up)."""
+    pinned = importlib.metadata.version(LLAMA)
+    match = BUILT_WHEEL.fullmatch(name)
+    if match is None or match.group(1) != pinned:
+        raise BoardError(f"the board built {name!r}, not a llama-cpp-python {pinned} wheel")
+    if wheel is None:
+        return
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            members = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BoardError(f"the board's llama-cpp-python wheel is not a wheel: {exc}") from None
+    odd = [m for m in members if not BUILT_MEMBERS.match(m) or ".." in m or m.endswith(".pth")]
+    if odd:
+        raise BoardError(f"the board's llama-cpp-python wheel holds {odd[:3]}: not kept")
+
+
 def keep_built(cache: Path, facts: BoardFacts, cuda: bool, wheel: Path) -> None:
-    """Keep a wheel a board built for its platform: the next board of that kind reuses it."""
+    """Keep a wheel a board built for its platform (checked): the next board of that kind
+    reuses it."""
+    check_built(wheel.name, wheel)
     built = cache / "wheelhouse" / "built" / platform_of(facts, cuda)
     built.mkdir(parents=True, exist_ok=True)
     shutil.copy2(wheel, built / wheel.name)
