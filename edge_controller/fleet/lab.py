@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def require() -> None:
 class FleetLab:
     def __init__(self, boards: int, jetson: tuple[int, ...] = ()):
         require()
-        self.tag = f"{os.getpid() % 100000}"
+        self.tag = str(os.getpid())  # names say whose they are: cleanup_stale
         self.hub = f"{PREFIX}{self.tag}-hub"
         self.hub_address = f"{SUBNET}.1"
         self.dir = Path(tempfile.mkdtemp(prefix="multispin-fleet-"))
@@ -240,12 +241,35 @@ class FleetLab:
 
 
 def cleanup_stale() -> list[str]:
-    """Namespaces a crashed run left (``msf-*``), removed; their names."""
+    """What a crashed lab left (its owner's pid is gone): the processes in its namespaces
+    (sshd, agents), the namespaces, its boards' users and their processes; the namespaces'
+    names."""
     out = _run(["ip", "netns", "list"], check=False).stdout
-    stale = [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+    names = [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+    stale = [n for n in names if not _alive(int(n[len(PREFIX):].split("-")[0]))]
     for name in stale:
+        for pid in _run(["ip", "netns", "pids", name], check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), 9)
         _run(["ip", "netns", "del", name], check=False)
+    owners = {n[len(PREFIX):].split("-")[0] for n in stale}
+    for line in Path("/etc/passwd").read_text().splitlines():
+        user = line.split(":", 1)[0]
+        match = re.fullmatch(r"msf(\d+)b\d+", user)
+        if match and match.group(1) in owners:
+            _run(["pkill", "-9", "-u", user], check=False)
+            _run(["userdel", user], check=False)
     return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _ip(namespace: str, *args: str) -> None:
