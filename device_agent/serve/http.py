@@ -42,7 +42,7 @@ MAX_PER_CLIENT = 16  # connections from one address beyond loopback
 POLL_S = 0.2  # how often a waiting handler looks whether its client is still there
 READ_DEADLINE_S = 10.0  # a request (line, headers, body) or a keep-alive pause, in all
 SOCKET_TIMEOUT_S = 60.0  # a client that takes no bytes for this long is dropped
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # as urlsplit names them
 WARN_EVERY_S = 10.0
 _BUSY_BODY = json.dumps(ApiError(503, "too many connections", type_="server_error").body())
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"

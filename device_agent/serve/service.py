@@ -46,6 +46,10 @@ CLIENT_ERRORS = frozenset({"invalid", "too_long"})  # controller refusals that a
 BUSY_ERRORS = frozenset({"capacity", "busy"})
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "the agent is shutting down", type_="server_error")
+
+
 @dataclass
 class Outcome:
     """How a job ended: ``finish_reason`` ("stop", "length"; None if it did not finish)
@@ -107,7 +111,7 @@ class AgentService:
 
     def submit(self, job: Job) -> None:
         if self._stopping.is_set():
-            raise ApiError(503, "the agent is shutting down", type_="server_error")
+            raise shutting_down()
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -138,13 +142,7 @@ class AgentService:
         current = self._current
         if current is not None:
             current.cancelled.set()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            job.end(Outcome(None, 0, 0, ApiError(503, "the agent is shutting down",
-                                                  type_="server_error")))
+        self._fail_waiting(shutting_down())
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
@@ -188,11 +186,7 @@ class AgentService:
         except (LinkLost, LinkRefused, ControllerError, ProtocolError) as exc:
             self._lost(exc)
             return
-        self._retry_s = 1.0
-        self.health.registered, self.health.problem = True, None
-        self.health.device_id, self.health.target = (self.agent.device_id,
-                                                     self.agent.welcome.target_model)
-        self.metrics.registered.set(1)
+        self._registered()
 
     def _lost(self, exc: Exception) -> None:
         if self.health.registered or self.health.problem != str(exc):
@@ -244,12 +238,12 @@ class AgentService:
                                          cancelled=job.cancelled.is_set)
             eos = self.agent.welcome.eos_token_ids
             finish = "stop" if result.tokens and result.tokens[-1] in eos else "length"
-            self._register_seen()
+            self._registered()
         except RequestCancelled as exc:
             result = partial_result(exc)
             finish, outcome = ("stop", "stopped") if text.stopped else (None, "cancelled")
             if self._stopping.is_set() and not text.stopped:
-                error = ApiError(503, "the agent is shutting down", type_="server_error")
+                error = shutting_down()
         except ApiError as exc:
             error, outcome = exc, "refused"
         except Exception as exc:  # noqa: BLE001 - each failure is an answer, never the end
@@ -266,8 +260,8 @@ class AgentService:
             self._fail_waiting(error)
 
     def _fail_waiting(self, error: ApiError) -> None:
-        """The controller could not be reached for a whole resume timeout: the requests
-        that waited meanwhile get the same answer now, not one timeout each."""
+        """Every waiting request gets ``error`` now: the controller could not be reached
+        for a whole resume timeout (not one timeout each), or the service stops."""
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -276,13 +270,14 @@ class AgentService:
             job.end(Outcome(None, len(job.prompt_ids), 0, error))
             self.metrics.finished("unavailable", len(job.prompt_ids), None, 0)
 
-    def _register_seen(self) -> None:
-        """A request went through: whatever the health checks said, it is registered."""
-        if not self.health.registered:
-            self.health.registered, self.health.problem = True, None
-            self.health.device_id = self.agent.device_id
-            self.health.target = self.agent.welcome.target_model
-            self.metrics.registered.set(1)
+    def _registered(self) -> None:
+        """Registered (a welcome, or a request that went through whatever the health
+        checks said): health says so, the backoff starts over."""
+        self._retry_s = 1.0
+        self.health.registered, self.health.problem = True, None
+        self.health.device_id = self.agent.device_id
+        self.health.target = self.agent.welcome.target_model
+        self.metrics.registered.set(1)
 
     def _error_for(self, exc: Exception) -> tuple[ApiError, str]:
         """The client's answer to a request that failed with ``exc``, and its outcome."""
