@@ -148,8 +148,9 @@ class Deployer:
         cuda = board.llama_cuda == "auto"
         wheelhouse = await self._wheelhouse(facts, cuda)
         draft_path, draft_sha = _draft(board.draft)
+        threads = board.threads or facts.cpus
         config = agent_config(board, paths, self.fleet.controller_key, draft_path.name,
-                              threads=board.threads or facts.cpus)
+                              threads=threads)
         unit = agent_unit(board, paths, remote.user)
         old = _json(await remote.read(paths.state))
         wanted = {"wheelhouse": wheelhouse.digest, "draft": draft_sha,
@@ -163,7 +164,8 @@ class Deployer:
         if not changes and running:
             registered = await self._registered(remote, board, paths, timeout_s=10)
             if registered:
-                report.status, report.versions = "unchanged", _versions(old.get("versions"))
+                report.status = "unchanged"
+                report.versions = _version_map(old.get("versions"))
                 report.draft_tok_s = _rate(old.get("draft_tok_s"))
                 return
             changes.append("service (not registered)")
@@ -190,13 +192,11 @@ class Deployer:
             logs = await self._logs(remote, board, paths, 5)
             raise BoardError(f"the agent did not register within {REGISTER_TIMEOUT_S:.0f} s; "
                              f"its log ends: {' | '.join(logs.strip().splitlines()[-3:])}")
-        report.draft_tok_s = await self._bench(remote, board, paths, draft_path.name,
-                                               board.threads or facts.cpus)
+        report.draft_tok_s = await self._bench(remote, board, paths, draft_path.name, threads)
         report.versions = await self._versions(remote, paths)
         state = {**wanted, "versions": report.versions, "draft_tok_s": report.draft_tok_s,
                  "public_key": public, "deployed_at": time.time()}
-        await remote.write(paths.state + ".part", json.dumps(state, indent=1))
-        await remote.run(f"mv {shlex.quote(paths.state + '.part')} {shlex.quote(paths.state)}")
+        await remote.write(paths.state, json.dumps(state, indent=1))
         report.status = "deployed"
 
     async def _probe(self, remote: Remote, board: Board, report: BoardReport) -> BoardFacts:
@@ -239,7 +239,7 @@ class Deployer:
         reinstalled, so a board never keeps an old wheel under a recorded new digest."""
         wheels = shlex.quote(paths.wheels)
         listing = await remote.run(f"mkdir -p {wheels} && cd {wheels} && "
-                                   "find . -maxdepth 1 -type f -name '*' -exec sha256sum {} +",
+                                   "find . -maxdepth 1 -type f -exec sha256sum {} +",
                                    what="listing the board's wheels")
         have = {line.split()[1][2:]: line.split()[0] for line in listing.stdout.splitlines()
                 if len(line.split()) == 2}
@@ -248,11 +248,9 @@ class Deployer:
         changed = [p for name, p in local.items() if have.get(name) != _file_sha(p)]
         stale = [name for name in have if name not in local]
         self.say(board, f"pushing {len(changed)} of the wheelhouse's {len(local)} files")
-        await remote.put([(p, f"{paths.wheels}/{p.name}.part") for p in changed])
-        renames = [f"mv {shlex.quote(p.name + '.part')} {shlex.quote(p.name)}" for p in changed]
-        removals = [f"rm -f {shlex.quote(name)}" for name in stale]
-        if renames or removals:
-            await remote.run(f"cd {wheels} && " + " && ".join(renames + removals))
+        await remote.put([(p, f"{paths.wheels}/{p.name}") for p in changed])
+        if stale:
+            await remote.run(f"cd {wheels} && rm -f " + " ".join(map(shlex.quote, stale)))
         venv_missing = (await remote.run(f"test -x {shlex.quote(paths.bin)}/python",
                                          check=False)).status != 0
         if venv_missing or new_python:
@@ -345,8 +343,7 @@ class Deployer:
             return
         self.say(board, f"copying the draft {draft.name} ({draft.stat().st_size >> 20} MiB)")
         await remote.run(f"mkdir -p {shlex.quote(paths.models)}")
-        await remote.put([(draft, target + ".part")])
-        await remote.run(f"mv {shlex.quote(target + '.part')} {shlex.quote(target)}")
+        await remote.put([(draft, target)])
 
     async def _service(self, remote: Remote, board: Board, paths: Paths,
                        action: str) -> bool:
@@ -398,7 +395,7 @@ class Deployer:
                 "**{n: m.version(n) for n in names}}))")
         out = await remote.run(f"{shlex.quote(paths.bin)}/python -c {shlex.quote(code)}",
                                check=False)
-        return _versions(_json(out.stdout))
+        return _version_map(_json(out.stdout))
 
     async def _logs(self, remote: Remote, board: Board, paths: Paths, lines: int) -> str:
         return (await remote.run(logs_command(board, paths, lines), check=False)).stdout
@@ -412,7 +409,7 @@ class Deployer:
                 state = _json(await remote.read(paths.state))
                 running = await self._service(remote, board, paths, "status")
                 health = await self._health(remote, board, paths) if running else {}
-                report.versions = _versions(state.get("versions"))
+                report.versions = _version_map(state.get("versions"))
                 report.draft_tok_s = _rate(state.get("draft_tok_s"))
                 report.status = ("registered" if health.get("registered") else
                                  "running, not registered" if running else
@@ -549,7 +546,7 @@ def _draft(name: str) -> tuple[Path, str]:
     return path, _file_sha(path)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=256)  # the wheelhouse and drafts, hashed once per run
 def _file_sha(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -563,7 +560,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
-def _versions(value: object) -> dict[str, str]:
+def _version_map(value: object) -> dict[str, str]:
     """A board's version map, with only short printable strings kept."""
     if not isinstance(value, dict):
         return {}

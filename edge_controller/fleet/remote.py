@@ -122,20 +122,27 @@ class Remote:
         return Result(status if status is not None else -1, out, err)
 
     async def put(self, files: list[tuple[Path, str]]) -> None:
-        """Copy (local, remote path) pairs, over one SFTP session."""
+        """Copy (local, remote path) pairs, over one SFTP session; each file appears whole
+        or not at all (copied beside, then renamed), so a broken copy is never taken for
+        a good one."""
+        async def put(sftp) -> None:
+            for local, remote in files:
+                await sftp.put(str(local), remote + ".part")
+                await sftp.posix_rename(remote + ".part", remote)
         if files:
-            await self._sftp(lambda sftp: _each(sftp.put, [(str(a), b) for a, b in files]),
-                             "copying files to the board")
+            await self._sftp(put, "copying files to the board")
 
     async def get(self, remote: str, local: Path) -> None:
         await self._sftp(lambda sftp: sftp.get(remote, str(local)), f"fetching {remote}")
 
     async def write(self, remote: str, text: str, mode: int = 0o644) -> None:
+        """Write a file whole or not at all (as :meth:`put`), with ``mode``."""
         async def write(sftp) -> None:
-            async with sftp.open(remote, "w") as f:
+            async with sftp.open(remote + ".part", "w") as f:
                 await f.write(text)
+            await sftp.chmod(remote + ".part", mode)
+            await sftp.posix_rename(remote + ".part", remote)
         await self._sftp(write, f"writing {remote} on the board")
-        await self.run(f"chmod {mode:o} {shlex.quote(remote)}")
 
     async def _sftp(self, work, what: str) -> None:
         try:
@@ -152,11 +159,6 @@ class Remote:
 
     def close(self) -> None:
         self.connection.close()
-
-
-async def _each(call, items: list[tuple]) -> None:
-    for item in items:
-        await call(*item)
 
 
 async def _capped(stream) -> str | None:
