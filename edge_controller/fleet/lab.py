@@ -224,10 +224,7 @@ class FleetLab:
 
     def close(self) -> None:
         for user in self._users:  # what deploys started as the boards' users
-            pids = subprocess.run(["pgrep", "-u", user], capture_output=True, text=True).stdout
-            for pid in pids.split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
+            _kill_user_processes(user)
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
@@ -257,9 +254,13 @@ def cleanup_stale() -> list[str]:
         user = line.split(":", 1)[0]
         match = re.fullmatch(r"msf(\d+)b\d+", user)
         if match and match.group(1) in owners:
-            _run(["pkill", "-9", "-u", user], check=False)
+            _kill_user_processes(user)
             _run(["userdel", user], check=False)
     return stale
+
+
+def _kill_user_processes(user: str) -> None:
+    _run(["pkill", "-9", "-u", user], check=False)
 
 
 def _alive(pid: int) -> bool:

@@ -45,6 +45,7 @@ PROJECT = "multispin-edge"
 DEVICE_PACKAGES = ("llama-cpp-python", "pyzmq", "msgpack", "psutil", "numpy",
                    "prometheus-client")  # the [device] extra, pinned to the edge's versions
 LLAMA = "llama-cpp-python"
+PINS_STAMP = ".pins"  # in a wheelhouse: the pins its dependencies were collected for
 LLAMA_BUILD_REQUIREMENTS = ("scikit-build-core[pyproject]", "cmake", "ninja")
 ROOT = Path(__file__).resolve().parents[2]  # the project's source tree (pyproject.toml)
 PLATFORM = re.compile(r"[a-z]{1,32}-[a-z0-9_]{1,32}-cp\d{2,4}(-cuda\d{2,3})?")
@@ -111,8 +112,7 @@ def planned(cache: Path, facts: BoardFacts, cuda: bool) -> Wheelhouse:
     a digest that matches no board."""
     directory = cache / "wheelhouse" / platform_of(facts, cuda)
     llama_source = needs_build(facts, cuda) and not kept_wheels(cache, facts, cuda)
-    if not (directory / ".pins").is_file() or (directory / ".pins").read_text() != \
-            "\n".join(pins()):
+    if not _has_dependencies(directory):
         return Wheelhouse(directory, "(to assemble)", llama_source)
     with tempfile.TemporaryDirectory() as tmp:
         project = project_wheel(Path(tmp))
@@ -132,19 +132,21 @@ def assemble(cache: Path, facts: BoardFacts, cuda: bool, project: Path) -> Wheel
     kept = kept_wheels(cache, facts, cuda)
     for wheel in kept:  # a board of this platform built it before
         shutil.copy2(wheel, directory / wheel.name)
-    stamp = directory / ".pins"
-    wanted = "\n".join(pins())
-    if stamp.is_file() and stamp.read_text() == wanted:
-        pass  # the dependencies are there from an earlier deploy
-    elif not needs_build(facts, cuda):
-        _pip("wheel", "-w", str(directory), "--find-links", str(directory), *pins(),
-             what="collecting the device's wheels")
-        stamp.write_text(wanted)
-    else:
-        _download_for(directory, facts, skip_llama=bool(kept))
-        stamp.write_text(wanted)
+    if not _has_dependencies(directory):  # else there from an earlier deploy
+        if needs_build(facts, cuda):
+            _download_for(directory, facts, skip_llama=bool(kept))
+        else:
+            _pip("wheel", "-w", str(directory), "--find-links", str(directory), *pins(),
+                 what="collecting the device's wheels")
+        (directory / PINS_STAMP).write_text("\n".join(pins()))
     llama_source = needs_build(facts, cuda) and not kept
     return Wheelhouse(directory, digest(list(directory.iterdir())), llama_source)
+
+
+def _has_dependencies(directory: Path) -> bool:
+    """The wheelhouse holds the dependencies at this edge's pins (its stamp says so)."""
+    stamp = directory / PINS_STAMP
+    return stamp.is_file() and stamp.read_text() == "\n".join(pins())
 
 
 def _download_for(directory: Path, facts: BoardFacts, skip_llama: bool) -> None:
