@@ -74,13 +74,18 @@ def is_loopback(endpoint: str) -> bool:
     scheme, _, rest = endpoint.partition("://")
     if scheme in ("ipc", "inproc"):
         return True
-    host = rest.rpartition(":")[0].strip("[]")
+    return is_loopback_host(rest.rpartition(":")[0].strip("[]"))
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost or a loopback address; "*", an interface name or another host name is
+    reachable from outside."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False  # "*", an interface name or a host name: reachable from outside
+        return False
 
 
 class RateLimit:

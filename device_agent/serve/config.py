@@ -3,13 +3,13 @@ command line's flags over it, checked as the controller's config is."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_controller.config import ConfigError, load_sections, require
 from edge_controller.protocol import MAX_TOP_K
+from edge_controller.transport import is_loopback_host
 
 DEFAULT_HTTP = "127.0.0.1:8080"
 
@@ -82,7 +82,7 @@ class AgentConfig:
         ]
         require(checks)
         host, _port = http_address(h.bind)
-        if not is_loopback(host) and not (h.api_key_file and h.tls_cert):
+        if not is_loopback_host(host) and not (h.api_key_file and h.tls_cert):
             raise ConfigError(
                 f"http.bind {h.bind} is reachable from other hosts: that needs an API key "
                 "(--api-key-file) and TLS (--tls-cert, --tls-key), or keep the default "
@@ -103,11 +103,3 @@ def http_address(bind: str) -> tuple[str, int]:
         raise ConfigError(f"http.bind must be HOST:PORT, got {bind!r}")
     return host.strip("[]"), int(port)
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name or 0.0.0.0-like wildcard: reachable from elsewhere

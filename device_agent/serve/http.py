@@ -30,9 +30,9 @@ from device_agent.agent import SamplingOptions
 from device_agent.serve import api
 from device_agent.serve.api import ApiError, CompletionRequest
 from device_agent.serve.chat import ChatTemplate
-from device_agent.serve.config import is_loopback
 from device_agent.serve.service import AgentService, Job, Outcome
 from edge_controller.protocol import MIN_TEMPERATURE
+from edge_controller.transport import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ApiServer(ThreadingHTTPServer):
                  tls: ssl.SSLContext | None = None):
         self.app = app
         self.tls = tls
-        self.loopback = is_loopback(address[0])  # then only loopback Host names are served
+        self.loopback = is_loopback_host(address[0])  # then only loopback Host names are served
         self._open: dict[str, int] = {}  # connections per client address
         self._lock = threading.Lock()
         self._warned_at = -WARN_EVERY_S
@@ -141,7 +141,7 @@ class ApiServer(ThreadingHTTPServer):
         with self._lock:
             total, mine = sum(self._open.values()), self._open.get(client, 0)
             refuse = total >= MAX_CONNECTIONS or (mine >= MAX_PER_CLIENT
-                                                 and not is_loopback(client))
+                                                 and not is_loopback_host(client))
             if not refuse:
                 self._open[client] = mine + 1
         if refuse:

@@ -48,6 +48,7 @@ LLAMA = "llama-cpp-python"
 PINS_STAMP = ".pins"  # in a wheelhouse: the pins its dependencies were collected for
 LLAMA_BUILD_REQUIREMENTS = ("scikit-build-core[pyproject]", "cmake", "ninja")
 ROOT = Path(__file__).resolve().parents[2]  # the project's source tree (pyproject.toml)
+BUILD_LEFTOVERS = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache")
 PLATFORM = re.compile(r"[a-z]{1,32}-[a-z0-9_]{1,32}-cp\d{2,4}(-cuda\d{2,3})?")
 BUILT_WHEEL = re.compile(r"llama_cpp_python-(\d+\.\d+\.\d+)-[\w.]+-[\w.]+-[\w.]+\.whl")
 BUILT_MEMBERS = re.compile(r"(llama_cpp/|llama_cpp_python-[\w.]+\.dist-info/|bin/|include/|lib/)")
@@ -91,11 +92,16 @@ def platform_of(facts: BoardFacts, cuda: bool) -> str:
 
 
 def project_wheel(cache: Path) -> Path:
-    """The project's own wheel, built from this source tree (once per deploy run)."""
+    """The project's own wheel, built from a clean copy of this source tree (once per
+    deploy run): setuptools builds in the tree's build/, where files of modules since
+    removed would stay and be packaged, and concurrent builds would collide."""
     directory = cache / "wheelhouse" / "project"
     shutil.rmtree(directory, ignore_errors=True)
-    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(directory), str(ROOT),
-         what="building the project's wheel")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "source"
+        shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
+        _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(directory), str(source),
+             what="building the project's wheel")
     (wheel,) = directory.glob("multispin_edge-*.whl")
     return wheel
 
