@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_controller.config import ControlConfig
-from edge_controller.control import SystemParams, UserParams, VerifyTime, solve
+from edge_controller.control import Plan, SystemParams, UserParams, VerifyTime, solve
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
@@ -82,6 +82,7 @@ class DraftController:
         self._planned: set[str] = set()  # devices some plan has decided for
         self.plan_goodput_tok_s = 0.0
         self._solved_inputs: np.ndarray | None = None
+        self._last_plan: tuple[list[str], Plan] | None = None  # warm start of the next solve
         self._membership_changed = True
         self._last_solve = -np.inf
 
@@ -200,13 +201,17 @@ class DraftController:
             problem = problem_from_snapshot(snapshot, self.verify_time.coefficients(),
                                             self.config.bandwidth_hz, self.config.max_draft_len,
                                             self.max_delay_s)
-            plan = solve(self.config.policy, *problem)
+            warm = self._last_plan[1] if self._last_plan and self._last_plan[0] == ids else None
+            started = time.perf_counter()
+            plan = solve(self.config.policy, *problem, warm=warm)
+            solve_s = time.perf_counter() - started
             if not (np.isfinite(plan.bandwidth_share).all() and np.isfinite(plan.goodput_tok_s)):
                 raise ValueError("the solver returned a plan with non-finite numbers")
         except ValueError as exc:
             log.warning("draft control: %s; keeping the current decisions", exc)
             return {}
         self._solved_inputs, self._membership_changed = inputs, False
+        self._last_plan = (ids, plan)
         self.plan_goodput_tok_s = plan.goodput_tok_s
         changed = {}
         self._planned |= set(ids)
@@ -218,7 +223,8 @@ class DraftController:
             decision = Decision(int(plan.draft_len[i]), share, rate)
             if decision != self.decisions.get(device_id):
                 self.decisions[device_id] = changed[device_id] = decision
-        log.info("draft control (%s): predicted %.1f tok/s; %s", self.config.policy,
+        log.info("draft control (%s, %s solve %.1f ms): predicted %.1f tok/s; %s",
+                 self.config.policy, "warm" if warm else "cold", solve_s * 1e3,
                  plan.goodput_tok_s, ", ".join(
                      f"{d}: L={self.decisions[d].draft_len} "
                      f"share={self.decisions[d].bandwidth_share:.2f}" for d in ids))

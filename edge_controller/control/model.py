@@ -232,34 +232,60 @@ def evaluate(
 def equalised_finish_time_s(
     system: SystemParams, users: UserParams, draft_len: np.ndarray
 ) -> np.ndarray:
-    """tau*(L): the smallest common finish time the band can buy, for draft_len (..., K).
+    """tau*(L): the smallest common finish time the band can buy, for draft_len (..., K)."""
+    return equalised_finish_time(
+        compute_time_s(system, users, draft_len),
+        upload_s_full_band(system, users, draft_len),
+    )
+
+
+def equalised_finish_time(
+    compute_s: np.ndarray, upload_s: np.ndarray, near: np.ndarray | None = None
+) -> np.ndarray:
+    """tau* for compute times c_k and full-band upload times w_k, both (..., K) -> (...).
 
     Shares beta_k = w_k / (tau - c_k) make every finish time tau; tau* solves
     S(tau) = sum_k w_k / (tau - c_k) = 1 over devices with w_k > 0, and is at least
     max_k c_k. H = 1/S is concave and increasing in tau (a parallel-resistance sum of linear
     terms), so Newton on H = 1 started below the root, at max_k (c_k + w_k), climbs
-    monotonically to it; for identical devices it lands in one step.
+    monotonically to it; for identical devices it lands in one step. ``near`` (...): a
+    guess close to tau* (e.g. a finish time these lengths were chosen to fit in): by
+    concavity one Newton step from any point lands at or below the root, so the climb
+    starts from there when that is higher, saving most steps.
     """
-    c = compute_time_s(system, users, draft_len)
-    w = np.broadcast_to(upload_s_full_band(system, users, draft_len), c.shape)
+    c = np.asarray(compute_s, dtype=float)
+    w = np.broadcast_to(upload_s, c.shape)
     sends = w > 0
     c_max = c.max(axis=-1)
-    tau = np.maximum(np.where(sends, c + w, -np.inf).max(axis=-1), c_max)
+    # A device that uploads nothing needs no share: at c = -inf its terms vanish (0 / inf),
+    # so the loop needs no masks over (..., K).
+    c = np.where(sends, c, -np.inf)
+    tau = np.maximum((c + w).max(axis=-1), c_max)
     # An upload below the float resolution of its compute time (c + w == c) would start
     # Newton at zero slack (w / 0, then inf / inf); start one ulp above instead.
-    tau = np.where(sends.any(axis=-1), np.maximum(tau, np.nextafter(c_max, np.inf)), tau)
     active = sends.any(axis=-1)
-    for _ in range(_NEWTON_STEPS):
-        slack = tau[..., None] - c
-        with np.errstate(divide="ignore", invalid="ignore"):
-            term = np.where(sends, w / slack, 0.0)
-            s1 = term.sum(axis=-1)
-            s2 = np.where(sends, term / slack, 0.0).sum(axis=-1)
+    tau = np.where(active, np.maximum(tau, np.nextafter(c_max, np.inf)), tau)
+    slack, term = np.empty_like(c), np.empty_like(c)  # reused: fresh big arrays page-fault
+
+    def newton_step(tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        np.subtract(tau[..., None], c, out=slack)
+        s1 = np.divide(w, slack, out=term).sum(axis=-1)
+        s2 = np.divide(term, slack, out=term).sum(axis=-1)
+        return (s1 * s1 - s1) / s2, s1
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 where nothing is sent
+        if near is not None:
+            near = np.asarray(near, dtype=float)
+            usable = active & (near > tau)  # above the start, so above every c_k
+            step, _ = newton_step(np.where(usable, near, tau))
+            tau = np.where(usable, np.maximum(tau, near + step), tau)
+        for _ in range(_NEWTON_STEPS):
+            step, s1 = newton_step(tau)
             # S <= 1 at the start means the root lies below max_k c_k: tau* = max_k c_k.
-            step = np.where(active & (s1 > 1.0), (s1 * s1 - s1) / s2, 0.0)
-        tau = tau + step
-        if not np.any(step > _NEWTON_RTOL * tau):
-            break
+            step = np.where(active & (s1 > 1.0), step, 0.0)
+            tau = tau + step
+            if not np.any(step > _NEWTON_RTOL * tau):
+                break
     return np.maximum(tau, c_max)
 
 
@@ -274,9 +300,17 @@ def shares_for_finish_time(
 
 
 def equalised_goodput(
-    system: SystemParams, users: UserParams, draft_len: np.ndarray
+    system: SystemParams,
+    users: UserParams,
+    draft_len: np.ndarray,
+    near: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(G, tau*) with finish-time-equalising shares, batched over leading axes of draft_len."""
-    tau = equalised_finish_time_s(system, users, draft_len)
+    """(G, tau*) with finish-time-equalising shares, batched over leading axes of draft_len;
+    ``near``: finish times close to tau* to start from (see ``equalised_finish_time``)."""
+    tau = equalised_finish_time(
+        compute_time_s(system, users, draft_len),
+        upload_s_full_band(system, users, draft_len),
+        near,
+    )
     tokens = users.acceptance.expected_tokens(draft_len).sum(axis=-1)
     return tokens / (tau + system.verify_time(draft_len)), tau

@@ -151,6 +151,38 @@ def parse_scenario(data: dict[str, Any], name: str = "scenario") -> Scenario:
     return Scenario(name, system, users, str(data.get("description", "")))
 
 
+# Upload laws: greedy ids, sparse top-8 (id + probability), the full distribution.
+UPLOAD_BITS = (17.0, 264.0, 786432.0)
+
+
+def random_problem(
+    num_users: int,
+    seed: int = 0,
+    bits_per_token: float = 17.0,
+    overhead_bits: float = 800.0,
+    curves: bool = False,
+    verify_per_token_s: float = 0.0004,
+) -> tuple[SystemParams, UserParams]:
+    """A random system over DESIGN.md's realistic ranges (draft 10-80 ms/token, acceptance
+    0.4-0.95, 0.5-7 bit/s/Hz, delay 5-50 ms; B = 20 MHz, L_max = 16, T_v = 25 ms + 0.4 ms
+    per token), for benchmarks and solver references. ``curves``: per-position acceptance
+    that decays along the draft (heavy-headed pairs) instead of a geometric rate."""
+    rng = np.random.default_rng(seed)
+    verify_time = VerifyTime(0.025, verify_per_token_s)
+    system = SystemParams(20e6, bits_per_token, verify_time, overhead_bits, 16)
+    draft_s = rng.uniform(0.010, 0.080, num_users)
+    rate = rng.uniform(0.40, 0.95, num_users)
+    efficiency = rng.uniform(0.5, 7.0, num_users)
+    delay = rng.uniform(0.005, 0.050, num_users)
+    acceptance = (
+        PositionAcceptance(rate * rng.uniform(0.85, 1.0, (16, num_users)).cumprod(axis=0) ** 0.25)
+        if curves
+        else GeometricAcceptance(rate)
+    )
+    users = UserParams(draft_s, acceptance, efficiency, delay)
+    return system, users
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario file; every problem raises ScenarioError."""
     path = Path(path)
