@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -322,7 +322,20 @@ def _knapsack_candidates(
     return np.concatenate([floor, ceil]), np.tile(tau, 2)
 
 
-def _best_response(tables: _Tables, plan: Plan, tau: float) -> np.ndarray:
+@dataclass
+class _Best:
+    """The best draft lengths found so far, their goodput and finish time tau*(L) (the
+    Plan, with its shares, is built once at the end)."""
+
+    goodput: float
+    draft_len: np.ndarray
+    tau: float
+
+    def plan(self, policy: str, system: SystemParams, users: UserParams) -> Plan:
+        return _equalised_plan(policy, system, users, self.draft_len, self.tau)
+
+
+def _best_response(tables: _Tables, plan: _Best, tau: float) -> np.ndarray:
     """Every device's closed-form best L at the multipliers of a plan with finish time tau.
 
     One more unit of share would shorten the round by 1 / S2 with
@@ -335,10 +348,10 @@ def _best_response(tables: _Tables, plan: Plan, tau: float) -> np.ndarray:
     sends = upload_s > 0
     s2 = np.sum(upload_s[sends] / slack[sends] ** 2)
     # Free uploads: the band is worth ~nothing, but an L that cannot finish stays -inf.
-    price = plan.goodput_tok_s / s2 if s2 > 0 else _TINY
+    price = plan.goodput / s2 if s2 > 0 else _TINY
     score = tables.shares(np.array([tau]))[0]
     np.multiply(score, -price, out=score)
-    score += tables.values(plan.goodput_tok_s)
+    score += tables.values(plan.goodput)
     return np.argmax(score, axis=0)
 
 
@@ -413,14 +426,14 @@ def _finish_time_range(
 
 
 def _better(
-    system: SystemParams, users: UserParams, best: Plan, candidates: np.ndarray, near: np.ndarray
-) -> tuple[Plan, int, np.ndarray]:
+    system: SystemParams, users: UserParams, best: _Best, candidates: np.ndarray, near: np.ndarray
+) -> tuple[_Best, int, np.ndarray]:
     """Score the candidates exactly (tau* from ``near``): the best of them and ``best``,
     the index of the best candidate, and every candidate's tau*."""
     goodput, tau = equalised_goodput(system, users, candidates, near)
     i = int(np.argmax(goodput))
-    if goodput[i] > best.goodput_tok_s:
-        best = _equalised_plan("heterogeneous", system, users, candidates[i], tau[i])
+    if goodput[i] > best.goodput:
+        best = _Best(float(goodput[i]), candidates[i], float(tau[i]))
     return best, i, tau
 
 
@@ -458,10 +471,12 @@ def heterogeneous(
     after all.
     """
     tables = _Tables(system, users)
-    best, common_taus = _homogeneous(system, users, tables)
+    homogeneous_plan, common_taus = _homogeneous(system, users, tables)
     if system.max_draft_len == 0:
-        return replace(best, policy="heterogeneous")
-    first, last = _finish_time_range(system, users, tables, common_taus, best.goodput_tok_s)
+        return replace(homogeneous_plan, policy="heterogeneous")
+    common = int(homogeneous_plan.draft_len[0])
+    best = _Best(homogeneous_plan.goodput_tok_s, homogeneous_plan.draft_len, common_taus[common])
+    first, last = _finish_time_range(system, users, tables, common_taus, best.goodput)
     budget = _GRID_BUDGET // tables.tokens.size
     refine_points = max(3, min(6, budget))
 
@@ -476,22 +491,20 @@ def heterogeneous(
         # Small K: the goodput has structure at every scale of slack above tau*(0) (a
         # little band frees a step for one device) and just past compute breakpoints.
         slack = _geometric(_SLACK_MIN * first, max(last - first, _SLACK_MIN * first), 12)
-        candidates, near = _compute_bound_candidates(system, tables, best.goodput_tok_s, first)
+        candidates, near = _compute_bound_candidates(system, tables, best.goodput, first)
         if candidates.size:
             best, _, tau = _better(system, users, best, candidates, near)
             slack = np.append(slack, tau - first)
         taus = np.union1d(taus, first + slack[(slack > 0) & (first + slack <= last)])
     windowed = False
     if _usable_warm_start(system, users, warm):
-        previous = _equalised_plan("heterogeneous", system, users, warm.draft_len)
-        best = max(best, previous, key=lambda plan: plan.goodput_tok_s)
-        centre = previous.round_time_s - float(system.verify_time(previous.draft_len))
-        window = (max(first, centre / _WARM_WINDOW), min(last, centre * _WARM_WINDOW))
+        best, _, centre = _better(system, users, best, warm.draft_len[None], None)
+        window = (max(first, centre[0] / _WARM_WINDOW), min(last, centre[0] * _WARM_WINDOW))
         # Few devices: far-apart local optima, and a cold sweep costs ~1 ms anyway.
         if window[0] < window[1] and users.num_users >= _WARM_MIN_USERS:
             taus, windowed = grid(*window), True
     for stage in range(refinements + 1):
-        candidates, near = _knapsack_candidates(tables, taus, best.goodput_tok_s)
+        candidates, near = _knapsack_candidates(tables, taus, best.goodput)
         best, i, _ = _better(system, users, best, candidates, near)
         j = i % taus.size  # the grid point of the stage's best candidate
         if (
@@ -504,12 +517,12 @@ def heterogeneous(
         lo, hi = taus[max(j - 1, 0)], taus[min(j + 1, taus.size - 1)]
         taus = _geometric(lo, hi, refine_points + 2)[1:-1]  # between the neighbours
     for _ in range(polish_steps):
-        tau = best.round_time_s - float(system.verify_time(best.draft_len))
-        plan = _equalised_plan("heterogeneous", system, users, _best_response(tables, best, tau))
-        if plan.goodput_tok_s <= best.goodput_tok_s:
+        response = _best_response(tables, best, best.tau)[None]
+        polished, _, _ = _better(system, users, best, response, np.array([best.tau]))
+        if polished is best:
             break
-        best = plan
-    return replace(best, policy="heterogeneous")
+        best = polished
+    return best.plan("heterogeneous", system, users)
 
 
 POLICIES: dict[str, Policy] = {
