@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from device_agent.board import BoardMonitor
-from device_agent.drafter import Drafter
+from device_agent.drafter import Drafter, DraftResult, TokenizerOnly
 from device_agent.link import ControllerLink, LinkLost, LinkTimeout
 from device_agent.telemetry import LinkProbe, LinkReport, host_state
 from edge_controller import protocol as P
@@ -67,18 +67,19 @@ class _Request:
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: SamplingOptions
+    server_decode: bool = False  # no drafter here: the controller decodes (version 5)
     committed: list[int] = field(default_factory=list)
 
     def start(self) -> P.Start:
         s = self.sampling
         return P.Start(self.request_id, self.prompt_ids, self.max_new_tokens, s.temperature,
-                       s.top_p, s.top_k, s.seed, s.draft_top_k)
+                       s.top_p, s.top_k, s.seed, s.draft_top_k, self.server_decode)
 
     def resume(self, round_: int) -> P.Resume:
         s = self.sampling
         return P.Resume(self.request_id, self.prompt_ids, list(self.committed), round_,
                         self.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed,
-                        s.draft_top_k)
+                        s.draft_top_k, self.server_decode)
 
 
 class ControllerBrokeProtocol(RuntimeError):
@@ -162,9 +163,10 @@ def device_name(given: str | None, secure: bool) -> str | None:
 
 
 class DeviceAgent:
-    def __init__(self, drafter: Drafter, link: ControllerLink, device_id: str | None = None,
-                 telemetry: TelemetryOptions | None = None, resume_timeout_s: float = 60.0,
-                 keepalive_s: float = 2.0, board: BoardMonitor | None = None):
+    def __init__(self, drafter: Drafter | TokenizerOnly, link: ControllerLink,
+                 device_id: str | None = None, telemetry: TelemetryOptions | None = None,
+                 resume_timeout_s: float = 60.0, keepalive_s: float = 2.0,
+                 board: BoardMonitor | None = None):
         self.drafter = drafter
         self.board = board  # a Jetson's tegrastats, reported with the telemetry
         self.link = link
@@ -247,7 +249,9 @@ class DeviceAgent:
         ``resume_timeout_s``. Whatever ends a request early carries what it had committed:
         ``partial_result(exc)``."""
         sampling = sampling or SamplingOptions()
-        request = _Request(uuid.uuid4().hex[:12], prompt_ids, max_new_tokens, sampling)
+        server_decode = not self.drafter.drafts
+        request = _Request(uuid.uuid4().hex[:12], prompt_ids, max_new_tokens, sampling,
+                           server_decode)
         self._request_id = request.request_id
         self._cancelled = cancelled or (lambda: False)
         started = time.perf_counter()
@@ -272,7 +276,9 @@ class DeviceAgent:
             self.drafter.begin(prompt_ids)
             first_draft_at = time.perf_counter()
             while True:
-                draft = self.drafter.draft(
+                # Without a drafter the controller decodes: each verdict answers a round
+                # with an empty draft that it made itself, one per forward.
+                draft = DraftResult([]) if server_decode else self.drafter.draft(
                     draft_len, temperature=sampling.temperature, top_k=sampling.draft_top_k,
                     seed=sampling.seed,
                 )
@@ -280,10 +286,11 @@ class DeviceAgent:
                 self._draft_s += draft.seconds
                 self._drafted += len(draft.tokens)
                 try:
-                    self.link.send(P.Draft(
-                        request.request_id, stats.rounds, len(prompt_ids) + len(tokens),
-                        draft.tokens, draft.q_ids, draft.q_counts, draft.seconds,
-                    ))
+                    if not server_decode:
+                        self.link.send(P.Draft(
+                            request.request_id, stats.rounds, len(prompt_ids) + len(tokens),
+                            draft.tokens, draft.q_ids, draft.q_counts, draft.seconds,
+                        ))
                     verdict = self._expect(P.Verdict)
                 except LinkLost as lost:
                     draft_len = self._resume(request, stats.rounds, lost)

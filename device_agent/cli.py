@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--controller", required=True, metavar="tcp://HOST:PORT")
     add_link_arguments(gen)
     gen.add_argument("--draft", default="q4_0",
-                     help="draft model: a name from configs/models.toml (q8_0, q5_0, q4_0, ...) "
+                     help="draft model: a name from configs/models.toml (q8_0, q5_0, q4_0, ...), "
+                     "or none (no drafter: the controller decodes) "
                      "or a path to a GGUF file (default: q4_0)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -196,6 +197,9 @@ def bench_draft(args: argparse.Namespace) -> int:
     if args.tokens < 1:
         print("device-agent: --tokens must be >= 1", file=sys.stderr)
         return EXIT_USAGE
+    if args.draft == NO_DRAFTER:
+        print("device-agent: --draft none has nothing to benchmark", file=sys.stderr)
+        return EXIT_USAGE
     drafter = load_drafter(args)
     if drafter is None:
         return EXIT_USAGE
@@ -227,13 +231,24 @@ def resolve_draft(name_or_path: str) -> Path:
     return materialized.drafts[name_or_path]
 
 
+NO_DRAFTER = "none"  # --draft none: the tokenizer of TOKENIZER_DRAFT, decoded by the controller
+TOKENIZER_DRAFT = "q4_0"
+
+
+def open_drafter(name: str, threads: int = 1, pace_s: float = 0.0):
+    """The drafter ``name`` (registry name or GGUF path), or with ``none`` the default
+    draft's tokenizer alone: the controller then decodes (server_decode)."""
+    from device_agent.drafter import Drafter, TokenizerOnly
+
+    if name == NO_DRAFTER:
+        return TokenizerOnly(resolve_draft(TOKENIZER_DRAFT))
+    return Drafter(resolve_draft(name), n_threads=threads, pace_s_per_token=pace_s)
+
+
 def load_drafter(args: argparse.Namespace):
     """The drafter named by --draft, or None after printing why it cannot be loaded."""
-    from device_agent.drafter import Drafter
-
     try:
-        return Drafter(resolve_draft(args.draft), n_threads=args.threads,
-                       pace_s_per_token=args.draft_pace)
+        return open_drafter(args.draft, args.threads, args.draft_pace)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError quotes its str
         print(f"device-agent: {reason}", file=sys.stderr)
@@ -307,7 +322,6 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from device_agent.drafter import Drafter
     from device_agent.serve.config import load_agent_config
     from device_agent.serve.runner import serve as run_service
     from edge_controller.config import ConfigError
@@ -319,8 +333,7 @@ def serve(args: argparse.Namespace) -> int:
         curve, problem = curve_client(c.insecure, c.keys_dir, c.key)
         if problem:
             raise ConfigError(problem)
-        drafter = Drafter(resolve_draft(config.draft.model), n_threads=config.draft.threads,
-                          pace_s_per_token=config.draft.pace_s)
+        drafter = open_drafter(config.draft.model, config.draft.threads, config.draft.pace_s)
         return run_service(config, drafter, curve)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) else exc

@@ -39,7 +39,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from edge_controller.protocol import MAX_TOP_K, Q_SCALE
+from edge_controller.protocol import MAX_PROMPT_TOKENS, MAX_TOP_K, Q_SCALE
 from models.fingerprint import fingerprint_llama, llama_token_pieces
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,63 @@ def position_rng(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng([seed, position])
 
 
-class Drafter:
+class _Vocabulary:
+    """A loaded GGUF's tokenizer: ids <-> bytes, its fingerprint, its end-of-generation ids."""
+
+    def _load_vocabulary(self, llm: llama_cpp.Llama, gguf_path: Path) -> None:
+        self.llm = llm
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.model_id = gguf_path.stem
+        self.vocab_size = llm.n_vocab()
+        self.fingerprint = fingerprint_llama(llm)
+        self.eos_token_ids = [
+            i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self.vocab, i)
+        ]
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``; special tokens written in it (``<|im_start|>``) are parsed."""
+        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+    def detokenize(self, ids: list[int]) -> bytes:
+        """The bytes of ``ids`` (control tokens render to nothing); safe to stream per round."""
+        return b"".join(llama_token_pieces(self.vocab, ids, special=False))
+
+
+class TokenizerOnly(_Vocabulary):
+    """A device without a drafter (``--draft none``): the draft GGUF's vocabulary only, no
+    weights. It tokenizes and fingerprints exactly as the drafter would, and the controller
+    decodes its requests (protocol version 5, ``server_decode``)."""
+
+    drafts = False
+
+    def __init__(self, gguf_path: str | Path):
+        gguf_path = Path(gguf_path)
+        if not gguf_path.is_file():
+            raise FileNotFoundError(f"tokenizer model {gguf_path} does not exist")
+        self._load_vocabulary(
+            llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, n_ctx=16, verbose=False),
+            gguf_path,
+        )
+        self.model_id = f"none ({gguf_path.stem} tokenizer)"
+        self.n_ctx = MAX_PROMPT_TOKENS + 1  # no context of its own: the wire's limit
+        log.info("no drafter: %s's tokenizer (vocab %d, fingerprint %s); the controller "
+                 "decodes", gguf_path.stem, self.vocab_size, self.fingerprint)
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        """Nothing to evaluate: the controller holds the sequence."""
+
+    def accept(self, committed: list[int]) -> None:
+        """Nothing to keep in step with."""
+
+
+class Drafter(_Vocabulary):
     """A GGUF draft model with a KV cache reused across rounds.
 
     Counters (read by telemetry): ``evaluated_tokens`` (total evaluated by llama.cpp),
     ``last_round_evaluated``, ``rounds`` (draft calls), ``drafted_tokens``.
     """
+
+    drafts = True
 
     def __init__(
         self,
@@ -99,7 +150,7 @@ class Drafter:
         gguf_path = Path(gguf_path)
         if not gguf_path.is_file():
             raise FileNotFoundError(f"draft model {gguf_path} does not exist")
-        self.llm = llama_cpp.Llama(
+        llm = llama_cpp.Llama(
             model_path=str(gguf_path),
             n_ctx=n_ctx,
             n_threads=n_threads,
@@ -107,20 +158,14 @@ class Drafter:
             logits_all=False,
             verbose=False,
         )
-        model = self.llm.model
+        model = llm.model
         if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
             raise ValueError(
                 f"{gguf_path.name} is a recurrent/hybrid model: its cache cannot be rolled "
                 "back to an accepted prefix; drafts must be pure-attention models"
             )
-        self.vocab = llama_cpp.llama_model_get_vocab(model)
-        self.model_id = gguf_path.stem
+        self._load_vocabulary(llm, gguf_path)
         self.n_ctx = self.llm.n_ctx()
-        self.vocab_size = self.llm.n_vocab()
-        self.fingerprint = fingerprint_llama(self.llm)
-        self.eos_token_ids = [
-            i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self.vocab, i)
-        ]
         self.pace_s_per_token = pace_s_per_token
         self.sequence: list[int] = []  # prompt + committed tokens
         self.evaluated_tokens = 0
@@ -135,14 +180,6 @@ class Drafter:
             n_threads,
             self.fingerprint,
         )
-
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text``; special tokens written in it (``<|im_start|>``) are parsed."""
-        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
-
-    def detokenize(self, ids: list[int]) -> bytes:
-        """The bytes of ``ids`` (control tokens render to nothing); safe to stream per round."""
-        return b"".join(llama_token_pieces(self.vocab, ids, special=False))
 
     def begin(self, prompt_ids: list[int]) -> None:
         """Start a request. Nothing is evaluated yet: the first draft evaluates the prompt,

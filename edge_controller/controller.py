@@ -4,8 +4,10 @@ draft control together.
 It owns what a message means: it decodes what the transport hands up, registers devices
 (:mod:`edge_controller.sessions`), feeds drafts to the scheduler, runs the batch the
 scheduler closes through the verifier in one forward, commits and answers each device, and
-pushes draft control's decisions. The loop is single threaded: handlers run between
-polls, the round runs when it is due.
+pushes draft control's decisions. Handlers run between polls in one thread. Under
+synchronous rounds the loop runs each forward itself; under continuous batching forwards
+run in the verifier's thread (:mod:`edge_controller.verifier.worker`) while the loop goes
+on with messages, and land (are answered) when done.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from edge_controller.draft_control import (
 )
 from edge_controller.logs import PeerLog
 from edge_controller.metrics import ControllerMetrics
-from edge_controller.scheduler import SyncScheduler
+from edge_controller.scheduler import ContinuousScheduler, Scheduler, SyncScheduler
 from edge_controller.sessions import RequestStats, Session, SessionRegistry
 from edge_controller.transport import Peer, Transport
 from edge_controller.verifier.slots import (
@@ -42,6 +44,7 @@ from edge_controller.verifier.slots import (
     VerifyItem,
     VerifyOutcome,
 )
+from edge_controller.verifier.worker import Forward, VerifierWorker
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,18 @@ class TargetInfo:
         return cls(name, fingerprint_hf(tokenizer), len(tokenizer), frozenset(eos_ids))
 
 
+@dataclass
+class _Round:
+    """A forward the loop started, and what it needs to answer it."""
+
+    forward: Forward
+    batch: list[Session]
+    prefilling: Session | None
+    tokens: int  # what the forward runs: drafts + 1 each, and the prefill chunk
+    opened_at: float | None  # when its oldest draft arrived
+    drafted_at: list[float]  # when each draft of the batch arrived
+
+
 class EdgeController:
     def __init__(self, config: ControllerConfig, verifier: SlotTable, target: TargetInfo,
                  verify_time: AffineFit | None = None, transport: Transport | None = None):
@@ -82,7 +97,14 @@ class EdgeController:
         self.target = target
         self.draft_control = DraftController(config.control, verify_time or AffineFit(),
                                              max_delay_s=config.server.round_deadline_s)
-        self.scheduler = SyncScheduler(config.server.round_deadline_s)
+        self.continuous = config.server.scheduler == "continuous"
+        self.scheduler: Scheduler = (
+            ContinuousScheduler(config.server.batch_tokens) if self.continuous
+            else SyncScheduler(config.server.round_deadline_s))
+        self.worker = VerifierWorker(verifier)
+        self._round: _Round | None = None  # continuous: the round whose forward is in flight
+        self._close_after_forward: list[int] = []  # slots of requests ended mid-forward
+        self._deferred: list[tuple[Peer, list[bytes]]] = []  # resumes of slots in a forward
         self.metrics = ControllerMetrics()
         self.sessions = SessionRegistry()
         self.transport = transport or Transport.from_config(config)
@@ -138,23 +160,32 @@ class EdgeController:
                 ready.set()
             while not stop.is_set():
                 now = time.monotonic()
-                wait = 0.0 if self._prefill_alone() else self.scheduler.wait_s(now, POLL_TICK_S)
-                if self.transport.poll(wait):
+                if self.worker.busy:  # wake when its forward is done
+                    wait, wake = POLL_TICK_S, self.worker.wake_fd
+                else:
+                    wait = 0.0 if self._prefill_alone() else self.scheduler.wait_s(
+                        now, POLL_TICK_S)
+                    wake = None
+                if self.transport.poll(wait, wake):
                     self._take_messages()
+                self._land()
                 now = time.monotonic()
                 if self.transport.allowlist_changed(now):
                     self._end_unlisted()
                 self._drop_lost(now)
                 self._end_idle(now)
-                if self.scheduler.due(self.sessions, now):
-                    self.run_round()
-                elif (prefilling := self._prefill_alone()) is not None:
-                    self._prefill(prefilling)
+                if not self.worker.busy:
+                    if self.scheduler.due(self.sessions, now):
+                        self.run_round()
+                    elif (prefilling := self._prefill_alone()) is not None:
+                        self._prefill(prefilling)
                 self._replan(now)
             self._close_down()
         finally:
+            self._land(wait_s=60.0)
             for session in self.sessions:
                 self._end_request(session)
+            self.worker.close()
             self.transport.close(linger_s=CLOSING_LINGER_S)
             if self._timeline is not None:
                 with contextlib.suppress(OSError):
@@ -167,7 +198,9 @@ class EdgeController:
         started = time.monotonic()
         for _ in range(MAX_MESSAGES_PER_TICK):
             now = time.monotonic()
-            if now - started > MESSAGE_BUDGET_S and self.scheduler.due(self.sessions, now):
+            if now - started > MESSAGE_BUDGET_S and (
+                    self.worker.done
+                    or (not self.worker.busy and self.scheduler.due(self.sessions, now))):
                 return
             message = self.transport.receive()
             if message is None:
@@ -175,34 +208,88 @@ class EdgeController:
             self._on_frames(*message)
 
     # ---- one round -------------------------------------------------------------------
-    def run_round(self) -> None:
-        """Verify every draft that is in, in one batched forward (with one prefill chunk
-        of a newcomer's prompt), and answer each device. Guarded like the handlers: what
-        fails for one session ends that session's request, the others go on."""
+    def run_round(self, inline: bool = False) -> None:
+        """Verify the drafts the scheduler picks in one batched forward (with one prefill
+        chunk of a newcomer's prompt), then answer each device: at once under synchronous
+        rounds (or ``inline``), when the forward lands under continuous batching."""
         opened_at = self.scheduler.opened_at
         batch = self.scheduler.close(self.sessions)
         items = [_verify_item(s) for s in batch]
         prefilling = self._prefilling()
         round_tokens = sum(len(i.draft_tokens) + 1 for i in items)
-        # A chunk rides along at most as big as the round itself: the forward at most
-        # doubles, however many prompts are queued and however often a device restarts one.
-        chunk = min(self.config.limits.prefill_chunk, max(round_tokens, MIN_RIDE_ALONG),
-                    prefilling.prefill_left) if prefilling else 0
-        tokens = round_tokens + chunk  # what the forward ran
-        started = time.perf_counter()
-        outcomes = self._verify(batch, items, prefilling, chunk)
-        verify_s = time.perf_counter() - started
+        chunk = self._chunk(prefilling, round_tokens) if prefilling else 0
+        forward = Forward(items, (prefilling.slot, chunk) if chunk else None)
+        round_ = _Round(forward, batch, prefilling if chunk else None, round_tokens + chunk,
+                        opened_at, [s.drafted_at for s in batch])
+        if self.continuous and not inline:
+            self._round = round_
+            self.worker.submit(forward)
+        else:
+            self._answer_round(round_, self.worker.run(forward))
+
+    def _chunk(self, prefilling: Session, round_tokens: int) -> int:
+        """Prompt tokens that ride along in a forward of ``round_tokens`` draft tokens.
+
+        Synchronous: at most as many as the round itself, so the forward at most doubles
+        however many prompts are queued and however often a device restarts one.
+        Continuous: what the forward's token budget leaves; at least MIN_RIDE_ALONG, so
+        that a busy verifier still gets prompts in."""
+        limits = self.config.limits
+        room = (self.config.server.batch_tokens - round_tokens if self.continuous
+                else round_tokens)
+        return min(limits.prefill_chunk, max(room, MIN_RIDE_ALONG), prefilling.prefill_left)
+
+    def _land(self, wait_s: float = 0.0) -> None:
+        """Answer the forward in flight if it is done (waiting up to ``wait_s``)."""
+        forward = self.worker.collect(wait_s)
+        if forward is None:
+            return
+        round_, self._round = self._round, None
+        self._answer_round(round_, forward)
+        deferred, self._deferred = self._deferred, []
+        for peer, body in deferred:
+            self._on_frames(peer, body)
+
+    def _answer_round(self, round_: _Round, forward: Forward) -> None:
+        """Commit what a forward verified and answer each device. Guarded like the
+        handlers: what fails for one session ends that session's request, the others go
+        on; a request that ended during the forward gets no answer."""
+        batch, prefilling = round_.batch, round_.prefilling
+        self.metrics.busy.inc(forward.seconds)
+        prefilled = prefilling is not None and prefilling.slot == forward.prefill[0]
+        if forward.error is None:
+            outcomes = forward.outcomes
+            if prefilled:
+                self._prefilled(prefilling)
+        elif batch:
+            outcomes = self._isolate(round_, forward.error)
+        else:  # a prompt chunk alone
+            outcomes = []
+            if prefilled:
+                self._warnings(prefilling.device_id, "prefill failed: %r", forward.error,
+                               exc_info=forward.error)
+                self._fail(prefilling, "internal",
+                           f"prefill failed: {type(forward.error).__name__}")
+        for slot in self._close_after_forward:
+            self.verifier.close(slot)
+        if self._close_after_forward:
+            self.metrics.kv_slots.set(self.verifier.slots_in_use)
+        self._close_after_forward.clear()
+        if not batch:
+            return
         try:
-            self.draft_control.on_round(tokens, verify_s)
+            self.draft_control.on_round(round_.tokens, forward.seconds)
         except Exception as exc:  # the estimate is worth less than the round: keep serving
             self._warnings("draft control", "verify-time estimate failed: %r", exc,
                            exc_info=True)
         self.rounds_run += 1
-        self.largest_batch = max(self.largest_batch, len(items))
-        log.debug("round: %d drafts, %d tokens, %.1f ms", len(items), tokens, verify_s * 1e3)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        log.debug("round: %d drafts, %d tokens, %.1f ms", len(batch), round_.tokens,
+                  forward.seconds * 1e3)
         committed = {}
-        for session, outcome in zip(batch, outcomes, strict=True):
-            if outcome is None:
+        items = forward.items
+        for session, item, outcome in zip(batch, items, outcomes, strict=True):
+            if outcome is None or session.slot != item.slot:  # ended during the forward
                 continue
             try:
                 committed[session.device_id] = self._answer(session, outcome)
@@ -210,34 +297,40 @@ class EdgeController:
                 self._warnings(session.device_id, "answering failed: %r", exc, exc_info=True)
                 self._fail(session, "internal", f"controller error: {type(exc).__name__}")
         decisions = self.draft_control.decisions
-        self._record(verify_s=verify_s, devices=[
+        self._record(verify_s=forward.seconds, started=round(forward.started - self._started, 4),
+                     devices=[
             {"device": s.device_id, "draft_len": len(i.draft_tokens),
              "accepted": o.accepted if o else None, "committed": committed.get(s.device_id, 0),
+             "waited_s": round(forward.started - drafted_at, 4),
              "share": decisions[s.device_id].bandwidth_share if s.device_id in decisions
              else None}
-            for s, i, o in zip(batch, items, outcomes, strict=True)
+            for s, i, o, drafted_at in zip(batch, items, outcomes, round_.drafted_at,
+                                           strict=True)
         ])
-        self.metrics.verify_s.observe(verify_s)
-        self.metrics.round_s.observe(time.monotonic() - opened_at)
-        self.metrics.batch.set(len(items))
+        self.metrics.verify_s.observe(forward.seconds)
+        if round_.opened_at is not None:
+            self.metrics.round_s.observe(time.monotonic() - round_.opened_at)
+        self.metrics.batch.set(len(batch))
 
-    def _verify(self, batch: list[Session], items: list[VerifyItem], prefilling: Session | None,
-                chunk: int) -> list[VerifyOutcome | None]:
-        try:
-            outcomes = self.verifier.verify(
-                items, prefill=(prefilling.slot, chunk) if prefilling else None)
-            if prefilling is not None:
+    def _isolate(self, round_: _Round, error: Exception) -> list[VerifyOutcome | None]:
+        """A batched forward failed: never let one session's bad state take the others
+        down. Prefill and verify one by one, and fail only the sessions that fail alone."""
+        self._warnings("verifier", "batched verification failed (%r); isolating sessions",
+                       error, exc_info=error)
+        prefilling, prefill = round_.prefilling, round_.forward.prefill
+        if prefilling is not None and prefilling.slot == prefill[0]:
+            alone = self.worker.run(Forward([], prefill))  # inline: the loop waits here
+            if alone.error is None:
                 self._prefilled(prefilling)
-            return outcomes
-        except Exception as exc:
-            # Never let one session's bad state take the others down: retry one by one
-            # and drop only the sessions that fail on their own.
-            self._warnings("verifier", "batched verification failed (%r); isolating sessions",
-                           exc, exc_info=True)
-        if prefilling is not None:
-            self._prefill(prefilling)
+            else:
+                self._warnings(prefilling.device_id, "prefill failed: %r", alone.error,
+                               exc_info=alone.error)
+                self._fail(prefilling, "internal", f"prefill failed: {type(alone.error).__name__}")
         outcomes: list[VerifyOutcome | None] = []
-        for session, item in zip(batch, items, strict=True):
+        for session, item in zip(round_.batch, round_.forward.items, strict=True):
+            if session.slot != item.slot:  # its request ended during the forward
+                outcomes.append(None)
+                continue
             try:
                 outcomes.extend(self.verifier.verify([item]))
             except Exception as exc:
@@ -267,20 +360,32 @@ class EdgeController:
         return self._prefilling() if self.scheduler.opened_at is None else None
 
     def _prefill(self, session: Session) -> None:
-        """One chunk of ``session``'s prompt in a forward of its own (no round is due)."""
-        try:
-            self.verifier.prefill(session.slot, self.config.limits.prefill_chunk)
-        except Exception as exc:
-            self._warnings(session.device_id, "prefill failed: %r", exc, exc_info=True)
-            self._fail(session, "internal", f"prefill failed: {type(exc).__name__}")
-            return
-        self._prefilled(session)
+        """One chunk of ``session``'s prompt in a forward of its own (no draft waits)."""
+        chunk = min(self.config.limits.prefill_chunk, session.prefill_left)
+        round_ = _Round(Forward([], (session.slot, chunk)), [], session, chunk, None, [])
+        if self.continuous:
+            self._round = round_
+            self.worker.submit(round_.forward)
+        else:
+            self._answer_round(round_, self.worker.run(round_.forward))
 
     def _prefilled(self, session: Session) -> None:
         session.prefill_left = self.verifier.prefill_left(session.slot)
         if session.prefill_left == 0:
             log.debug("%s: prompt prefilled", session.device_id)
             self.scheduler.ready(session, time.monotonic())
+            self._decode_next(session)
+
+    def _decode_next(self, session: Session) -> None:
+        """A request the controller decodes itself gets its next round at once: an empty
+        draft (the verdict is the target's next token), queued like a device's draft."""
+        if not (session.server_decode and session.in_rounds and session.pending is None):
+            return
+        session.pending = P.Draft(session.request.request_id, session.next_round,
+                                  self.verifier.length(session.slot), [])
+        session.pending_bytes = 0
+        session.drafted_at = now = time.monotonic()
+        self.scheduler.on_draft(session, now)
 
     def _answer(self, session: Session, outcome: VerifyOutcome) -> int:
         """Commit a verified draft, send the verdict; return how many tokens it committed."""
@@ -289,16 +394,19 @@ class EdgeController:
         if outcome.margin < NEAR_TIE_MARGIN:
             log.warning("%s: near-tie in target logits (margin %.2e) at position %d",
                         session.device_id, outcome.margin, draft.position)
-        self.draft_control.on_verdict(session.device_id, outcome.accepted, len(draft.tokens),
-                                      len(tokens), time.monotonic())
-        self._show(session.device_id)
         decision = self.draft_control.decisions[session.device_id]
+        if not session.server_decode:
+            self.draft_control.on_verdict(session.device_id, outcome.accepted,
+                                          len(draft.tokens), len(tokens), time.monotonic())
+            self._show(session.device_id)
         verdict = P.Verdict(request.request_id, draft.round, outcome.accepted, tokens, done,
                             decision.draft_len)
         session.last_verdict = (verdict, draft)
         self._send(session, verdict)
         session.answered_at = time.monotonic()
-        if done:
+        if not done:
+            self._decode_next(session)
+        else:
             stats = session.stats
             self._events(session.device_id, "request %s done: %d tokens in %d rounds, "
                          "acceptance %.2f, smallest top-2 logit margin %.2e",
@@ -321,6 +429,11 @@ class EdgeController:
             if len(body) != 1:
                 raise P.ProtocolError("malformed", f"expected 1 frame per message, got {len(body)}")
             msg, version = P.decode_versioned(body[0])
+            if (isinstance(msg, P.Resume) and session is not None and self._round is not None
+                    and session.slot in self._round.forward.slots):
+                # It rolls the sequence back: after the forward computing on it lands.
+                self._deferred.append((peer, body))
+                return
             if session is not None:  # valid traffic: the registration is alive
                 session.last_seen = now
                 if not isinstance(msg, P.Ping):  # pings are answered where they came from
@@ -427,6 +540,7 @@ class EdgeController:
                          msg.request_id, len(transcript))
             self._send(session, _control(self.draft_control.decisions[session.device_id]))
             session.answered_at = time.monotonic()
+            self._decode_next(session)
             return
         if request is not None:
             self._end_request(session)
@@ -464,10 +578,14 @@ class EdgeController:
         self._events(session.device_id, "request %s, %d prompt tokens (%d of them output), "
                      "up to %d new, temperature %g", msg.request_id, len(tokens), generated,
                      msg.max_new_tokens, msg.temperature)
-        others = self.draft_control.on_request_start(session.device_id)
+        # A request the controller decodes drafts nothing and uploads nothing: draft
+        # control does not plan for it.
+        others = {} if msg.server_decode else self.draft_control.on_request_start(
+            session.device_id)
         self._send(session, _control(self.draft_control.decisions[session.device_id]))
         session.answered_at = time.monotonic()
         self._push_decisions(others)
+        self._decode_next(session)
 
     def _on_cancel(self, session: Session, msg: P.Cancel) -> None:
         """End the request if it is the one in flight; silent either way (idempotent)."""
@@ -485,6 +603,9 @@ class EdgeController:
         request = session.request
         if request is None or msg.request_id != request.request_id:
             raise P.ProtocolError("stale", "no request of that id in flight")
+        if request.server_decode:
+            raise P.ProtocolError("invalid", "this request is decoded by the controller "
+                                  "(server_decode): it takes no drafts")
         if session.pending is not None or msg.round != session.next_round:
             raise P.ProtocolError(
                 "stale", f"draft for round {msg.round}, expected round {session.next_round}")
@@ -520,8 +641,11 @@ class EdgeController:
     # ---- bookkeeping -----------------------------------------------------------------
     def _end_request(self, session: Session) -> None:
         if session.slot is not None:
-            self.verifier.close(session.slot)
-            self.metrics.kv_slots.set(self.verifier.slots_in_use)
+            if self._round is not None and session.slot in self._round.forward.slots:
+                self._close_after_forward.append(session.slot)  # the forward's until it lands
+            else:
+                self.verifier.close(session.slot)
+                self.metrics.kv_slots.set(self.verifier.slots_in_use)
         session.slot, session.request, session.pending = None, None, None
         self.draft_control.on_request_end(session.device_id)
         self.scheduler.on_draft_gone(self.sessions)
@@ -610,8 +734,9 @@ class EdgeController:
         device is told to resume against the next start."""
         log.info("closing down: finishing the round in flight, telling %d device(s)",
                  len(self.sessions))
+        self._land(wait_s=60.0)
         if any(s.in_rounds and s.pending is not None for s in self.sessions):
-            self.run_round()
+            self.run_round(inline=True)
         for session in self.sessions:
             if session.route is not None:
                 self._reply(session.route, P.Closing(CLOSING_RETRY_S), session.version)

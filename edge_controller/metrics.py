@@ -40,6 +40,9 @@ class ControllerMetrics:
         self.verify_s = Histogram(f"{PREFIX}_verify_seconds", "batched verification time",
                                   buckets=ROUND_BUCKETS, registry=r)
         self.batch = Gauge(f"{PREFIX}_round_devices", "devices in the last round", registry=r)
+        self.busy = Counter(f"{PREFIX}_verifier_busy_seconds", "time the verifier spent in "
+                            "forwards (verification and prefill): its busy fraction is the "
+                            "rate of this", registry=r)
         self.sessions = Gauge(f"{PREFIX}_sessions", "registered devices", registry=r)
         self.kv_slots = Gauge(f"{PREFIX}_kv_slots_in_use", "verifier KV slots held by requests",
                               registry=r)

@@ -42,6 +42,10 @@ Versions: every change to what goes on the wire, or to what a message means, bum
   Version 2 devices were served as before and never sent ``closing``.
 * 4: ``telemetry.board``: a Jetson's tegrastats and power mode (device_agent/board.py);
   version 3 devices, which never send it, are served as before.
+* 5: ``start.server_decode`` / ``resume.server_decode``: the controller decodes the request
+  itself (a device without a drafter sends only its prompt, then receives one verdict per
+  forward, each answering an empty draft of a round it never sends); version 4 devices,
+  which never ask for it, are served as before (docs/scheduling.md).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 SERVED_VERSIONS = (PROTOCOL_VERSION - 1, PROTOCOL_VERSION)  # what a controller accepts
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB: the largest frame, a ping padded for an uplink probe
 MAX_PROMPT_TOKENS = 32_768
@@ -141,6 +145,7 @@ class Start(Message):
     top_k: int = 0  # target-side top-k of the processed distribution; 0 = off
     seed: int = 0
     draft_top_k: int = 32  # size of the sparse draft distribution uploaded per position
+    server_decode: bool = False  # the controller decodes it: no drafts come (version >= 5)
 
 
 @dataclass
@@ -243,10 +248,11 @@ class Resume(Message):
     top_k: int = 0
     seed: int = 0
     draft_top_k: int = 32
+    server_decode: bool = False  # version >= 5
 
     def as_start(self) -> Start:
         return Start(self.request_id, self.prompt_ids, self.max_new_tokens, self.temperature,
-                     self.top_p, self.top_k, self.seed, self.draft_top_k)
+                     self.top_p, self.top_k, self.seed, self.draft_top_k, self.server_decode)
 
 
 @dataclass
@@ -276,7 +282,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
                 Resume, Cancel, Closing)
 }
 V3_TYPES = frozenset({"resume", "cancel", "closing"})  # unknown to a version 2 peer
-FIELD_SINCE = {("telemetry", "board"): 4}  # fields newer than their message: the version
+FIELD_SINCE = {  # fields newer than their message: the version that added them
+    ("telemetry", "board"): 4,
+    ("start", "server_decode"): 5,
+    ("resume", "server_decode"): 5,
+}
 
 
 def encode(msg: Message, version: int = PROTOCOL_VERSION) -> bytes:

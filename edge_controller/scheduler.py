@@ -1,12 +1,17 @@
-"""The round scheduler: who is verified when.
+"""The schedulers: who is verified when (docs/scheduling.md).
 
 Synchronous rounds (DESIGN.md section 2, the Multi-SPIN baseline): the first draft to
 arrive opens a round; the round closes when every member's draft is in, or ``deadline_s``
 after it opened; a draft that misses it joins the next round, nobody waits for it. Members
 are the generating devices whose prompt is prefilled; a device that missed the last round
-is not waited for until it drafts again (docs/limits.md). The scheduler sees sessions and
-their pending drafts; it never touches sockets or the verifier (the controller runs the
-batch it picks).
+is not waited for until it drafts again (docs/limits.md).
+
+Continuous batching (as Orca and vLLM do for decoding): whenever the verifier is free,
+every draft that is in goes into the next forward, up to ``batch_tokens`` tokens, oldest
+first; a draft that arrives during a forward joins the next one.
+
+A scheduler sees sessions and their pending drafts; it never touches sockets or the
+verifier (the controller runs the batch it picks).
 """
 
 from __future__ import annotations
@@ -16,12 +21,17 @@ from collections.abc import Iterable
 from edge_controller.sessions import Session
 
 
-class SyncScheduler:
-    """The round now collecting drafts: when it opened, when it is due, who is in it."""
+def _waiting(sessions: Iterable[Session]) -> list[Session]:
+    """Members of the rounds whose draft is in."""
+    return [s for s in sessions if s.in_rounds and s.pending is not None]
 
-    def __init__(self, deadline_s: float):
-        self.deadline_s = deadline_s
-        self.opened_at: float | None = None  # when the round now collecting drafts opened
+
+class Scheduler:
+    """What both kinds share: ``opened_at`` is when the oldest draft now waiting arrived
+    (None: none waits); the controller prefills a prompt in a forward of its own only then."""
+
+    def __init__(self) -> None:
+        self.opened_at: float | None = None
 
     def on_draft(self, session: Session, now: float) -> None:
         """A member's draft is in (a prefilling session's waits until it is a member)."""
@@ -29,8 +39,38 @@ class SyncScheduler:
         if session.in_rounds and self.opened_at is None:
             self.opened_at = now
 
+    def on_draft_gone(self, sessions: Iterable[Session]) -> None:
+        """A waiting draft is gone (its request ended, or was rolled back): with no
+        member's draft left waiting, nothing is open."""
+        if not _waiting(sessions):
+            self.opened_at = None
+
+    def ready(self, session: Session, now: float) -> None:
+        """A session's prompt is prefilled: a draft it sent meanwhile may open a round."""
+        if session.pending is not None and self.opened_at is None:
+            self.opened_at = now
+
     def wait_s(self, now: float, tick_s: float) -> float:
-        """How long the controller may wait for messages before the round needs it."""
+        """How long the controller may wait for messages before the verifier needs it."""
+        raise NotImplementedError
+
+    def due(self, sessions: Iterable[Session], now: float) -> bool:
+        """Whether a forward should run now (the verifier being free)."""
+        raise NotImplementedError
+
+    def close(self, sessions: Iterable[Session]) -> list[Session]:
+        """The sessions whose drafts the next forward verifies."""
+        raise NotImplementedError
+
+
+class SyncScheduler(Scheduler):
+    """Synchronous rounds: the round now collecting drafts, when it is due, who is in it."""
+
+    def __init__(self, deadline_s: float):
+        super().__init__()
+        self.deadline_s = deadline_s
+
+    def wait_s(self, now: float, tick_s: float) -> float:
         if self.opened_at is None:
             return tick_s
         return min(tick_s, max(self.opened_at + self.deadline_s - now, 0.0))
@@ -55,13 +95,38 @@ class SyncScheduler:
                 session.missed_rounds += 1
         return batch
 
-    def on_draft_gone(self, sessions: Iterable[Session]) -> None:
-        """A waiting draft is gone (its request ended, or was rolled back): with no
-        member's draft left waiting, the round it opened is empty."""
-        if not any(s.in_rounds and s.pending is not None for s in sessions):
-            self.opened_at = None
 
-    def ready(self, session: Session, now: float) -> None:
-        """A session's prompt is prefilled: a draft it sent meanwhile may open a round."""
-        if session.pending is not None and self.opened_at is None:
-            self.opened_at = now
+class ContinuousScheduler(Scheduler):
+    """Continuous batching: every draft that is in, whenever the verifier is free.
+
+    Fairness: drafts go in oldest first and a forward takes them in that order while they
+    fit ``batch_tokens`` (a draft of L tokens costs L + 1); the first one left out is the
+    oldest waiting, so it goes first in the next forward. Since the budget holds the
+    longest draft, no device waits more than one forward behind the budget.
+    """
+
+    def __init__(self, batch_tokens: int):
+        super().__init__()
+        self.batch_tokens = batch_tokens
+
+    def wait_s(self, now: float, tick_s: float) -> float:
+        return tick_s if self.opened_at is None else 0.0
+
+    def due(self, sessions: Iterable[Session], now: float) -> bool:
+        if not _waiting(sessions):
+            self.opened_at = None
+            return False
+        return True
+
+    def close(self, sessions: Iterable[Session]) -> list[Session]:
+        waiting = sorted(_waiting(sessions), key=lambda s: s.drafted_at)
+        batch, tokens = [], 0
+        for session in waiting:
+            cost = len(session.pending.tokens) + 1
+            if batch and tokens + cost > self.batch_tokens:
+                break
+            batch.append(session)
+            tokens += cost
+        left = waiting[len(batch):]
+        self.opened_at = left[0].drafted_at if left else None
+        return batch

@@ -69,6 +69,11 @@ class Session:
         return self.request is not None
 
     @property
+    def server_decode(self) -> bool:
+        """Its request is decoded by the controller: it sends no drafts (version 5)."""
+        return self.request is not None and self.request.server_decode
+
+    @property
     def in_rounds(self) -> bool:
         """Generating with its prompt prefilled: a member of the rounds."""
         return self.request is not None and self.prefill_left == 0

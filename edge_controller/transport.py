@@ -219,8 +219,15 @@ class Transport:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
 
-    def poll(self, timeout_s: float) -> bool:
-        return bool(self._socket.poll(int(timeout_s * 1000)))
+    def poll(self, timeout_s: float, wake_fd: int | None = None) -> bool:
+        """Wait up to ``timeout_s`` for a message; True if one waits. A readable
+        ``wake_fd`` (the verifier's forward done) ends the wait early."""
+        if wake_fd is None:
+            return bool(self._socket.poll(int(timeout_s * 1000)))
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(wake_fd, zmq.POLLIN)
+        return self._socket in dict(poller.poll(int(timeout_s * 1000)))
 
     def receive(self) -> tuple[Peer, list[bytes]] | None:
         """The next admitted message, if one is waiting: its sender and its body frames.

@@ -83,17 +83,16 @@ def test_monitor_reads_a_running_tegrastats(tmp_path):
     assert monitor._process.poll() is not None  # stopped with the monitor
 
 
-def test_board_telemetry_travels_in_protocol_4_only():
+def test_board_telemetry_travels_in_protocol_4_and_later():
     board = parse_tegrastats(SYNTHETIC_AGX_ORIN).to_dict()
     frame = P.encode(P.Telemetry(host={}, board=board))
     assert len(frame) < P.FRAME_LIMITS["telemetry"]
     assert P.decode(frame).board == board
-    old = msgpack.packb({"v": 3, "type": "telemetry", "draft_s_per_token": 0.01,
-                         "board": board})
-    with pytest.raises(P.ProtocolError, match="unknown or repeated field"):
-        P.decode_versioned(old)
-    without = msgpack.packb({"v": 3, "type": "telemetry", "draft_s_per_token": 0.01})
-    assert P.decode_versioned(without)[1] == 3  # a version 3 device is served as before
+    v4 = msgpack.packb({"v": 4, "type": "telemetry", "draft_s_per_token": 0.01, "board": board})
+    assert P.decode_versioned(v4)[0].board == board  # version 4 devices are still served
+    old = msgpack.packb({"v": 3, "type": "telemetry", "draft_s_per_token": 0.01})
+    with pytest.raises(P.ProtocolError, match="version 3 unsupported"):
+        P.decode_versioned(old)  # a controller serves its own version and the one before
 
 
 def test_the_controller_keeps_only_finite_numbers_of_a_board_map():

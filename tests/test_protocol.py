@@ -93,3 +93,16 @@ def test_protocol_module_imports_only_msgpack():
     }
     third_party = imported - {"__future__", "dataclasses", "math", "re", "typing"}
     assert third_party == {"msgpack"}
+
+
+def test_server_decode_travels_in_protocol_5_and_later():
+    """A version 4 device never asks for it (the field is refused in its frames), and is
+    served as before; a version 5 start or resume carries it."""
+    start = P.Start("r", [1, 2], 4, server_decode=True)
+    assert P.decode(P.encode(start)).server_decode is True
+    resume = P.Resume("r", [1, 2], [3], 1, 4, server_decode=True)
+    assert P.decode(P.encode(resume)).as_start().server_decode is True
+    body = {"type": "start", "request_id": "r", "prompt_ids": [1, 2], "max_new_tokens": 4}
+    assert P.decode_versioned(msgpack.packb({"v": 4, **body}))[0].server_decode is False
+    with pytest.raises(P.ProtocolError, match="unknown or repeated field"):
+        P.decode_versioned(msgpack.packb({"v": 4, **body, "server_decode": True}))

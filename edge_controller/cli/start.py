@@ -33,6 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(overrides control.draft_len)")
     p.add_argument("--policy", help="draft control policy (overrides control.policy): fixed, "
                    "heterogeneous, homogeneous, agnostic, equal-best-L, fixed-L, per-user-L")
+    p.add_argument("--scheduler", choices=("sync", "continuous"),
+                   help="sync: rounds wait for every device's draft (or the deadline); "
+                   "continuous: verify whatever drafts are in whenever the verifier is free "
+                   "(overrides server.scheduler; docs/scheduling.md)")
+    p.add_argument("--batch-tokens", type=int, metavar="N",
+                   help="continuous: at most N tokens per forward (overrides "
+                   "server.batch_tokens)")
     p.add_argument("--keys", metavar="DIR", help="CURVE keys and device allowlist made with "
                    "`edge-controller keys` (overrides security.keys_dir); required unless "
                    "--insecure")
@@ -53,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         key: value for key, value in (
             ("server__bind", args.bind), ("target__gguf", args.target_gguf),
+            ("server__scheduler", args.scheduler), ("server__batch_tokens", args.batch_tokens),
             ("control__draft_len", args.draft_len), ("control__policy", args.policy),
             ("server__metrics_port", args.metrics_port), ("server__timeline", args.timeline),
             ("server__metrics_bind", args.metrics_bind), ("security__keys_dir", args.keys),

@@ -1,0 +1,128 @@
+"""The verifier's forwards in a thread of their own.
+
+Under continuous batching the controller's loop goes on receiving drafts, answering pings
+and doing its bookkeeping while a forward runs (vLLM separates its engine core from the
+API server the same way); torch releases the GIL while it computes. One forward at a time:
+the loop hands over a :class:`Forward`, and learns that it is done through ``wake_fd``,
+which it polls next to its socket. Under synchronous rounds the loop runs each forward
+itself (``run``), as before.
+
+What the loop must not do while a forward runs: touch the slots in it (their K/V and
+sequences are the forward's). It closes them after the forward instead
+(``EdgeController._end_request``), and any other slot is its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from edge_controller.verifier.slots import SlotTable, VerifyItem, VerifyOutcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Forward:
+    """One forward: drafts to verify and/or a prefill chunk ``(slot, tokens)``; after it
+    ran, their outcomes or the error it raised, and when it ran (monotonic clock)."""
+
+    items: list[VerifyItem]
+    prefill: tuple[int, int] | None = None
+    outcomes: list[VerifyOutcome] = field(default_factory=list)
+    error: Exception | None = None
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def slots(self) -> set[int]:
+        """The slots this forward computes on."""
+        return {item.slot for item in self.items} | ({self.prefill[0]} if self.prefill else set())
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+    def run(self, verifier: SlotTable) -> Forward:
+        self.started = time.monotonic()
+        try:
+            if self.items:
+                self.outcomes = verifier.verify(self.items, prefill=self.prefill)
+            elif self.prefill is not None:
+                verifier.prefill(*self.prefill)
+        except Exception as exc:  # the loop decides what it means for each session
+            self.error = exc
+        self.finished = time.monotonic()
+        return self
+
+
+class VerifierWorker:
+    """Runs forwards on ``verifier`` in a daemon thread, one at a time."""
+
+    def __init__(self, verifier: SlotTable):
+        self.verifier = verifier
+        self.in_flight: Forward | None = None
+        self._queue: queue.SimpleQueue[Forward | None] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._thread: threading.Thread | None = None  # started by the first submit
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable once the forward in flight is done (poll it with the socket)."""
+        return self._wake_read
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight is not None
+
+    @property
+    def done(self) -> bool:
+        """The forward in flight has finished and waits to be collected."""
+        return self._done.is_set()
+
+    def run(self, forward: Forward) -> Forward:
+        """Run ``forward`` in the caller's thread (synchronous rounds)."""
+        assert not self.busy, "one forward at a time"
+        return forward.run(self.verifier)
+
+    def submit(self, forward: Forward) -> None:
+        """Start ``forward`` in the worker thread."""
+        assert not self.busy, "one forward at a time"
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="verifier", daemon=True)
+            self._thread.start()
+        self.in_flight = forward
+        self._queue.put(forward)
+
+    def collect(self, timeout_s: float = 0.0) -> Forward | None:
+        """The forward in flight once it is done (waiting up to ``timeout_s``), else None."""
+        if self.in_flight is None or not self._done.wait(timeout_s):
+            return None
+        forward, self.in_flight = self.in_flight, None
+        self._done.clear()
+        try:
+            while os.read(self._wake_read, 64):
+                pass
+        except BlockingIOError:
+            pass
+        return forward
+
+    def close(self) -> None:
+        """Finish the forward in flight (if any) and stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(60)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _serve(self) -> None:
+        while (forward := self._queue.get()) is not None:
+            forward.run(self.verifier)
+            self._done.set()
+            os.write(self._wake_write, b"!")
