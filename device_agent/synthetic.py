@@ -34,6 +34,8 @@ class ReplayDrafter:
     """The :class:`~device_agent.drafter.Drafter` interface, drafting from ``traces`` (all
     of one draft model) at ``speed`` times the recorded speed."""
 
+    drafts = True
+
     def __init__(self, traces: TraceSet, draft: str, speed: float = 1.0):
         self.traces = {tuple(t.prompt_ids): t for t in traces.of_draft(draft)}
         if not self.traces:

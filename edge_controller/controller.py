@@ -276,6 +276,8 @@ class EdgeController:
             self.metrics.kv_slots.set(self.verifier.slots_in_use)
         self._close_after_forward.clear()
         if not batch:
+            self._record(prefill_s=forward.seconds,
+                         started=round(forward.started - self._started, 4))
             return
         try:
             self.draft_control.on_round(round_.tokens, forward.seconds)

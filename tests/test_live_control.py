@@ -46,6 +46,32 @@ def test_ci_trial_runs_every_policy_and_reports(tmp_path):
     assert f"msp-{proc.pid}-" not in namespaces, "the trial left network namespaces behind"
 
 
+def test_ci_trial_compares_schedulers_and_the_baselines(tmp_path):
+    """--schedulers and --baselines (docs/scheduling.md): every entry on the same workload,
+    lossless, with the verifier's busy fraction and per-device time per token."""
+    proc = subprocess.run(
+        [str(BIN / "edge-controller"), "trial", str(ROOT / "configs/trials/ci-small.toml"),
+         "--out", str(tmp_path), "--policies", "fixed", "--schedulers", "sync,continuous",
+         "--baselines"], capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    entries = report["policies"]
+    assert list(entries) == ["fixed", "fixed@continuous", "server-decode", "target-alone"]
+    for name, entry in entries.items():
+        assert entry["goodput_tok_s"] > 0, name
+        assert 0 < entry["verifier_busy"] <= 1, name
+        assert [u["tokens"] for u in entry["users"]] == [96, 96], name
+        if name != "target-alone":
+            assert all(u["lossless"] for u in entry["users"]), name
+            assert all(0 < u["time_per_token_p50_s"] <= u["time_per_token_p95_s"]
+                       for u in entry["users"]), name
+    assert entries["fixed@continuous"]["scheduler"] == "continuous"
+    assert [u["draft"] for u in entries["server-decode"]["users"]] == ["none", "none"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| fixed@continuous |" in markdown and "| server-decode |" in markdown
+
+
 def model_plan(event: dict, bandwidth_hz: float, policy: str, **delays: float):
     """Solve the policy from the estimates a plan event recorded (optionally delays moved)."""
     estimates = {d: {**e, "delay_s": delays.get(d, e["delay_s"])}

@@ -19,6 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("trial", help="trial file, e.g. configs/trials/ci-small.toml")
     p.add_argument("--out", required=True, type=Path, help="folder for the report and logs")
     p.add_argument("--policies", help="comma-separated policies (overrides the trial file)")
+    p.add_argument("--schedulers", help="comma-separated schedulers, each running every "
+                   "policy: sync, continuous (overrides the trial file; report entries "
+                   "POLICY@SCHEDULER for all but sync)")
+    p.add_argument("--baselines", action="store_true", default=None,
+                   help="also run server-decode and target-alone on the same workload")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,13 +39,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         spec = load_trial(args.trial)
-        if args.policies:
-            spec = dataclasses.replace(spec, policies=tuple(args.policies.split(",")))
+        changes = {key: value for key, value in (
+            ("policies", args.policies and tuple(args.policies.split(","))),
+            ("schedulers", args.schedulers and tuple(args.schedulers.split(","))),
+            ("baselines", args.baselines)) if value is not None}
+        if changes:
+            spec = dataclasses.replace(spec, **changes)
             validate(spec)
     except TrialError as exc:
         print(f"edge-controller: {exc}", file=sys.stderr)
         return 2
-    with tqdm(total=len(spec.policies), desc=f"trial {spec.name}", unit="policy") as bar:
+    entries = len(spec.policies) * len(spec.schedulers) + (2 if spec.baselines else 0)
+    with tqdm(total=entries, desc=f"trial {spec.name}", unit="entry") as bar:
         try:
             report = run_trial(spec, args.out, on_policy=lambda _: bar.update())
         except (LabError, AgentFailed, RuntimeError) as exc:  # the lab is cleaned up by then
@@ -49,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     write_report(report, args.out)
     for name, p in report["policies"].items():
         predicted = p["predicted_goodput_tok_s"]
-        print(f"{name:<14} measured {p['goodput_tok_s']:7.2f} tok/s"
+        print(f"{name:<26} measured {p['goodput_tok_s']:7.2f} tok/s"
               + (f"   predicted {predicted:7.2f} tok/s" if predicted else ""))
     g = gains(report)
     if g:

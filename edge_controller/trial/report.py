@@ -35,29 +35,39 @@ def markdown(report: dict) -> str:
              f"Uplink band B = {report['bandwidth_hz'] / 1e6:g} MHz.", "",
              "Goodput is the sum over devices while all of them were generating (the model's "
              "G), from the controller's timeline; predicted is what the controller's plans "
-             "said (time-weighted), simulated the simulator on the last plan's estimates.", "",
-             "| policy | measured (tok/s) | predicted (tok/s) | measured / predicted | "
-             "simulated (tok/s) | window (s) | rounds |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "said (time-weighted, synchronous-round model), simulated the simulator on the "
+             "last plan's estimates. An entry POLICY@SCHEDULER ran under that scheduler "
+             "(docs/scheduling.md), the others under synchronous rounds; server-decode: "
+             "every device without a drafter, the controller decoding (continuous); "
+             "target-alone: the target serving the same requests one after another (its "
+             "goodput: all tokens / all the time). Busy: the verifier's time in forwards "
+             "over the time from the first forward to the last.", "",
+             "| entry | measured (tok/s) | predicted (tok/s) | measured / predicted | "
+             "simulated (tok/s) | window (s) | rounds | verifier busy |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, p in report["policies"].items():
         pred, sim = p["predicted_goodput_tok_s"], p["simulated_goodput_tok_s"]
         cells = f"{pred:.2f} | {p['goodput_tok_s'] / pred:.2f}" if pred else "- | -"
+        busy = p.get("verifier_busy")
         lines.append(f"| {name} | {p['goodput_tok_s']:.2f} | {cells} | "
                      f"{f'{sim:.2f}' if sim else '-'} | {p['window_s'] or 0:.1f} | "
-                     f"{p['rounds']} |")
+                     f"{p['rounds']} | {f'{busy:.0%}' if busy is not None else '-'} |")
     g = gains(report)
     if g:
         lines += ["", f"Heterogeneous over agnostic: measured {g['measured']:+.1%}"
                   + (f", predicted {g['predicted']:+.1%}." if "predicted" in g else ".")]
     for name, p in report["policies"].items():
         lines += ["", f"## {name}", "", "| device | draft | tokens | goodput tok/s | acceptance |"
-                  " mean L | mean share | draft tok/s |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  " mean L | mean share | draft tok/s | s/token p50 | s/token p95 |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for u in p["users"]:
+            p50, p95 = u.get("time_per_token_p50_s"), u.get("time_per_token_p95_s")
             lines.append(f"| {u['name']} | {u['draft']} | {u['tokens']} | "
                          f"{u['goodput_tok_s']:.2f} | {u['acceptance_rate']:.2f} | "
                          f"{u['mean_draft_len']:.1f} | {u['mean_share']:.3f} | "
-                         f"{u['draft_tokens_per_s']:.1f} |")
+                         f"{u['draft_tokens_per_s']:.1f} | "
+                         f"{f'{p50:.3f}' if p50 is not None else '-'} | "
+                         f"{f'{p95:.3f}' if p95 is not None else '-'} |")
         if all("lossless" in u for u in p["users"]):
             bad = [f"{u['name']} ({u['lossless_problem']})" for u in p["users"]
                    if not u["lossless"]]
@@ -138,14 +148,14 @@ def plot_goodput(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["policies"])
+    names = list(report["policies"])  # every entry, baselines included
     measured = [report["policies"][n]["goodput_tok_s"] for n in names]
     predicted = [report["policies"][n]["predicted_goodput_tok_s"] or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], measured, 0.4, label="measured")
     ax.bar([i + 0.2 for i in x], predicted, 0.4, label="predicted (last plan)")
-    ax.set_xticks(list(x), names)
+    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize="small")
     ax.set_ylabel("sum goodput (tok/s)")
     ax.set_title(f"trial {report['trial']}")
     ax.legend()

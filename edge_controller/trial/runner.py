@@ -1,12 +1,15 @@
 """Field trials: real controller and device agents over shaped links, one policy at a time.
 
-For each policy of the trial file, on the same workload: the controller starts in the
-lab's hub namespace (pinned to the verifier's CPUs) with that policy; every device agent
-starts in its own namespace (pinned to the drafters' CPUs), generates ``requests`` times
-and reports its results; the controller's timeline records every round and every plan.
-Measured goodput per device = its tokens / the wall time of its requests; the prediction
-is what the controller's last plan said. Before the policies, each drafter's speed alone
-is measured, so the interference of the verifier and the other drafters can be reported.
+For each scheduler and policy of the trial file, on the same workload: the controller
+starts in the lab's hub namespace (pinned to the verifier's CPUs) with that scheduler and
+policy; every device agent starts in its own namespace (pinned to the drafters' CPUs),
+generates ``requests`` times and reports its results; the controller's timeline records
+every forward and every plan. Measured goodput per device = its tokens / the wall time of
+its requests; the prediction is what the controller's last plan said. Before the
+policies, each drafter's speed alone is measured, so the interference of the verifier and
+the other drafters can be reported. With ``baselines``, the same requests are also served
+by the controller decoding for devices without drafters (``server-decode``, continuous)
+and by the target alone, one request after another (``target-alone``).
 """
 
 from __future__ import annotations
@@ -47,29 +50,55 @@ def run_trial(spec: TrialSpec, out: Path, on_policy=None) -> dict:
                     "bandwidth_hz": spec.bandwidth_hz, "policies": {}}
     with NetworkLab(shapes, wire_cpus=spec.drafter_cpus) as lab, LabKeys() as keys:
         alone = {d.name: _draft_speed_alone(lab, spec, d) for d in spec.devices}
-        for policy in spec.policies:
-            log.info("trial %s: policy %s", spec.name, policy)
-            report["policies"][policy] = run_policy(lab, keys, spec, policy, out / policy)
+        for scheduler in spec.schedulers:
+            for policy in spec.policies:
+                name = entry_name(policy, scheduler)
+                log.info("trial %s: %s", spec.name, name)
+                report["policies"][name] = run_policy(lab, keys, spec, policy, out / name,
+                                                      scheduler)
+                if on_policy is not None:
+                    on_policy(name)
+        if spec.baselines:
+            log.info("trial %s: server-decode", spec.name)
+            report["policies"][SERVER_DECODE] = run_policy(
+                lab, keys, spec, "fixed", out / SERVER_DECODE, "continuous", server_decode=True)
+            log.info("trial %s: target-alone", spec.name)
+            report["policies"][TARGET_ALONE] = target_alone(
+                lab, spec, out / TARGET_ALONE, out / SERVER_DECODE / "agents.json")
             if on_policy is not None:
-                on_policy(policy)
+                on_policy(SERVER_DECODE)
+                on_policy(TARGET_ALONE)
     report["interference"] = _interference(spec, alone, report["policies"])
     if spec.temperature == 0:
         _check_lossless(spec, report["policies"], out)
     return report
 
 
+SERVER_DECODE = "server-decode"
+TARGET_ALONE = "target-alone"
+BASELINES = (SERVER_DECODE, TARGET_ALONE)
+
+
+def entry_name(policy: str, scheduler: str) -> str:
+    """A report entry: the policy under sync rounds (as ever), POLICY@SCHEDULER otherwise."""
+    return policy if scheduler == "sync" else f"{policy}@{scheduler}"
+
+
 def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
-               out: Path) -> dict:
+               out: Path, scheduler: str = "sync", server_decode: bool = False) -> dict:
+    """One entry: the controller with ``scheduler`` and ``policy``; every device drafting
+    as the trial says, or (``server_decode``) without a drafter."""
     out.mkdir(parents=True, exist_ok=True)
     timeline = out / "timeline.jsonl"
     timeline.unlink(missing_ok=True)
     config = out / "controller.toml"
     config.write_text(  # JSON strings are valid TOML basic strings: paths quoted safely
         f"[server]\nround_deadline_s = {spec.round_deadline_s}\n"
+        f"scheduler = {json.dumps(scheduler)}\nbatch_tokens = {spec.batch_tokens}\n"
         f"timeline = {json.dumps(str(timeline))}\n"
         f"[control]\npolicy = {json.dumps(policy)}\nbandwidth_hz = {spec.bandwidth_hz}\n"
     )
-    specs = [_agent(spec, d, i) for i, d in enumerate(spec.devices)]
+    specs = [_agent(spec, d, i, server_decode) for i, d in enumerate(spec.devices)]
     faults: list[dict] = []
     with lab_controller(lab, keys, out / "controller.log", config,
                         spec.verifier_cpus) as controller:
@@ -81,11 +110,13 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
     users = [_user_summary(d, runs, events) for d, runs in zip(spec.devices, results, strict=True)]
     steady = steady_state(events, [d.name for d in spec.devices], spec.bandwidth_hz, policy)
     summary = {
+        "scheduler": scheduler,
         "goodput_tok_s": steady.get("measured_tok_s", sum(u["goodput_tok_s"] for u in users)),
         "predicted_goodput_tok_s": steady.get("predicted_tok_s"),
         "simulated_goodput_tok_s": steady.get("simulated_tok_s"),
         "window_s": steady.get("window_s"),
-        "rounds": sum(1 for e in events if "devices" in e),
+        "rounds": sum(1 for e in events if e.get("devices")),
+        "verifier_busy": busy_fraction(events),
         "users": users,
     }
     if spec.chaos:
@@ -303,7 +334,79 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     return result
 
 
-def _agent(spec: TrialSpec, device: TrialDevice, index: int) -> AgentSpec:
+def busy_fraction(events: list[dict]) -> float | None:
+    """The verifier's busy fraction: time in forwards (verification and prompt chunks)
+    over the time from the first forward's start to the last one's end."""
+    forwards = [(e["started"], e.get("verify_s", e.get("prefill_s", 0.0))) for e in events
+                if "started" in e]
+    if not forwards:
+        return None
+    span = max(s + d for s, d in forwards) - min(s for s, _ in forwards)
+    return sum(d for _, d in forwards) / span if span > 0 else None
+
+
+def time_per_token(device: str, runs: list[dict], events: list[dict]) -> list[float]:
+    """Seconds per token as the device received them: for each verdict but the first of
+    each request, the time since the verdict before over the tokens it carried (each of
+    its tokens counted once)."""
+    rounds = [(e["t"], d["committed"]) for e in events if e.get("devices")
+              for d in e["devices"] if d["device"] == device]
+    per_request = [r["stats"]["rounds"] for r in runs]
+    if sum(per_request) != len(rounds):  # a resumed request's rounds: no clean split
+        per_request = [len(rounds)]
+    out, i = [], 0
+    for count in per_request:
+        request = rounds[i:i + count]
+        i += count
+        for (before, _), (at, committed) in pairwise(request):
+            if committed:
+                out += [(at - before) / committed] * committed
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def target_alone(lab: NetworkLab, spec: TrialSpec, out: Path, agents_json: Path) -> dict:
+    """The target alone, on the verifier's CPUs, serving the same requests (the devices'
+    own prompt tokens, from ``agents_json``) one after another: what a user without this
+    system runs. Goodput = all tokens / all the time."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(agents_json.read_text())
+    requests = [[run["prompt_tokens"], spec.max_new_tokens] for device in runs for run in device]
+    job = out / "requests.json"
+    job.write_text(json.dumps({"requests": requests, "temperature": spec.temperature}))
+    proc = lab.spawn(None, [str(BIN / "python"), "-m", "edge_controller.trial.alone",
+                            str(job)], cpus=spec.verifier_cpus, stdout=subprocess.PIPE,
+                     text=True)
+    stdout, _ = proc.communicate(timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"target alone failed ({proc.returncode})")
+    (out / "alone.json").write_text(stdout)
+    measured = json.loads(stdout)["requests"]
+    users, k = [], 0
+    for device, device_runs in zip(spec.devices, runs, strict=True):
+        mine = measured[k:k + len(device_runs)]
+        k += len(device_runs)
+        tokens = sum(m["tokens"] for m in mine)
+        seconds = sum(m["seconds"] for m in mine)
+        users.append({"name": device.name, "draft": "-", "tokens": tokens,
+                      "goodput_tok_s": tokens / seconds, "acceptance_rate": 0.0,
+                      "mean_draft_len": 0.0, "mean_share": 0.0, "draft_tokens_per_s": 0.0,
+                      "time_per_token_p50_s": seconds / max(tokens, 1),
+                      "time_per_token_p95_s": None})
+    total = sum(m["seconds"] for m in measured)
+    return {"scheduler": "-", "goodput_tok_s": sum(m["tokens"] for m in measured) / total,
+            "predicted_goodput_tok_s": None, "simulated_goodput_tok_s": None,
+            "window_s": total, "rounds": 0, "verifier_busy": 1.0, "users": users}
+
+
+def _agent(spec: TrialSpec, device: TrialDevice, index: int,
+           server_decode: bool = False) -> AgentSpec:
     # A long --timeout: a busy 2-core host must not look like a lost link. Lost links and
     # restarts are still noticed at once (heartbeats, closed connections) and resumed.
     extra = ("--draft-pace", str(device.draft_pace_s),
@@ -311,8 +414,8 @@ def _agent(spec: TrialSpec, device: TrialDevice, index: int) -> AgentSpec:
              "--temperature", str(spec.temperature), "--seed", str(index),
              "--draft-top-k", str(spec.draft_top_k), "--timeout", "300",
              "--resume-timeout", "120")
-    return AgentSpec(device.name, device.draft, device.prompt, spec.max_new_tokens, extra,
-                     spec.requests)
+    return AgentSpec(device.name, "none" if server_decode else device.draft, device.prompt,
+                     spec.max_new_tokens, extra, spec.requests)
 
 
 def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict]) -> dict:
@@ -322,8 +425,11 @@ def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict]) -> 
     accepted = sum(r["stats"]["accepted"] for r in runs)
     rounds = [d for e in events if "devices" in e for d in e["devices"]
               if d["device"] == device.name]
+    per_token = time_per_token(device.name, runs, events)
     return {
-        "name": device.name, "draft": device.draft, "tokens": tokens,
+        "name": device.name, "draft": device.draft if drafted else "none", "tokens": tokens,
+        "time_per_token_p50_s": _percentile(per_token, 0.5),
+        "time_per_token_p95_s": _percentile(per_token, 0.95),
         "goodput_tok_s": tokens / seconds,
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "mean_draft_len": sum(d["draft_len"] for d in rounds) / max(len(rounds), 1),
@@ -341,6 +447,8 @@ def _check_lossless(spec: TrialSpec, policies: dict, out: Path) -> None:
     target = load_target(ensure().target_gguf)
     references: dict[str, tuple[str | None, str | None]] = {}
     for policy, summary in policies.items():
+        if policy == TARGET_ALONE:  # the reference itself
+            continue
         runs = json.loads((out / policy / "agents.json").read_text())
         for user, device_runs in zip(summary["users"], runs, strict=True):
             problems = []
@@ -372,8 +480,8 @@ def _interference(spec: TrialSpec, alone: dict[str, float], policies: dict) -> d
     """Draft speed in the trial relative to alone: what sharing the host cost each drafter."""
     rows = {}
     for d in spec.devices:
-        during = [u["draft_tokens_per_s"] for p in policies.values() for u in p["users"]
-                  if u["name"] == d.name]
+        during = [u["draft_tokens_per_s"] for name, p in policies.items()
+                  if name not in BASELINES for u in p["users"] if u["name"] == d.name]
         mean = sum(during) / len(during)
         rows[d.name] = {"alone_tok_s": alone[d.name], "in_trial_tok_s": mean,
                         "slowdown": alone[d.name] / mean if mean else float("inf")}

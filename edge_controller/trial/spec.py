@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_controller.config import checked_table
+from edge_controller.config import SCHEDULERS, checked_table
 
 
 class TrialError(ValueError):
@@ -60,6 +60,13 @@ class TrialSpec:
     devices: tuple[TrialDevice, ...]
     description: str = ""
     policies: tuple[str, ...] = ("heterogeneous", "agnostic")
+    # Each policy runs under each scheduler: report keys "POLICY" (sync) and
+    # "POLICY@SCHEDULER" (docs/scheduling.md).
+    schedulers: tuple[str, ...] = ("sync",)
+    # Also measure the honest baselines on the same workload: "server-decode" (every
+    # device without a drafter, continuous) and "target-alone" (the requests one by one).
+    baselines: bool = False
+    batch_tokens: int = 256  # continuous: tokens per forward
     bandwidth_hz: float = 1e6  # the uplink band the controller divides
     max_new_tokens: int = 32
     requests: int = 2  # per device and policy
@@ -146,6 +153,9 @@ def validate(spec: TrialSpec) -> None:
         (all(n.replace("-", "").isalnum() and len(n) <= 32 for n in names),
          "device names: letters, digits and '-', at most 32 characters"),
         (len(spec.policies) > 0, "policies must name at least one policy"),
+        (len(spec.schedulers) > 0 and set(spec.schedulers) <= set(SCHEDULERS),
+         f"schedulers must be among {', '.join(SCHEDULERS)}"),
+        (17 <= spec.batch_tokens <= 1 << 16, "batch_tokens must be in 17..65536"),
         (set(spec.policies) <= {"fixed", *POLICIES},
          f"policies must be among fixed, {', '.join(POLICIES)}"),
         (spec.bandwidth_hz > 0, "bandwidth_hz must be > 0"),
