@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="draft model: a name from configs/models.toml (q8_0, q5_0, q4_0, ...), "
                      "or none (no drafter: the controller decodes) "
                      "or a path to a GGUF file (default: q4_0)")
+    gen.add_argument("--tokenizer", default="q4_0", metavar="NAME_OR_GGUF",
+                     help="with --draft none: the GGUF whose vocabulary (no weights) "
+                     "tokenizes; it must match the target's (default q4_0)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--requests", type=int, default=1,
@@ -128,7 +131,10 @@ SERVE_FLAGS = [
      "lost (default 10)"),
     ("--resume-timeout", "controller__resume_timeout_s", float, "after a lost link, reconnect "
      "and resume until nothing was committed for --timeout + this; then 503 (default 60)"),
-    ("--draft", "draft__model", str, "draft model: registry name or GGUF path (default q4_0)"),
+    ("--draft", "draft__model", str, "draft model: registry name or GGUF path (default "
+     "q4_0), or none: no drafter, the controller decodes"),
+    ("--tokenizer", "draft__tokenizer", str, "with --draft none: the GGUF whose vocabulary "
+     "tokenizes (default q4_0)"),
     ("--threads", "draft__threads", int, "llama.cpp threads (default 1)"),
     ("--draft-pace", "draft__pace_s", float, "emulate a slower board: s per drafted token"),
     ("--http", "http__bind", str, "HOST:PORT of the API (default 127.0.0.1:8080); beyond "
@@ -231,24 +237,24 @@ def resolve_draft(name_or_path: str) -> Path:
     return materialized.drafts[name_or_path]
 
 
-NO_DRAFTER = "none"  # --draft none: the tokenizer of TOKENIZER_DRAFT, decoded by the controller
-TOKENIZER_DRAFT = "q4_0"
+NO_DRAFTER = "none"  # --draft none: --tokenizer's vocabulary only; the controller decodes
 
 
-def open_drafter(name: str, threads: int = 1, pace_s: float = 0.0):
-    """The drafter ``name`` (registry name or GGUF path), or with ``none`` the default
-    draft's tokenizer alone: the controller then decodes (server_decode)."""
+def open_drafter(name: str, threads: int = 1, pace_s: float = 0.0, tokenizer: str = "q4_0"):
+    """The drafter ``name`` (registry name or GGUF path), or with ``none`` the vocabulary
+    of ``tokenizer`` (a registry name or GGUF path) alone: the controller then decodes
+    (server_decode)."""
     from device_agent.drafter import Drafter, TokenizerOnly
 
     if name == NO_DRAFTER:
-        return TokenizerOnly(resolve_draft(TOKENIZER_DRAFT))
+        return TokenizerOnly(resolve_draft(tokenizer))
     return Drafter(resolve_draft(name), n_threads=threads, pace_s_per_token=pace_s)
 
 
-def load_drafter(args: argparse.Namespace):
+def load_drafter(args: argparse.Namespace, tokenizer: str = "q4_0"):
     """The drafter named by --draft, or None after printing why it cannot be loaded."""
     try:
-        return open_drafter(args.draft, args.threads, args.draft_pace)
+        return open_drafter(args.draft, args.threads, args.draft_pace, tokenizer)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError quotes its str
         print(f"device-agent: {reason}", file=sys.stderr)
@@ -279,7 +285,7 @@ def generate(args: argparse.Namespace) -> int:
         print(f"device-agent: {problem}", file=sys.stderr)
         return EXIT_USAGE
     device_id = device_name(args.device_id, secure=curve is not None)
-    drafter = load_drafter(args)
+    drafter = load_drafter(args, args.tokenizer)
     if drafter is None:
         return EXIT_USAGE
     prompt_ids = drafter.tokenize(args.prompt)
@@ -333,7 +339,8 @@ def serve(args: argparse.Namespace) -> int:
         curve, problem = curve_client(c.insecure, c.keys_dir, c.key)
         if problem:
             raise ConfigError(problem)
-        drafter = open_drafter(config.draft.model, config.draft.threads, config.draft.pace_s)
+        d = config.draft
+        drafter = open_drafter(d.model, d.threads, d.pace_s, d.tokenizer)
         return run_service(config, drafter, curve)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) else exc

@@ -79,7 +79,8 @@ class TargetInfo:
 
 @dataclass
 class _Round:
-    """A forward the loop started, and what it needs to answer it."""
+    """A forward the loop started (a round of drafts, maybe with a prompt chunk, or a
+    prompt chunk alone), and what it needs to answer it."""
 
     forward: Forward
     batch: list[Session]
@@ -260,7 +261,11 @@ class EdgeController:
         if forward.error is None:
             outcomes = forward.outcomes
             if prefilled:
-                self._prefilled(prefilling)
+                try:
+                    self._prefilled(prefilling)
+                except Exception as exc:
+                    self._warnings(prefilling.device_id, "after prefill: %r", exc, exc_info=True)
+                    self._fail(prefilling, "internal", f"controller error: {type(exc).__name__}")
         elif batch:
             outcomes = self._isolate(round_, forward.error)
         else:  # a prompt chunk alone
@@ -364,6 +369,8 @@ class EdgeController:
     def _prefill(self, session: Session) -> None:
         """One chunk of ``session``'s prompt in a forward of its own (no draft waits)."""
         chunk = min(self.config.limits.prefill_chunk, session.prefill_left)
+        if self.continuous:
+            chunk = min(chunk, self.config.server.batch_tokens)
         round_ = _Round(Forward([], (session.slot, chunk)), [], session, chunk, None, [])
         if self.continuous:
             self._round = round_
@@ -431,15 +438,13 @@ class EdgeController:
             if len(body) != 1:
                 raise P.ProtocolError("malformed", f"expected 1 frame per message, got {len(body)}")
             msg, version = P.decode_versioned(body[0])
-            if (isinstance(msg, P.Resume) and session is not None and self._round is not None
-                    and session.slot in self._round.forward.slots):
-                # It rolls the sequence back: after the forward computing on it lands.
-                self._deferred.append((peer, body))
-                return
             if session is not None:  # valid traffic: the registration is alive
                 session.last_seen = now
                 if not isinstance(msg, P.Ping):  # pings are answered where they came from
                     self.sessions.moved(session, peer.route)
+            if session is not None and not isinstance(msg, P.Ping) and self._held(session, msg):
+                self._deferred.append((peer, body))
+                return
             if isinstance(msg, P.Draft) and session is not None:
                 session.pending_bytes = len(body[0])
             if isinstance(msg, P.Hello):
@@ -485,6 +490,15 @@ class EdgeController:
                            exc, exc_info=True)
             if session is not None:
                 self._fail(session, "internal", f"controller error: {type(exc).__name__}")
+
+    def _held(self, session: Session, msg: P.Message) -> bool:
+        """A resume rolls the sequence back, so it waits for the forward computing on that
+        sequence to land; whatever the device sends after it waits too, in order (a cancel
+        must not overtake the resume it follows)."""
+        if any(held.identity == session.identity for held, _ in self._deferred):
+            return True
+        return (isinstance(msg, P.Resume) and self._round is not None
+                and session.slot in self._round.forward.slots)
 
     def _on_hello(self, peer: Peer, msg: P.Hello, version: int) -> None:
         if msg.tokenizer_fingerprint != self.target.fingerprint:

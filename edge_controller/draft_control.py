@@ -30,6 +30,7 @@ import numpy as np
 from edge_controller.config import ControlConfig
 from edge_controller.control import Plan, SystemParams, UserParams, VerifyTime, solve
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
+from edge_controller.control.solvers import WARM_STARTED
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ class DraftController:
             problem = problem_from_snapshot(snapshot, self.verify_time.coefficients(),
                                             self.config.bandwidth_hz, self.config.max_draft_len,
                                             self.max_delay_s)
-            warm = self._last_plan[1] if self._last_plan and self._last_plan[0] == ids else None
+            warm = (self._last_plan[1] if self._last_plan and self._last_plan[0] == ids
+                    and self.config.policy in WARM_STARTED else None)
             started = time.perf_counter()
             plan = solve(self.config.policy, *problem, warm=warm)
             solve_s = time.perf_counter() - started

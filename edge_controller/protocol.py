@@ -281,7 +281,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     for cls in (Hello, Welcome, Start, Control, Draft, Verdict, Ping, Pong, Telemetry, Error, Bye,
                 Resume, Cancel, Closing)
 }
-V3_TYPES = frozenset({"resume", "cancel", "closing"})  # unknown to a version 2 peer
 FIELD_SINCE = {  # fields newer than their message: the version that added them
     ("telemetry", "board"): 4,
     ("start", "server_decode"): 5,
@@ -334,7 +333,7 @@ def decode_versioned(
             else None,
         )
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None or (version < 3 and kind in V3_TYPES):
+    if cls is None:
         raise ProtocolError("unknown_type", "unknown message type")
     if len(frame) > FRAME_LIMITS[cls.TYPE]:
         raise ProtocolError("oversized", f"{cls.TYPE} frame of {len(frame)} bytes exceeds "

@@ -36,8 +36,12 @@ class Scheduler:
     def on_draft(self, session: Session, now: float) -> None:
         """A member's draft is in (a prefilling session's waits until it is a member)."""
         session.missed_rounds = 0
-        if session.in_rounds and self.opened_at is None:
+        if session.in_rounds and self.opened_at is None and self.opens(session):
             self.opened_at = now
+
+    def opens(self, session: Session) -> bool:
+        """Whether this session's draft opens a round."""
+        return True
 
     def on_draft_gone(self, sessions: Iterable[Session]) -> None:
         """A waiting draft is gone (its request ended, or was rolled back): with no
@@ -47,7 +51,7 @@ class Scheduler:
 
     def ready(self, session: Session, now: float) -> None:
         """A session's prompt is prefilled: a draft it sent meanwhile may open a round."""
-        if session.pending is not None and self.opened_at is None:
+        if session.pending is not None and self.opened_at is None and self.opens(session):
             self.opened_at = now
 
     def wait_s(self, now: float, tick_s: float) -> float:
@@ -64,11 +68,19 @@ class Scheduler:
 
 
 class SyncScheduler(Scheduler):
-    """Synchronous rounds: the round now collecting drafts, when it is due, who is in it."""
+    """Synchronous rounds: the round now collecting drafts, when it is due, who is in it.
+
+    A request the controller decodes itself (server_decode) is always ready and rides
+    along: its draft neither opens a round nor starts the deadline, so the drafting
+    devices pace the rounds as before; with no drafting device in the rounds, every round
+    is due at once."""
 
     def __init__(self, deadline_s: float):
         super().__init__()
         self.deadline_s = deadline_s
+
+    def opens(self, session: Session) -> bool:
+        return not session.server_decode
 
     def wait_s(self, now: float, tick_s: float) -> float:
         if self.opened_at is None:
@@ -80,7 +92,12 @@ class SyncScheduler(Scheduler):
         if not any(s.pending is not None for s in members):
             self.opened_at = None  # its drafts are gone (ended, rolled back): nothing open
             return False
-        all_in = all(s.pending is not None for s in members if s.missed_rounds == 0)
+        drafting = [s for s in members if not s.server_decode]
+        if not drafting:
+            return True
+        if self.opened_at is None:  # only decoded-here drafts wait: for a drafting device
+            return False
+        all_in = all(s.pending is not None for s in drafting if s.missed_rounds == 0)
         return all_in or now >= self.opened_at + self.deadline_s
 
     def close(self, sessions: Iterable[Session]) -> list[Session]:

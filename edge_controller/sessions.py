@@ -58,7 +58,7 @@ class Session:
     pending_bytes: int = 0  # its frame size
     answered_at: float = 0.0  # when the last verdict (or the request's control) was sent
     started_at: float = 0.0  # when its request started (or was resumed): prefill order
-    drafted_at: float = 0.0  # when its request last sent valid traffic (start, a draft)
+    drafted_at: float = 0.0  # its request's start, its last draft (or, decoded here, queued)
     prefill_left: int = 0  # prompt tokens the verifier has still to prefill (0: ready)
     missed_rounds: int = 0  # rounds in a row that closed without its draft
     last_verdict: tuple[Verdict, Draft] | None = None  # the last round answered, its draft
@@ -82,8 +82,10 @@ class Session:
         """Its request has had no draft for ``rounds`` rounds in a row (closed without it,
         or deadlines passed when none closed) and for at least ``seconds``, counted from
         when it could draft (its last verdict or control)."""
-        if not self.generating or self.pending is not None:
-            return False  # (a prefilling request that sent no draft yet may idle too)
+        if not self.generating or self.pending is not None or self.server_decode:
+            # (A prefilling request that sent no draft yet may idle too; a server-decoded
+            # one sends none, and its drafts are the controller's own.)
+            return False
         silent = now - max(self.drafted_at, self.answered_at)
         missed = max(self.missed_rounds, int(silent / round_deadline_s))
         return missed >= rounds and silent >= seconds

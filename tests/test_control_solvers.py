@@ -82,6 +82,16 @@ def test_solvers_match_exact_references_on_small_instances(instance):
 
 
 @settings(max_examples=60, derandomize=True, deadline=None)
+@given(instances(max_users=4))
+def test_heterogeneous_within_half_a_percent_of_brute_force_at_four_devices(instance):
+    system, users = instance
+    if users.num_users < 4:
+        return
+    exact = solve("brute-force", system, users).goodput_tok_s
+    assert exact * (1 - 0.005) <= solve("heterogeneous", system, users).goodput_tok_s
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
 @given(instances(max_users=12))
 def test_every_plan_is_feasible_and_scored_by_the_model(instance):
     system, users = instance

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from edge_controller import protocol as P
-from edge_controller.scheduler import ContinuousScheduler
+from edge_controller.scheduler import ContinuousScheduler, SyncScheduler
 from edge_controller.sessions import Session
 from edge_controller.verifier.slots import SlotTable, VerifyItem, VerifyOutcome
 from edge_controller.verifier.worker import Forward, VerifierWorker
@@ -49,6 +49,38 @@ def test_oldest_first_within_the_budget_and_the_rest_next():
     assert scheduler.close(sessions) == [c, a]  # 9 + 5 tokens; late (5 more) is over 17
     c.pending = a.pending = None
     assert scheduler.close(sessions) == [late]
+
+
+def decoded_here(name: str, drafted_at: float) -> Session:
+    session = member(name, 0, drafted_at)
+    session.request = P.Start("r", [1, 2], 8, server_decode=True)
+    return session
+
+
+def test_under_sync_a_decoded_request_rides_along_and_never_opens_a_round():
+    """Its empty draft is queued at once after every verdict: were it to open rounds, the
+    deadline would run from the last answer and slower drafting devices would miss them."""
+    scheduler = SyncScheduler(deadline_s=1.0)
+    decoded, drafting = decoded_here("srv", 0.0), member("dev", 4, 0.0)
+    drafting.pending = None
+    scheduler.on_draft(decoded, 0.0)
+    assert scheduler.opened_at is None
+    assert not scheduler.due([decoded, drafting], 5.0)  # waits for a drafting device
+    drafting.pending = P.Draft("r", 0, 2, [5] * 4)
+    scheduler.on_draft(drafting, 6.0)
+    assert scheduler.opened_at == 6.0 and scheduler.due([decoded, drafting], 6.0)
+    assert scheduler.close([decoded, drafting]) == [decoded, drafting]
+    alone = SyncScheduler(deadline_s=1.0)  # nobody drafts: every round at once
+    assert alone.due([decoded_here("srv", 0.0)], 0.0)
+
+
+def test_a_decoded_request_is_never_idle_while_its_prompt_is_prefilled():
+    session = decoded_here("srv", 0.0)
+    session.pending, session.prefill_left = None, 100
+    assert not session.idle(1000.0, rounds=1, seconds=1.0, round_deadline_s=0.25)
+    drafting = member("dev", 4, 0.0)
+    drafting.pending, drafting.prefill_left = None, 100
+    assert drafting.idle(1000.0, rounds=1, seconds=1.0, round_deadline_s=0.25)
 
 
 def test_members_still_prefilling_are_not_in_a_forward():

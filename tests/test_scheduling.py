@@ -56,7 +56,7 @@ def test_under_continuous_a_slow_device_never_delays_a_fast_one(
     deadline); under continuous batching never longer than a forward already running."""
     timeline = tmp_path / "timeline.jsonl"
     fast = AgentSpec("fast", default_models.drafts["q4_0"], PROMPTS["q4_0"], NEW_TOKENS)
-    slow = AgentSpec("slow", default_models.drafts["q8_0"], PROMPTS["q8_0"], 12,
+    slow = AgentSpec("slow", default_models.drafts["q8_0"], PROMPTS["q8_0"], 16,
                      extra=("--draft-pace", "0.15"))  # a 4-token draft takes 0.6 s
     with run_controller(server__scheduler=scheduler, server__timeline=str(timeline),
                         control__policy="fixed") as controller:
@@ -78,7 +78,7 @@ def test_under_continuous_a_slow_device_never_delays_a_fast_one(
     else:
         # Never waits for the slow device's 0.6 s drafts: at most the forward running
         # when its draft arrived (plus loop slack); and it is done long before the slow one.
-        assert max(waits) <= longest_forward + 0.05, (max(waits), longest_forward)
+        assert max(waits) <= longest_forward + 0.1 < 0.6, (max(waits), longest_forward)
         assert last_forward("fast") < last_forward("slow")
 
 
@@ -188,3 +188,20 @@ def test_a_resume_during_the_forward_that_holds_its_draft_waits_for_it(
         link.send(P.Draft("r", 0, len(prompt), [28]))
         verdict = until(P.Verdict, link)
         assert verdict.round == 0 and len(verdict.tokens) >= 1
+
+        # A cancel after a held resume does not overtake it: the request ends.
+        verifier._run = gated
+        held.clear()
+        release.clear()
+        link.send(P.Draft("r", 1, len(prompt) + len(verdict.tokens), [28]))
+        assert held.wait(60)
+        link.send(P.Resume("r", prompt, verdict.tokens, 1, 8))
+        link.send(P.Cancel("r"))
+        release.set()
+        verifier._run = run
+        until(P.Verdict, link)
+        for _ in range(200):
+            if not controller._deferred and controller.sessions.named("dev").request is None:
+                break
+            threading.Event().wait(0.05)
+        assert controller.sessions.named("dev").request is None, "the cancel overtook the resume"

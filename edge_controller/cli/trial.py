@@ -22,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedulers", help="comma-separated schedulers, each running every "
                    "policy: sync, continuous (overrides the trial file; report entries "
                    "POLICY@SCHEDULER for all but sync)")
-    p.add_argument("--baselines", action="store_true", default=None,
-                   help="also run server-decode and target-alone on the same workload")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run server-decode and target-alone on the same workload "
+                   "(default: the trial file's baselines, true unless it says otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:

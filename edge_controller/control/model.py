@@ -119,7 +119,11 @@ class VerifyTime:
     per_token_s: float
 
     def __call__(self, draft_len: np.ndarray) -> np.ndarray:
-        return self.base_s + self.per_token_s * np.sum(np.asarray(draft_len) + 1, axis=-1)
+        return self.of_tokens(np.sum(np.asarray(draft_len) + 1, axis=-1))
+
+    def of_tokens(self, tokens: np.ndarray | float) -> np.ndarray | float:
+        """T_v of a forward of ``tokens`` tokens (sum_k (L_k + 1))."""
+        return self.base_s + self.per_token_s * tokens
 
 
 @dataclass(frozen=True)

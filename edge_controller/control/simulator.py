@@ -101,8 +101,7 @@ def simulate(
         upload_s = np.where(bits > 0, bits / rate, 0.0)
     uploads_in = draft_len * users.draft_s_per_token + users.delay_s + upload_s
     batch_tokens = int(np.sum(draft_len + 1))
-    round_s = uploads_in.max() + system.verify_time.base_s
-    round_s += system.verify_time.per_token_s * batch_tokens
+    round_s = uploads_in.max() + system.verify_time.of_tokens(batch_tokens)
     tokens = np.zeros(users.num_users)
     for start in range(0, rounds, _CHUNK_ROUNDS):
         n = min(_CHUNK_ROUNDS, rounds - start)

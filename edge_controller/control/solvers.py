@@ -95,8 +95,7 @@ def _homogeneous(
     """The homogeneous plan and tau*(L) of every common L (M,)."""
     taus = equalised_finish_time(tables.compute_s, tables.upload_s)
     lengths = tables.lengths[:, 0]
-    verify = system.verify_time
-    round_s = taus + verify.base_s + verify.per_token_s * users.num_users * (lengths + 1)
+    round_s = taus + system.verify_time.of_tokens(users.num_users * (lengths + 1))
     best = int(np.argmax(tables.tokens.sum(axis=1) / round_s))
     draft_len = np.full(users.num_users, lengths[best])
     return _equalised_plan("homogeneous", system, users, draft_len, taus[best]), taus
@@ -145,7 +144,7 @@ def per_user_len(system: SystemParams, users: UserParams) -> Plan:
     k = users.num_users
     lengths = _length_grid(system, k)
     own_time = finish_time_s(system, users, lengths, 1.0 / k)
-    own_time = own_time + system.verify_time.base_s + system.verify_time.per_token_s * (lengths + 1)
+    own_time = own_time + system.verify_time.of_tokens(lengths + 1)
     own_rate = users.acceptance.expected_tokens(lengths) / own_time
     return _equal_share_plan("per-user-L", system, users, np.argmax(own_rate, axis=0))
 
@@ -240,8 +239,7 @@ def _sorted_band_prices(
     takeable = np.flatnonzero(flat_ratio > 0)  # nan, 0 and negative ratios never are
     row = takeable // flat_ratio.shape[1]
     step_ratio = flat_ratio.ravel()[takeable]
-    # One sort for all rows: by row, then by falling ratio (1 / (1 + r) is in [0, 1)).
-    order = np.argsort(row + 1.0 / (1.0 + step_ratio))
+    order = np.lexsort((-step_ratio, row))  # one sort for all rows: by row, falling ratio
     row, step_ratio = row[order], step_ratio[order]
     cumulative = np.cumsum(step_share.reshape(n, -1).ravel()[takeable][order])
     rows = np.arange(n)
@@ -377,10 +375,9 @@ def _compute_bound_candidates(
     order = np.argsort(due, kind="stable")
     step_tokens = tables.step_tokens[step, device][order]
     due = np.maximum(due[order], first)
-    verify = system.verify_time
     tokens = tables.tokens[0].sum() + np.cumsum(step_tokens)
     taken = np.arange(1, order.size + 1)
-    goodput = tokens / (due + verify.base_s + verify.per_token_s * (k + taken))
+    goodput = tokens / (due + system.verify_time.of_tokens(k + taken))
     # The last step due at each tau (steps due together are taken together).
     last = np.flatnonzero(np.append(due[1:] != due[:-1], True))
     best = last[np.argsort(goodput[last])[::-1][:_COMPUTE_BOUND_CANDIDATES]]
@@ -419,8 +416,7 @@ def _finish_time_range(
     np.nan_to_num(reach, copy=False, nan=system.max_draft_len)  # 0 / 0: free drafting
     np.clip(reach, 0, system.max_draft_len, out=reach)
     tokens = tables.tokens[reach.astype(np.intp), np.arange(users.num_users)].sum(axis=1)
-    fixed = system.verify_time.base_s + system.verify_time.per_token_s * users.num_users
-    bound = tokens[1:] / (grid[:-1] + fixed)
+    bound = tokens[1:] / (grid[:-1] + system.verify_time.of_tokens(users.num_users))
     useful = np.flatnonzero(bound >= goodput)
     return lo, (float(grid[useful[-1] + 1]) if useful.size else lo)
 
@@ -486,7 +482,7 @@ def heterogeneous(
         points = int(np.ceil(np.log(hi / lo) / np.log1p(finish_time_step))) + 1
         return _geometric(lo, hi, max(6, min(points, _MAX_POINTS, budget)))
 
-    taus = grid(first, last)
+    taus, structure = grid(first, last), np.zeros(0)
     if tables.step_tokens.size <= _SORT_CUT_MAX:
         # Small K: the goodput has structure at every scale of slack above tau*(0) (a
         # little band frees a step for one device) and just past compute breakpoints.
@@ -495,14 +491,16 @@ def heterogeneous(
         if candidates.size:
             best, _, tau = _better(system, users, best, candidates, near)
             slack = np.append(slack, tau - first)
-        taus = np.union1d(taus, first + slack[(slack > 0) & (first + slack <= last)])
+        structure = first + slack[(slack > 0) & (first + slack <= last)]
+        taus = np.union1d(taus, structure)
     windowed = False
     if _usable_warm_start(system, users, warm):
         best, _, centre = _better(system, users, best, warm.draft_len[None], None)
         window = (max(first, centre[0] / _WARM_WINDOW), min(last, centre[0] * _WARM_WINDOW))
         # Few devices: far-apart local optima, and a cold sweep costs ~1 ms anyway.
         if window[0] < window[1] and users.num_users >= _WARM_MIN_USERS:
-            taus, windowed = grid(*window), True
+            inside = structure[(structure >= window[0]) & (structure <= window[1])]
+            taus, windowed = np.union1d(grid(*window), inside), True
     for stage in range(refinements + 1):
         candidates, near = _knapsack_candidates(tables, taus, best.goodput)
         best, i, _ = _better(system, users, best, candidates, near)
@@ -513,7 +511,9 @@ def heterogeneous(
             and ((j == 0 and taus[0] > first) or (j == taus.size - 1 and taus[-1] < last))
         ):
             # On the warm window's edge: the optimum may lie beyond; sweep the full range.
-            return heterogeneous(system, users, finish_time_step, refinements, polish_steps)
+            cold = heterogeneous(system, users, finish_time_step, refinements, polish_steps)
+            return cold if cold.goodput_tok_s >= best.goodput else best.plan(
+                "heterogeneous", system, users)
         lo, hi = taus[max(j - 1, 0)], taus[min(j + 1, taus.size - 1)]
         taus = _geometric(lo, hi, refine_points + 2)[1:-1]  # between the neighbours
     for _ in range(polish_steps):

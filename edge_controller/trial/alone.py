@@ -4,8 +4,9 @@ without this system would run (transformers ``generate`` on the verifier's CPUs)
     python -m edge_controller.trial.alone REQUESTS.json
 
 REQUESTS.json: ``{"requests": [[prompt_ids, max_new_tokens], ...], "temperature": t}``.
-Prints ``{"requests": [{"tokens": n, "seconds": s}, ...]}``: each request's new tokens
-(stopping at end of sequence, as the devices' do) and its wall time, the model loaded and
+Prints ``{"requests": [{"tokens": n, "seconds": s, "token_times": [...]}, ...]}``: each
+request's new tokens (stopping at end of sequence, as the devices' do), its wall time, and
+when each new token was ready (seconds since the request started), the model loaded and
 warmed up beforehand.
 """
 
@@ -29,20 +30,35 @@ def main() -> int:
     temperature = float(job.get("temperature", 0.0))
     pad = tokenizer.pad_token_id or tokenizer.eos_token_id
 
-    def generate(prompt_ids: list[int], max_new_tokens: int) -> int:
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
-            "do_sample": False}
+    # The devices' requests sample from the whole distribution (top_k 0, top_p 1): so here.
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                if temperature > 0 else {"do_sample": False})
+
+    class Clock:
+        """A streamer that notes when each new token is ready (the prompt comes first)."""
+
+        def __init__(self, started: float):
+            self.started, self.times, self.prompt_seen = started, [], False
+
+        def put(self, value) -> None:
+            if self.prompt_seen:
+                self.times.append(time.perf_counter() - self.started)
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    def generate(prompt_ids: list[int], max_new_tokens: int) -> dict:
+        started = time.perf_counter()
+        clock = Clock(started)
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, **sampling)
-        return out.shape[1] - len(prompt_ids)
+                             pad_token_id=pad, streamer=clock, **sampling)
+        return {"tokens": out.shape[1] - len(prompt_ids),
+                "seconds": time.perf_counter() - started, "token_times": clock.times}
 
     generate(job["requests"][0][0], 4)  # warm-up: first-call costs are not serving
-    results = []
     with torch.inference_mode():
-        for prompt_ids, max_new_tokens in job["requests"]:
-            started = time.perf_counter()
-            tokens = generate(prompt_ids, max_new_tokens)
-            results.append({"tokens": tokens, "seconds": time.perf_counter() - started})
+        results = [generate(prompt_ids, n) for prompt_ids, n in job["requests"]]
     print(json.dumps({"requests": results}))
     return 0
 

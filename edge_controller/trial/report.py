@@ -40,18 +40,20 @@ def markdown(report: dict) -> str:
              "(docs/scheduling.md), the others under synchronous rounds; server-decode: "
              "every device without a drafter, the controller decoding (continuous); "
              "target-alone: the target serving the same requests one after another (its "
-             "goodput: all tokens / all the time). Busy: the verifier's time in forwards "
-             "over the time from the first forward to the last.", "",
+             "goodput: all tokens / all the time). Whole run: every committed token over "
+             "the time from the first forward to the last (tails where some devices are "
+             "done included). Busy: the verifier's time in forwards over that time.", "",
              "| entry | measured (tok/s) | predicted (tok/s) | measured / predicted | "
-             "simulated (tok/s) | window (s) | rounds | verifier busy |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "simulated (tok/s) | window (s) | rounds | whole run (tok/s) | verifier busy |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, p in report["policies"].items():
         pred, sim = p["predicted_goodput_tok_s"], p["simulated_goodput_tok_s"]
         cells = f"{pred:.2f} | {p['goodput_tok_s'] / pred:.2f}" if pred else "- | -"
-        busy = p.get("verifier_busy")
+        busy, run = p.get("verifier_busy"), p.get("run_goodput_tok_s")
         lines.append(f"| {name} | {p['goodput_tok_s']:.2f} | {cells} | "
                      f"{f'{sim:.2f}' if sim else '-'} | {p['window_s'] or 0:.1f} | "
-                     f"{p['rounds']} | {f'{busy:.0%}' if busy is not None else '-'} |")
+                     f"{p['rounds']} | {f'{run:.2f}' if run else '-'} | "
+                     f"{f'{busy:.0%}' if busy is not None else '-'} |")
     g = gains(report)
     if g:
         lines += ["", f"Heterogeneous over agnostic: measured {g['measured']:+.1%}"

@@ -107,11 +107,13 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
             results = lab_agents(lab, keys, specs, spec.drafter_cpus)
     (out / "agents.json").write_text(json.dumps(results))
     events = [json.loads(line) for line in timeline.read_text().splitlines()]
-    users = [_user_summary(d, runs, events) for d, runs in zip(spec.devices, results, strict=True)]
+    users = [_user_summary(d, runs, events, server_decode)
+             for d, runs in zip(spec.devices, results, strict=True)]
     steady = steady_state(events, [d.name for d in spec.devices], spec.bandwidth_hz, policy)
     summary = {
         "scheduler": scheduler,
         "goodput_tok_s": steady.get("measured_tok_s", sum(u["goodput_tok_s"] for u in users)),
+        "run_goodput_tok_s": run_goodput(events),
         "predicted_goodput_tok_s": steady.get("predicted_tok_s"),
         "simulated_goodput_tok_s": steady.get("simulated_tok_s"),
         "window_s": steady.get("window_s"),
@@ -334,6 +336,18 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     return result
 
 
+def run_goodput(events: list[dict]) -> float | None:
+    """All committed tokens over the whole run: from the first forward's start to the last
+    one's end (requests of every device, start-up and tails included)."""
+    forwards = [e for e in events if e.get("devices")]
+    if not forwards:
+        return None
+    span = max(e["started"] + e["verify_s"] for e in forwards) - min(
+        e["started"] for e in forwards)
+    tokens = sum(d["committed"] for e in forwards for d in e["devices"])
+    return tokens / span if span > 0 else None
+
+
 def busy_fraction(events: list[dict]) -> float | None:
     """The verifier's busy fraction: time in forwards (verification and prompt chunks)
     over the time from the first forward's start to the last one's end."""
@@ -394,13 +408,19 @@ def target_alone(lab: NetworkLab, spec: TrialSpec, out: Path, agents_json: Path)
         k += len(device_runs)
         tokens = sum(m["tokens"] for m in mine)
         seconds = sum(m["seconds"] for m in mine)
+        # As for the devices: the time between tokens, the first of each request (its
+        # prompt) left out.
+        per_token = [b - a for m in mine for a, b in pairwise(m["token_times"])]
         users.append({"name": device.name, "draft": "-", "tokens": tokens,
                       "goodput_tok_s": tokens / seconds, "acceptance_rate": 0.0,
                       "mean_draft_len": 0.0, "mean_share": 0.0, "draft_tokens_per_s": 0.0,
-                      "time_per_token_p50_s": seconds / max(tokens, 1),
-                      "time_per_token_p95_s": None})
+                      "time_per_token_p50_s": _percentile(per_token, 0.5),
+                      "time_per_token_p95_s": _percentile(per_token, 0.95)})
     total = sum(m["seconds"] for m in measured)
-    return {"scheduler": "-", "goodput_tok_s": sum(m["tokens"] for m in measured) / total,
+    goodput = sum(m["tokens"] for m in measured) / total
+    # Busy: the target computes all the time it serves (generate's own overheads are
+    # counted as work here, as they would be on the edge box).
+    return {"scheduler": "-", "goodput_tok_s": goodput, "run_goodput_tok_s": goodput,
             "predicted_goodput_tok_s": None, "simulated_goodput_tok_s": None,
             "window_s": total, "rounds": 0, "verifier_busy": 1.0, "users": users}
 
@@ -418,7 +438,8 @@ def _agent(spec: TrialSpec, device: TrialDevice, index: int,
                      spec.max_new_tokens, extra, spec.requests)
 
 
-def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict]) -> dict:
+def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict],
+                  server_decode: bool = False) -> dict:
     tokens = sum(len(r["tokens"]) for r in runs)
     seconds = sum(len(r["tokens"]) / r["stats"]["tokens_per_s"] for r in runs)
     drafted = sum(r["stats"]["drafted"] for r in runs)
@@ -427,7 +448,8 @@ def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict]) -> 
               if d["device"] == device.name]
     per_token = time_per_token(device.name, runs, events)
     return {
-        "name": device.name, "draft": device.draft if drafted else "none", "tokens": tokens,
+        "name": device.name, "draft": "none" if server_decode else device.draft,
+        "tokens": tokens,
         "time_per_token_p50_s": _percentile(per_token, 0.5),
         "time_per_token_p95_s": _percentile(per_token, 0.95),
         "goodput_tok_s": tokens / seconds,

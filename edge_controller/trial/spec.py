@@ -63,9 +63,9 @@ class TrialSpec:
     # Each policy runs under each scheduler: report keys "POLICY" (sync) and
     # "POLICY@SCHEDULER" (docs/scheduling.md).
     schedulers: tuple[str, ...] = ("sync",)
-    # Also measure the honest baselines on the same workload: "server-decode" (every
-    # device without a drafter, continuous) and "target-alone" (the requests one by one).
-    baselines: bool = False
+    # The honest baselines on the same workload: "server-decode" (every device without a
+    # drafter, continuous) and "target-alone" (the requests one after another).
+    baselines: bool = True
     batch_tokens: int = 256  # continuous: tokens per forward
     bandwidth_hz: float = 1e6  # the uplink band the controller divides
     max_new_tokens: int = 32
@@ -143,6 +143,17 @@ def _typed(cls, table: Any, where: str, skip: tuple[str, ...] = ()) -> dict[str,
     return checked_table(defaults, table, where, TrialError)
 
 
+def _batch_tokens_problem(batch_tokens: int) -> str | None:
+    """What the controller would say about this budget (its own check), or None."""
+    from edge_controller.config import ConfigError, load_config
+
+    try:
+        load_config(None, server__batch_tokens=batch_tokens)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def validate(spec: TrialSpec) -> None:
     """Raise TrialError naming the first value that cannot run."""
     from edge_controller.control.solvers import POLICIES
@@ -155,7 +166,8 @@ def validate(spec: TrialSpec) -> None:
         (len(spec.policies) > 0, "policies must name at least one policy"),
         (len(spec.schedulers) > 0 and set(spec.schedulers) <= set(SCHEDULERS),
          f"schedulers must be among {', '.join(SCHEDULERS)}"),
-        (17 <= spec.batch_tokens <= 1 << 16, "batch_tokens must be in 17..65536"),
+        (_batch_tokens_problem(spec.batch_tokens) is None,
+         f"{_batch_tokens_problem(spec.batch_tokens)}"),
         (set(spec.policies) <= {"fixed", *POLICIES},
          f"policies must be among fixed, {', '.join(POLICIES)}"),
         (spec.bandwidth_hz > 0, "bandwidth_hz must be > 0"),

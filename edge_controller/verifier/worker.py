@@ -68,14 +68,14 @@ class VerifierWorker:
         self.in_flight: Forward | None = None
         self._queue: queue.SimpleQueue[Forward | None] = queue.SimpleQueue()
         self._done = threading.Event()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
+        self._wake: tuple[int, int] | None = None  # (read, write) pipe, with the thread
         self._thread: threading.Thread | None = None  # started by the first submit
 
     @property
-    def wake_fd(self) -> int:
-        """Readable once the forward in flight is done (poll it with the socket)."""
-        return self._wake_read
+    def wake_fd(self) -> int | None:
+        """Readable once the forward in flight is done (poll it with the socket); None
+        before the first forward was submitted."""
+        return self._wake[0] if self._wake else None
 
     @property
     def busy(self) -> bool:
@@ -95,6 +95,8 @@ class VerifierWorker:
         """Start ``forward`` in the worker thread."""
         assert not self.busy, "one forward at a time"
         if self._thread is None:
+            self._wake = os.pipe()
+            os.set_blocking(self._wake[0], False)
             self._thread = threading.Thread(target=self._serve, name="verifier", daemon=True)
             self._thread.start()
         self.in_flight = forward
@@ -106,23 +108,21 @@ class VerifierWorker:
             return None
         forward, self.in_flight = self.in_flight, None
         self._done.clear()
-        try:
-            while os.read(self._wake_read, 64):
-                pass
-        except BlockingIOError:
-            pass
+        os.read(self._wake[0], 1)  # its one byte, written before the event was set
         return forward
 
     def close(self) -> None:
         """Finish the forward in flight (if any) and stop the thread."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(60)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(60)
+        if not self._thread.is_alive():  # else it may still write: leave its pipe open
+            os.close(self._wake[0])
+            os.close(self._wake[1])
 
     def _serve(self) -> None:
         while (forward := self._queue.get()) is not None:
             forward.run(self.verifier)
+            os.write(self._wake[1], b"!")  # first: a collect that sees the event finds it
             self._done.set()
-            os.write(self._wake_write, b"!")
