@@ -68,6 +68,8 @@ def test_ci_trial_compares_schedulers_and_the_baselines(tmp_path):
         if name != "target-alone":  # the reference itself
             assert all(u["lossless"] for u in entry["users"]), name
     assert entries["fixed@continuous"]["scheduler"] == "continuous"
+    idle = entries["fixed"]["verifier_idle_s"]  # who the verifier waited for
+    assert set(idle) <= {"orin", "phone", "prompt chunk"} and sum(idle.values()) > 0
     assert [u["draft"] for u in entries["server-decode"]["users"]] == ["none", "none"]
     markdown = (tmp_path / "report.md").read_text()
     assert "| fixed@continuous |" in markdown and "| server-decode |" in markdown

@@ -54,6 +54,13 @@ def markdown(report: dict) -> str:
                      f"{f'{sim:.2f}' if sim else '-'} | {p['window_s'] or 0:.1f} | "
                      f"{p['rounds']} | {f'{run:.2f}' if run else '-'} | "
                      f"{f'{busy:.0%}' if busy is not None else '-'} |")
+    idle = {name: p["verifier_idle_s"] for name, p in report["policies"].items()
+            if p.get("verifier_idle_s")}
+    if idle:
+        lines += ["", "Where the verifier's idle time went (seconds between forwards, each "
+                  "gap charged to the draft that ended it):", ""]
+        lines += [f"- {name}: " + ", ".join(f"{who} {s:.1f}" for who, s in by.items())
+                  for name, by in idle.items()]
     g = gains(report)
     if g:
         lines += ["", f"Heterogeneous over agnostic: measured {g['measured']:+.1%}"

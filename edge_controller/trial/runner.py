@@ -119,6 +119,7 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
         "window_s": steady.get("window_s"),
         "rounds": sum(1 for e in events if e.get("devices")),
         "verifier_busy": busy_fraction(events),
+        "verifier_idle_s": idle_by_device(events),
         "users": users,
     }
     if spec.chaos:
@@ -357,6 +358,21 @@ def busy_fraction(events: list[dict]) -> float | None:
         return None
     span = max(s + d for s, d in forwards) - min(s for s, _ in forwards)
     return sum(d for _, d in forwards) / span if span > 0 else None
+
+
+def idle_by_device(events: list[dict]) -> dict[str, float]:
+    """Where the verifier's idle time goes: each gap between forwards, charged to the draft
+    that ended it (the last to arrive of the next forward's), or to a prompt chunk."""
+    forwards = sorted((e for e in events if "started" in e), key=lambda e: e["started"])
+    idle: dict[str, float] = {}
+    for before, after in pairwise(forwards):
+        gap = after["started"] - before["started"] - before.get(
+            "verify_s", before.get("prefill_s", 0.0))
+        if gap > 0:
+            who = (min(after["devices"], key=lambda d: d["waited_s"])["device"]
+                   if after.get("devices") else "prompt chunk")
+            idle[who] = idle.get(who, 0.0) + gap
+    return {who: round(s, 3) for who, s in sorted(idle.items(), key=lambda kv: -kv[1])}
 
 
 def time_per_token(device: str, runs: list[dict], events: list[dict]) -> list[float]:
