@@ -13,6 +13,7 @@ on with messages, and land (are answered) when done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import reprlib
@@ -105,7 +106,8 @@ class EdgeController:
         self.worker = VerifierWorker(verifier)
         self._round: _Round | None = None  # continuous: the round whose forward is in flight
         self._close_after_forward: list[int] = []  # slots of requests ended mid-forward
-        self._deferred: list[tuple[Peer, list[bytes]]] = []  # resumes of slots in a forward
+        self._deferred: list[tuple[Peer, list[bytes]]] = []  # resumes of slots in a forward...
+        self._replaying = False  # ...and what came after them, replayed once it landed
         self.metrics = ControllerMetrics()
         self.sessions = SessionRegistry()
         self.transport = transport or Transport.from_config(config)
@@ -218,7 +220,9 @@ class EdgeController:
         items = [_verify_item(s) for s in batch]
         prefilling = self._prefilling()
         round_tokens = sum(len(i.draft_tokens) + 1 for i in items)
-        chunk = self._chunk(prefilling, round_tokens) if prefilling else 0
+        drafted = sum(len(i.draft_tokens) + 1 for s, i in zip(batch, items, strict=True)
+                      if not s.server_decode)
+        chunk = self._chunk(prefilling, round_tokens, drafted) if prefilling else 0
         forward = Forward(items, (prefilling.slot, chunk) if chunk else None)
         round_ = _Round(forward, batch, prefilling if chunk else None, round_tokens + chunk,
                         opened_at, [s.drafted_at for s in batch])
@@ -228,16 +232,21 @@ class EdgeController:
         else:
             self._answer_round(round_, self.worker.run(forward))
 
-    def _chunk(self, prefilling: Session, round_tokens: int) -> int:
-        """Prompt tokens that ride along in a forward of ``round_tokens`` draft tokens.
+    def _chunk(self, prefilling: Session, round_tokens: int, drafted: int) -> int:
+        """Prompt tokens that ride along in a forward of ``round_tokens`` tokens, of which
+        ``drafted`` are drafting devices'.
 
-        Synchronous: at most as many as the round itself, so the forward at most doubles
-        however many prompts are queued and however often a device restarts one.
-        Continuous: what the forward's token budget leaves; at least MIN_RIDE_ALONG, so
-        that a busy verifier still gets prompts in."""
+        Synchronous: at most as many as the drafting devices' round, so the forward at most
+        doubles however many prompts are queued and however often a device restarts one
+        (requests decoded here are in every round, so a round of only those takes a whole
+        chunk: prompts would otherwise never be prefilled alone). Continuous: what the
+        forward's token budget leaves. At least MIN_RIDE_ALONG, so that a busy verifier
+        still gets prompts in."""
         limits = self.config.limits
-        room = (self.config.server.batch_tokens - round_tokens if self.continuous
-                else round_tokens)
+        if self.continuous:
+            room = self.config.server.batch_tokens - round_tokens
+        else:
+            room = drafted or limits.prefill_chunk
         return min(limits.prefill_chunk, max(room, MIN_RIDE_ALONG), prefilling.prefill_left)
 
     def _land(self, wait_s: float = 0.0) -> None:
@@ -247,9 +256,19 @@ class EdgeController:
             return
         round_, self._round = self._round, None
         self._answer_round(round_, forward)
-        deferred, self._deferred = self._deferred, []
-        for peer, body in deferred:
-            self._on_frames(peer, body)
+        self._replaying = True
+        try:  # in order; a frame's handling may drop its session, and its later frames
+            while self._deferred:
+                peer, body = self._deferred.pop(0)
+                self._on_frames(self._as_now(peer), body)
+        finally:
+            self._replaying = False
+
+    def _as_now(self, peer: Peer) -> Peer:
+        """A held frame's sender as the allowlist names it now (revoked keys: no name)."""
+        if not self.transport.secure or peer.key is None:
+            return peer
+        return dataclasses.replace(peer, name=self.transport.allowlist.name_of(peer.key))
 
     def _answer_round(self, round_: _Round, forward: Forward) -> None:
         """Commit what a forward verified and answer each device. Guarded like the
@@ -495,6 +514,8 @@ class EdgeController:
         """A resume rolls the sequence back, so it waits for the forward computing on that
         sequence to land; whatever the device sends after it waits too, in order (a cancel
         must not overtake the resume it follows)."""
+        if self._replaying:
+            return False
         if any(held.identity == session.identity for held, _ in self._deferred):
             return True
         return (isinstance(msg, P.Resume) and self._round is not None
@@ -667,8 +688,10 @@ class EdgeController:
         self.scheduler.on_draft_gone(self.sessions)
 
     def _drop(self, session: Session, why: str) -> None:
-        """Forget a device: free its slot, its estimates and its metrics."""
+        """Forget a device: free its slot, its estimates, its metrics and any frames held
+        for it (they belong to the registration that is gone)."""
         self._events(session.device_id, "%s", why)
+        self._deferred = [(p, b) for p, b in self._deferred if p.identity != session.identity]
         self._end_request(session)
         self.sessions.remove(session)
         self.draft_control.leave(session.device_id)
@@ -719,8 +742,9 @@ class EdgeController:
                                  self.draft_control.decisions[device_id])
 
     def _fail(self, session: Session, code: str, message: str) -> None:
+        request_id = session.request.request_id if session.request else ""
         self._end_request(session)
-        self._send(session, P.Error(code, message, fatal=False))
+        self._send(session, P.Error(code, message, fatal=False, request_id=request_id))
 
     def _end_idle(self, now: float) -> None:
         limits, deadline = self.config.limits, self.config.server.round_deadline_s

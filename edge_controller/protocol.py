@@ -70,6 +70,7 @@ Q_SCALE = 1 << 16  # draft probabilities travel as integer counts; q = count / s
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe file name
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,64}")  # logged: nothing that could forge a line
 MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; the controller checks its own size
+MAX_ROUND = 2**31 - 1  # rounds of one request: far more than any request has tokens
 MAX_MAP_ENTRIES = 64  # capabilities, host state
 MAX_STR_CHARS = 256  # any string field, unless STR_LIMITS says otherwise
 STR_LIMITS = {"device_id": 64, "request_id": 64, "code": 32, "message": 2048}
@@ -428,8 +429,8 @@ def _check_limits(msg: Message) -> None:
         _check_limits(msg.as_start())
         if len(msg.prompt_ids) + len(msg.committed_ids) > MAX_PROMPT_TOKENS:
             raise bad(f"prompt + committed output must hold at most {MAX_PROMPT_TOKENS} tokens")
-        if not 0 <= len(msg.committed_ids) < msg.max_new_tokens or msg.round < 0:
-            raise bad("need 0 <= len(committed_ids) < max_new_tokens and round >= 0")
+        if not 0 <= len(msg.committed_ids) < msg.max_new_tokens or not 0 <= msg.round <= MAX_ROUND:
+            raise bad(f"need 0 <= len(committed_ids) < max_new_tokens and round in 0..{MAX_ROUND}")
     elif isinstance(msg, Closing) and not 0 <= msg.retry_after_s <= 3600:
         raise bad("retry_after_s must be in 0..3600")
     elif isinstance(msg, Start):
@@ -458,8 +459,8 @@ def _check_limits(msg: Message) -> None:
                     raise bad("sparse q ids must be distinct with positive counts")
                 if token not in ids:
                     raise bad("a draft token must lie in the support of its q")
-        if msg.position < 0 or msg.round < 0:
-            raise bad("position and round must be >= 0")
+        if msg.position < 0 or not 0 <= msg.round <= MAX_ROUND:
+            raise bad(f"position must be >= 0 and round in 0..{MAX_ROUND}")
         if not 0 <= msg.draft_s <= 3600:
             raise bad("draft_s must be in 0..3600 seconds")
     elif isinstance(msg, Telemetry):

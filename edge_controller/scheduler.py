@@ -71,9 +71,9 @@ class SyncScheduler(Scheduler):
     """Synchronous rounds: the round now collecting drafts, when it is due, who is in it.
 
     A request the controller decodes itself (server_decode) is always ready and rides
-    along: its draft neither opens a round nor starts the deadline, so the drafting
-    devices pace the rounds as before; with no drafting device in the rounds, every round
-    is due at once."""
+    along: its draft does not open a round, so the drafting devices pace the rounds as
+    before; but it waits for them at most ``deadline_s``; with no drafting device in the
+    rounds, every round is due at once."""
 
     def __init__(self, deadline_s: float):
         super().__init__()
@@ -95,8 +95,11 @@ class SyncScheduler(Scheduler):
         drafting = [s for s in members if not s.server_decode]
         if not drafting:
             return True
-        if self.opened_at is None:  # only decoded-here drafts wait: for a drafting device
-            return False
+        if self.opened_at is None:
+            # Only decoded-here drafts wait: for a drafting device's, but no longer than
+            # the deadline, so a slow or silent one cannot stall them.
+            waiting = [s.drafted_at for s in members if s.server_decode and s.pending]
+            return bool(waiting) and now >= min(waiting) + self.deadline_s
         all_in = all(s.pending is not None for s in drafting if s.missed_rounds == 0)
         return all_in or now >= self.opened_at + self.deadline_s
 

@@ -106,3 +106,12 @@ def test_server_decode_travels_in_protocol_5_and_later():
     assert P.decode_versioned(msgpack.packb({"v": 4, **body}))[0].server_decode is False
     with pytest.raises(P.ProtocolError, match="unknown or repeated field"):
         P.decode_versioned(msgpack.packb({"v": 4, **body, "server_decode": True}))
+
+
+def test_rounds_are_bounded():
+    """A resume at round 2**64 - 1 made the controller's own round counter overflow."""
+    with pytest.raises(P.ProtocolError, match="round in 0.."):
+        P.decode(P.encode(P.Resume("r", [1, 2], [], 2**31, 8)))
+    with pytest.raises(P.ProtocolError, match="round in 0.."):
+        P.decode(P.encode(P.Draft("r", 2**31, 2, [5])))
+    assert P.decode(P.encode(P.Draft("r", 2**31 - 1, 2, [5]))).round == 2**31 - 1

@@ -59,13 +59,15 @@ def decoded_here(name: str, drafted_at: float) -> Session:
 
 def test_under_sync_a_decoded_request_rides_along_and_never_opens_a_round():
     """Its empty draft is queued at once after every verdict: were it to open rounds, the
-    deadline would run from the last answer and slower drafting devices would miss them."""
+    deadline would run from the last answer and slower drafting devices would miss them.
+    Nor may a slow or silent drafting device stall it beyond the deadline."""
     scheduler = SyncScheduler(deadline_s=1.0)
     decoded, drafting = decoded_here("srv", 0.0), member("dev", 4, 0.0)
     drafting.pending = None
     scheduler.on_draft(decoded, 0.0)
     assert scheduler.opened_at is None
-    assert not scheduler.due([decoded, drafting], 5.0)  # waits for a drafting device
+    assert not scheduler.due([decoded, drafting], 0.5)  # waits for a drafting device...
+    assert scheduler.due([decoded, drafting], 1.5)  # ...but no longer than the deadline
     drafting.pending = P.Draft("r", 0, 2, [5] * 4)
     scheduler.on_draft(drafting, 6.0)
     assert scheduler.opened_at == 6.0 and scheduler.due([decoded, drafting], 6.0)
