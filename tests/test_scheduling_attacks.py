@@ -51,7 +51,8 @@ def drain(link, seconds=0.2):
 
 
 class Gate:
-    """Hold forwards that touch ``slots`` (or all item forwards) open until released."""
+    """Hold forwards that ``predicate`` picks (default: any with drafts) open until
+    released."""
 
     def __init__(self, verifier, predicate=None):
         self.verifier = verifier
@@ -83,11 +84,12 @@ def wait_for(cond, timeout_s=30, step=0.02, what="condition"):
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(step)
 
-def test_stale_held_resume_from_a_dead_connection_kills_the_new_registration(
+def test_a_dead_connections_held_resume_spares_the_new_registration(
         run_controller, target_info, lab_keys):
     """A device's link dies while its resume is held; it reconnects (same key, new
-    route) and registers again during the same forward. On landing the old connection's
-    resume is replayed against the NEW session and moves its route to the dead one."""
+    route) and registers again during the same forward. The old connection's resume went
+    with the old registration: it must not be replayed against the new one (it moved the
+    route to the dead connection, and the new registration was dropped)."""
     with run_controller(server__scheduler="continuous", control__policy="fixed",
                         server__session_timeout_s=5.0) as controller:
         curve = lab_keys.client("dev")
@@ -116,31 +118,36 @@ def test_stale_held_resume_from_a_dead_connection_kills_the_new_registration(
         assert any(isinstance(m, P.Control) for m in msgs), msgs
 
 
-def test_revoked_key_re_registers_through_a_held_hello(run_controller, target_info, lab_keys):
-    """Frames held during a forward keep the authentication decision made when they were
-    received. A device revoked during the forward is expelled, then its held hello and
-    server-decoded start are replayed: it is registered again and decoded for."""
+def held_with_a_hello(controller, target_info, link: ControllerLink, name: str) -> Gate:
+    """A device decoded here, a forward holding its draft, and its resume and a new hello
+    held behind it."""
+    gate = Gate(controller.verifier)
+    gate.armed = False
+    hello(link, target_info)
+    link.send(P.Start("r", PROMPT, 64, server_decode=True))
+    until(P.Control, link)
+    wait_for(lambda: controller.sessions.named(name).in_rounds, what="in rounds")
+    gate.held.clear()
+    gate.release.clear()
+    gate.armed = True
+    assert gate.held.wait(60)  # a forward holding its (server-decoded) draft
+    link.send(P.Resume("r", PROMPT, [], 0, 64, server_decode=True))  # held
+    link.send(P.Hello("", "handmade", target_info.fingerprint, target_info.vocab_size))
+    wait_for(lambda: len(controller._deferred) == 2, what="2 held frames")
+    return gate
+
+
+def test_a_revoked_keys_held_hello_does_not_register_it_again(
+    run_controller, target_info, lab_keys
+):
+    """A device revoked during a forward is expelled; its frames held for that forward,
+    replayed once it lands, must not register it again (they were admitted with the
+    allowlist of when they arrived)."""
     with run_controller(server__scheduler="continuous", control__policy="fixed") as controller:
-        gate = Gate(controller.verifier)
-        gate.armed = False
         link = ControllerLink(controller.endpoint, curve=lab_keys.client("rogue"))
-        hello(link, target_info)
-        link.send(P.Start("r", PROMPT, 64, server_decode=True))
-        until(P.Control, link)
-        wait_for(lambda: controller.sessions.named("rogue").in_rounds, what="in rounds")
-        gate.held.clear()
-        gate.release.clear()
-        gate.armed = True
-        assert gate.held.wait(60)  # a forward holding rogue's (server-decoded) draft
-        link.send(P.Resume("r", PROMPT, [], 0, 64, server_decode=True))  # held
-        link.send(P.Hello("", "handmade", target_info.fingerprint, target_info.vocab_size))
-        link.send(P.Start("r2", PROMPT, 64, server_decode=True))
-        wait_for(lambda: len(controller._deferred) == 3, what="3 held frames")
-        # revoke the key (remove its allowlist file)
-        removed = list((lab_keys.controller_dir / "devices").glob("rogue*"))
-        assert removed
-        for p in removed:
-            p.unlink()
+        gate = held_with_a_hello(controller, target_info, link, "rogue")
+        for listed in (lab_keys.controller_dir / "devices").glob("rogue*"):
+            listed.unlink()
         wait_for(lambda: controller.sessions.named("rogue") is None, timeout_s=10,
                  what="revocation takes effect")
         gate.restore()
@@ -151,28 +158,16 @@ def test_revoked_key_re_registers_through_a_held_hello(run_controller, target_in
         assert session is None, "a revoked key is registered again (and decoded for)"
 
 
-def test_rotated_key_stale_hello_displaces_the_names_new_holder(run_controller, target_info,
-                                                                 lab_keys, tmp_path):
-    """The operator moves the name "alice" to a new key during a forward. The old key's
-    held hello is replayed with the old name: it drops the new key's registration and
-    takes the name back."""
+def test_a_renamed_keys_held_hello_does_not_take_the_name_back(
+    run_controller, target_info, lab_keys, tmp_path
+):
+    """The operator moves the name "alice" to a new key during a forward: the old key's
+    held hello, replayed, must not drop the new key's registration."""
     from edge_controller import keys as K
 
     with run_controller(server__scheduler="continuous", control__policy="fixed") as controller:
-        gate = Gate(controller.verifier)
-        gate.armed = False
         old = ControllerLink(controller.endpoint, curve=lab_keys.client("alice"))
-        hello(old, target_info)
-        old.send(P.Start("r", PROMPT, 64, server_decode=True))
-        until(P.Control, old)
-        wait_for(lambda: controller.sessions.named("alice").in_rounds, what="in rounds")
-        gate.held.clear()
-        gate.release.clear()
-        gate.armed = True
-        assert gate.held.wait(60)
-        old.send(P.Resume("r", PROMPT, [], 0, 64, server_decode=True))
-        old.send(P.Hello("", "handmade", target_info.fingerprint, target_info.vocab_size))
-        wait_for(lambda: len(controller._deferred) == 2, what="2 held frames")
+        gate = held_with_a_hello(controller, target_info, old, "alice")
         # rotate: alice's name now belongs to a new key
         for p in (lab_keys.controller_dir / "devices").glob("alice*"):
             p.unlink()
@@ -192,10 +187,11 @@ def test_rotated_key_stale_hello_displaces_the_names_new_holder(run_controller, 
         new.close()
         assert holder is not None and holder.identity == pair.public_text.encode()
 
+
 @pytest.mark.parametrize("scheduler", ["sync", "continuous"])
-def test_a_silent_drafting_request_stalls_server_decoding(run_controller, target_info,
+def test_a_silent_drafting_device_does_not_stall_decoding_here(run_controller, target_info,
                                                           lab_keys, scheduler):
-    """A drafting device starts a request and then drafts one token every 4 s (under
+    """A drafting device starts a request and then drafts one token every 2 s (under
     the idle limit of 5 s): a server-decoded device next to it still gets its tokens (under
     sync at least one per round deadline, 0.25 s; it got 2 in 12 s before the fix)."""
     with run_controller(server__scheduler=scheduler, control__policy="fixed") as controller, \
@@ -210,11 +206,11 @@ def test_a_silent_drafting_request_stalls_server_decoding(run_controller, target
         until(P.Control, sd)
         t0 = time.monotonic()
         pos, rnd = len(PROMPT), 0
-        while time.monotonic() - t0 < 9:
-            drain(sd, 4.0)
+        while time.monotonic() - t0 < 5:
+            drain(sd, 2.0)
             slow.send(P.Draft("s", rnd, pos, [28]))
             v = until(P.Verdict, slow)
             pos += len(v.tokens)
             rnd += 1
         got = sum(len(v.tokens) for v in VERDICTS.get(id(sd), []))
-        assert got > 20, f"{scheduler}: only {got} server-decoded tokens in 9 s"
+        assert got > 10, f"{scheduler}: only {got} server-decoded tokens in 5 s"
