@@ -226,11 +226,16 @@ class EdgeController:
         forward = Forward(items, (prefilling.slot, chunk) if chunk else None)
         round_ = _Round(forward, batch, prefilling if chunk else None, round_tokens + chunk,
                         opened_at, [s.drafted_at for s in batch])
+        self._launch(round_, inline)
+
+    def _launch(self, round_: _Round, inline: bool = False) -> None:
+        """Under continuous batching, start the forward in the verifier's thread (answered
+        when it lands); else (or ``inline``) run it here and answer at once."""
         if self.continuous and not inline:
             self._round = round_
-            self.worker.submit(forward)
+            self.worker.submit(round_.forward)
         else:
-            self._answer_round(round_, self.worker.run(forward))
+            self._answer_round(round_, self.worker.run(round_.forward))
 
     def _chunk(self, prefilling: Session, round_tokens: int, drafted: int) -> int:
         """Prompt tokens that ride along in a forward of ``round_tokens`` tokens, of which
@@ -390,12 +395,7 @@ class EdgeController:
         chunk = min(self.config.limits.prefill_chunk, session.prefill_left)
         if self.continuous:
             chunk = min(chunk, self.config.server.batch_tokens)
-        round_ = _Round(Forward([], (session.slot, chunk)), [], session, chunk, None, [])
-        if self.continuous:
-            self._round = round_
-            self.worker.submit(round_.forward)
-        else:
-            self._answer_round(round_, self.worker.run(round_.forward))
+        self._launch(_Round(Forward([], (session.slot, chunk)), [], session, chunk, None, []))
 
     def _prefilled(self, session: Session) -> None:
         session.prefill_left = self.verifier.prefill_left(session.slot)
