@@ -7,7 +7,8 @@ moved, never per token, and returns the decisions that changed, for the controll
 
 What each model input is estimated from (symbols of docs/system-model.md):
 
-* ``a_k``: censored acceptance from verdicts (AcceptanceEstimate);
+* ``a_k``: censored acceptance from verdicts (AcceptanceEstimate): the geometric rate, or
+  with ``control.acceptance = "curve"`` the per-position curve ``p_i`` (docs/system-model.md);
 * ``t_k``: the device's own drafting time per token, reported in every draft;
 * ``b0, b``: an affine fit of the draft frames' size against their length, per device;
 * ``d_k``: the rest of the device's round: (draft arrival - verdict sent) - drafting -
@@ -28,7 +29,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_controller.config import ControlConfig
-from edge_controller.control import Plan, SystemParams, UserParams, VerifyTime, solve
+from edge_controller.control import (
+    GeometricAcceptance,
+    Plan,
+    PositionAcceptance,
+    SystemParams,
+    UserParams,
+    VerifyTime,
+    solve,
+)
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
 from edge_controller.control.solvers import WARM_STARTED
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
@@ -48,7 +57,7 @@ class Decision:
 @dataclass
 class DeviceEstimates:
     spectral_efficiency: float
-    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    acceptance: AcceptanceEstimate
     draft_s_per_token: RunningMean = field(default_factory=RunningMean)
     delay_s: RunningMean = field(default_factory=RunningMean)
     upload_bits: AffineFit = field(default_factory=lambda: AffineFit(forget=0.95))
@@ -89,7 +98,9 @@ class DraftController:
 
     # ---- observations ----------------------------------------------------------------
     def join(self, device_id: str) -> Decision:
-        self.devices[device_id] = DeviceEstimates(self.config.spectral_efficiency)
+        self.devices[device_id] = DeviceEstimates(
+            self.config.spectral_efficiency,
+            AcceptanceEstimate(depth=max(self.config.max_draft_len, 1)))
         self.decisions[device_id] = self._initial_decision()
         self._membership_changed = True
         return self.decisions[device_id]
@@ -174,6 +185,8 @@ class DraftController:
                 "bits_per_token": b,
                 "goodput_tok_s": est.goodput_tok_s,
             }
+            if self.config.acceptance == "curve":
+                snapshot[device_id]["acceptance_curve"] = est.acceptance.curve().tolist()
         return snapshot
 
     # ---- decisions -------------------------------------------------------------------
@@ -205,7 +218,9 @@ class DraftController:
             warm = (self._last_plan[1] if self._last_plan and self._last_plan[0] == ids
                     and self.config.policy in WARM_STARTED else None)
             started = time.perf_counter()
-            plan = solve(self.config.policy, *problem, warm=warm)
+            options = ({"fixed_draft_len": self.config.draft_len}
+                       if self.config.policy == "fixed-L" else {})
+            plan = solve(self.config.policy, *problem, warm=warm, **options)
             solve_s = time.perf_counter() - started
             if not (np.isfinite(plan.bandwidth_share).all() and np.isfinite(plan.goodput_tok_s)):
                 raise ValueError("the solver returned a plan with non-finite numbers")
@@ -251,15 +266,19 @@ def problem_from_snapshot(
     max_draft_len: int = 16, max_delay_s: float = float("inf"),
 ) -> tuple[SystemParams, UserParams]:
     """The solvers' inputs from per-device estimates (``DraftController.snapshot()``, or a
-    timeline's plan event), devices in sorted order; delays capped at ``max_delay_s``."""
+    timeline's plan event), devices in sorted order; delays capped at ``max_delay_s``.
+    Acceptance is the per-position curve where every device has one, else geometric."""
     ids = sorted(estimates)
     t, a, s, d, b0, b = np.array([[estimates[i][k] for k in MODEL_INPUTS] for i in ids]).T
     d = np.minimum(d, max_delay_s)
+    curves = [estimates[i].get("acceptance_curve") for i in ids]
+    acceptance = (PositionAcceptance(np.array(curves).T) if all(curves)
+                  else GeometricAcceptance(a))
     system = SystemParams(
         bandwidth_hz=bandwidth_hz, bits_per_token=b, overhead_bits=b0,
         verify_time=VerifyTime(*verify_time), max_draft_len=max_draft_len,
     )
-    return system, UserParams(t, a, s, d, names=tuple(ids))
+    return system, UserParams(t, acceptance, s, d, names=tuple(ids))
 
 
 def calibrate_verify_time(verifier, vocab_size: int, fit: AffineFit, reps: int = 2) -> None:

@@ -110,3 +110,27 @@ def test_first_shares_of_devices_in_rounds_never_add_up_beyond_the_band():
         assert sum(dc.decisions[d].bandwidth_share for d in dc.active) <= 1 + 1e-12
     assert set(pushed) == {"a", "b"}  # the earlier ones were told their smaller share
     assert dc.decisions["a"].bandwidth_share == 1 / 3
+
+
+def test_draft_control_plans_with_measured_curves_when_configured():
+    """acceptance = "curve": the plan's model is each device's measured per-position curve
+    (a device whose first position fails half the time but never later drafts longer than
+    the pooled rate would suggest); geometric: one rate per device."""
+    fit = AffineFit()
+    fit.update(1, 0.05)
+    fit.update(20, 0.25)
+    plans = {}
+    for model in ("geometric", "curve"):
+        dc = DraftController(ControlConfig(policy="heterogeneous", resolve_interval_s=0,
+                                           acceptance=model), fit)
+        dc.join("dev")
+        dc.on_request_start("dev")
+        for i in range(60):
+            dc.on_draft("dev", 8, 0.16, 60, gap_s=0.25)
+            accepted = 0 if i % 2 else 8  # all or nothing: heavy-headed
+            dc.on_verdict("dev", accepted, 8, accepted + 1, now=float(i))
+        snapshot = dc.snapshot()["dev"]
+        assert ("acceptance_curve" in snapshot) == (model == "curve")
+        dc.maybe_resolve(now=100.0)
+        plans[model] = dc.decisions["dev"].draft_len
+    assert plans["curve"] > plans["geometric"]

@@ -95,3 +95,44 @@ def test_an_intercept_at_rounding_noise_is_zero():
         fit.update(x, 8 * 137 * x + 1e-9)  # frames whose size is all slope
     base, slope = fit.coefficients()
     assert base == 0.0 and slope == pytest.approx(8 * 137)
+
+
+def rounds_of_curve(rng, curve, draft_len: int, rounds: int):
+    """Accepted counts of rounds whose position i is accepted w.p. curve[i] given i-1 were."""
+    for _ in range(rounds):
+        accepted = 0
+        while accepted < draft_len and rng.random() < curve[accepted]:
+            accepted += 1
+        yield accepted
+
+
+def test_acceptance_curve_recovers_a_heavy_headed_curve_under_censoring():
+    """Position 1 often fails, later ones rarely: the curve finds each position's rate where
+    rounds reached it; the geometric rate is their pooled average."""
+    curve = [0.5, 0.9, 0.9, 0.95, 0.95, 0.95]
+    est = AcceptanceEstimate(forget=1.0, depth=8)
+    for n in rounds_of_curve(np.random.default_rng(5), curve, 6, 6000):
+        est.update(n, 6)
+    np.testing.assert_allclose(est.curve()[:6], curve, atol=0.03)
+    assert 0.6 < est.mean < 0.9  # one rate cannot be both 0.5 and 0.95
+    # never tried past 6: positions 7, 8 fall back to the pooled rate
+    np.testing.assert_allclose(est.curve()[6:], est.mean)
+
+
+def test_acceptance_curve_is_usable_after_a_few_rounds():
+    est = AcceptanceEstimate(depth=4)
+    np.testing.assert_allclose(est.curve(), 0.5)  # the prior: the pooled Beta(1, 1) mean
+    est.update(1, 4)
+    est.update(0, 4)
+    curve = est.curve()
+    assert np.all((curve > 0) & (curve < 1))
+    assert curve[0] < 0.5 and curve[1] < curve[0]  # position 2 failed its only try
+    np.testing.assert_allclose(curve[2:], est.mean)  # never reached: pooled
+
+
+def test_acceptance_counts_beyond_the_depth_pool_into_the_last_position():
+    est = AcceptanceEstimate(forget=1.0, depth=4)
+    est.update(6, 8)  # positions 1..6 accepted, 7 rejected, 8 never tried
+    np.testing.assert_array_equal(est.tried, [1, 1, 1, 4])
+    np.testing.assert_array_equal(est.accepted, [1, 1, 1, 3])
+    assert est.mean == pytest.approx((1 + 6) / (2 + 7))

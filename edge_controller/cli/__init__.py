@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("start", "keys", "plan", "status", "trial", "fleet")
+COMMANDS = ("start", "keys", "plan", "simulate", "status", "trial", "fleet")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import time
 POLICY_NAMES = (
     "homogeneous",
     "heterogeneous",
+    "threshold",
     "agnostic",
     "equal-best-L",
     "fixed-L",

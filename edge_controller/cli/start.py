@@ -32,7 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-len", type=int, help="first / fixed draft length "
                    "(overrides control.draft_len)")
     p.add_argument("--policy", help="draft control policy (overrides control.policy): fixed, "
-                   "heterogeneous, homogeneous, agnostic, equal-best-L, fixed-L, per-user-L")
+                   "heterogeneous, homogeneous, threshold, agnostic, equal-best-L, fixed-L, "
+                   "per-user-L")
+    p.add_argument("--acceptance", choices=("geometric", "curve"),
+                   help="acceptance model the plans assume: one rate per device, or the "
+                   "measured per-position curve (overrides control.acceptance)")
     p.add_argument("--scheduler", choices=("sync", "continuous"),
                    help="sync: rounds wait for every device's draft (or the deadline); "
                    "continuous: verify whatever drafts are in whenever the verifier is free "
@@ -62,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             ("server__bind", args.bind), ("target__gguf", args.target_gguf),
             ("server__scheduler", args.scheduler), ("server__batch_tokens", args.batch_tokens),
             ("control__draft_len", args.draft_len), ("control__policy", args.policy),
+            ("control__acceptance", args.acceptance),
             ("server__metrics_port", args.metrics_port), ("server__timeline", args.timeline),
             ("server__metrics_bind", args.metrics_bind), ("security__keys_dir", args.keys),
             ("security__insecure", args.insecure),

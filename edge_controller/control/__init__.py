@@ -1,4 +1,4 @@
-"""Multi-access draft control: the system model, solvers, scenarios and a simulator.
+"""Multi-access draft control: the system model, solvers and scenarios.
 
 Pure numpy/scipy: no sockets, clocks or torch. The live controller calls
 ``solve(policy, system, users)`` by name with per-device arrays it estimates online.

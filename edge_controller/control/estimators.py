@@ -4,10 +4,13 @@ Pure numpy, no clocks: callers pass observations in. Each estimator forgets the 
 geometrically (``forget`` per observation, an effective window of ``1 / (1 - forget)``
 observations) so estimates follow a device whose task, board or link changes.
 
-* acceptance ``a_k`` (DESIGN.md section 2): the censored estimate
-  ``accepted / (accepted + rounds that ended in a rejection)``: a round that accepts all
-  L tokens says nothing about token L+1, so ``accepted / drafted`` would be biased low.
-  With a Beta(prior) it is the posterior mean of a geometric acceptance model.
+* acceptance (DESIGN.md section 2), per draft position: position i was *tried* in a
+  round that accepted the i - 1 before it and drafted at least i; it was accepted or it
+  ended the round. A round that accepts all L tokens says nothing about token L + 1 (it is
+  censored there), so ``accepted / drafted`` would be biased low. Pooled over positions,
+  ``accepted / tried`` is the geometric rate ``a_k`` (a Beta posterior mean); per position
+  it is the empirical curve ``p_i``, shrunk towards the pooled rate where few rounds
+  reached position i, so it is usable after a few rounds.
 * scalar quantities (draft time per token, round trip, bits per token): exponentially
   weighted means.
 * affine laws by weighted least squares (sufficient statistics with forgetting): the
@@ -25,22 +28,47 @@ import numpy as np
 
 @dataclass
 class AcceptanceEstimate:
-    """Beta posterior on the per-token acceptance probability, with forgetting."""
+    """Per-position acceptance counts with forgetting: a geometric rate and a curve.
+
+    ``tried[i]`` and ``accepted[i]`` count (forgetting-weighted) rounds that reached draft
+    position i + 1 and those that accepted it. Pooled, with a Beta(prior) it is the
+    posterior mean of the geometric model; per position, ``prior_strength`` pseudo-rounds
+    at the pooled rate shrink positions few rounds reached towards it (beyond ``depth``
+    the last position's counts are used, a deep draft's tail being alike).
+    """
 
     forget: float = 0.97
     prior_accepted: float = 1.0  # Beta(1 + accepted, 1 + rejections): a uniform prior
     prior_rejections: float = 1.0
-    accepted: float = 0.0
-    rejections: float = 0.0
+    prior_strength: float = 4.0  # pseudo-rounds at the pooled rate, per position
+    depth: int = 16
+    tried: np.ndarray = field(init=False, repr=False)
+    accepted: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tried = np.zeros(self.depth)
+        self.accepted = np.zeros(self.depth)
 
     def update(self, accepted: int, drafted: int) -> None:
-        self.accepted = self.forget * self.accepted + accepted
-        self.rejections = self.forget * self.rejections + (accepted < drafted)
+        self.tried *= self.forget
+        self.accepted *= self.forget
+        reached = min(accepted + 1, drafted, self.depth)  # positions tried this round
+        self.tried[:reached] += 1.0
+        self.accepted[: min(accepted, self.depth)] += 1.0
+        if drafted > self.depth:  # deeper positions pool into the last one
+            self.tried[-1] += min(accepted + 1, drafted) - reached
+            self.accepted[-1] += max(accepted - self.depth, 0)
 
     @property
     def mean(self) -> float:
-        a = self.prior_accepted + self.accepted
-        return a / (a + self.prior_rejections + self.rejections)
+        """The geometric rate: accepted / tried over all positions, with the Beta prior."""
+        a = self.prior_accepted + self.accepted.sum()
+        return float(a / (a + self.prior_rejections + self.tried.sum() - self.accepted.sum()))
+
+    def curve(self) -> np.ndarray:
+        """(depth,) p_i = P(position i accepted | positions before it were)."""
+        pooled = self.mean
+        return (self.accepted + self.prior_strength * pooled) / (self.tried + self.prior_strength)
 
 
 @dataclass

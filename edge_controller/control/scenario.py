@@ -12,13 +12,17 @@ draft_s_per_token = 0.015
 acceptance = 0.8               # geometric rate, or a per-position curve [0.9, 0.8, ...]
 spectral_efficiency = 3.0      # bit/s/Hz
 delay_s = 0.01                 # default 0
+[[drift]]                      # optional, for `edge-controller simulate`: at at_s (simulated
+at_s = 20.0                    # seconds) the user (a name, or "*" for every user) takes new
+user = "orin-nano-1"           # values of any of delay_s, acceptance, draft_s_per_token,
+delay_s = 0.05                 # spectral_efficiency
 """
 
 from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,20 @@ from edge_controller.control.model import (
 )
 
 MAX_DRAFT_LEN_LIMIT = 64
+USER_KEYS = ("draft_s_per_token", "acceptance", "spectral_efficiency", "delay_s")
 
 
 class ScenarioError(ValueError):
     """A scenario file that cannot describe a servable system."""
+
+
+@dataclass(frozen=True)
+class Drift:
+    """At ``at_s`` simulated seconds, ``user`` ("*": all) takes the values in ``changes``."""
+
+    at_s: float
+    user: str
+    changes: dict[str, float | list[float]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,22 @@ class Scenario:
     system: SystemParams
     users: UserParams
     description: str = ""
+    drift: tuple[Drift, ...] = ()
+    rows: tuple[dict[str, Any], ...] = field(default=(), repr=False)  # users as parsed
+
+    def change_times(self) -> list[float]:
+        """The distinct times > 0 at which some drift applies, in order."""
+        return sorted({d.at_s for d in self.drift if d.at_s > 0})
+
+    def users_at(self, t: float) -> UserParams:
+        """The users' true parameters at simulated time ``t`` (drifts at or before it)."""
+        rows = [dict(row) for row in self.rows]
+        for drift in sorted(self.drift, key=lambda d: d.at_s):  # stable: file order on ties
+            if drift.at_s <= t:
+                for row in rows:
+                    if drift.user in ("*", row["name"]):
+                        row.update(drift.changes)
+        return _users(rows, self.system)
 
 
 def _check_keys(table: dict[str, Any], where: str, required: set[str], optional: set[str]):
@@ -111,44 +141,73 @@ def _system(table: Any) -> SystemParams:
     )
 
 
-def parse_scenario(data: dict[str, Any], name: str = "scenario") -> Scenario:
-    """Validate a decoded TOML document and build the typed scenario."""
-    _check_keys(data, name, {"system", "users"}, {"description"})
-    system = _system(data["system"])
-    rows = data["users"]
-    if not isinstance(rows, list) or not rows:
-        raise ScenarioError(f"{name}: [[users]] must list at least one device")
-    names, draft, accept, efficiency, delay = [], [], [], [], []
-    for i, row in enumerate(rows):
-        where = f"users[{i}]"
-        _check_keys(
-            row,
-            where,
-            {"name", "draft_s_per_token", "acceptance", "spectral_efficiency"},
-            {"delay_s"},
-        )
-        if not isinstance(row["name"], str) or not row["name"]:
-            raise ScenarioError(f"{where}.name: expected a non-empty string")
-        where = f"users[{i}] ({row['name']})"
-        if row["name"] in names:
-            raise ScenarioError(f"{where}: duplicate user name")
-        names.append(row["name"])
-        draft.append(_number(row, "draft_s_per_token", where))
-        accept.append(_acceptance(row["acceptance"], where))
-        efficiency.append(
-            _positive(row, "spectral_efficiency", where, "no bandwidth share can serve this user")
-        )
-        delay.append(_number(row, "delay_s", where, 0.0))
+def _user_values(row: dict[str, Any], where: str, keys) -> dict[str, Any]:
+    """The values of ``keys`` present in ``row``, validated."""
+    values: dict[str, Any] = {}
+    for key in keys:
+        if key not in row:
+            continue
+        if key == "acceptance":
+            values[key] = _acceptance(row[key], where)
+        elif key == "spectral_efficiency":
+            values[key] = _positive(row, key, where, "no bandwidth share can serve this user")
+        else:
+            values[key] = _number(row, key, where)
+    return values
+
+
+def _users(rows: list[dict[str, Any]], system: SystemParams) -> UserParams:
+    accept = [row["acceptance"] for row in rows]
     if all(isinstance(a, float) for a in accept):
         acceptance = GeometricAcceptance(np.array(accept))
     else:  # per-position curves, padded by repeating their last position
         depth = max(system.max_draft_len, 1)
         curves = [a if isinstance(a, list) else [a] for a in accept]
         acceptance = PositionAcceptance(np.array([(c + c[-1:] * depth)[:depth] for c in curves]).T)
-    users = UserParams(
-        np.array(draft), acceptance, np.array(efficiency), np.array(delay), tuple(names)
+    column = {key: np.array([row[key] for row in rows]) for key in USER_KEYS if key != "acceptance"}
+    return UserParams(
+        column["draft_s_per_token"], acceptance, column["spectral_efficiency"],
+        column["delay_s"], tuple(row["name"] for row in rows),
     )
-    return Scenario(name, system, users, str(data.get("description", "")))
+
+
+def _drift(entries: Any, names: list[str]) -> tuple[Drift, ...]:
+    if not isinstance(entries, list):
+        raise ScenarioError("[[drift]] must be an array of tables")
+    drift = []
+    for i, entry in enumerate(entries):
+        where = f"drift[{i}]"
+        _check_keys(entry, where, {"at_s", "user"}, set(USER_KEYS))
+        if entry["user"] != "*" and entry["user"] not in names:
+            raise ScenarioError(f"{where}.user: {entry['user']!r} is not a name in [[users]]"
+                                ' (or "*" for every user)')
+        changes = _user_values(entry, where, USER_KEYS)
+        if not changes:
+            raise ScenarioError(f"{where}: changes nothing; give new values of {USER_KEYS}")
+        drift.append(Drift(_number(entry, "at_s", where), entry["user"], changes))
+    return tuple(drift)
+
+
+def parse_scenario(data: dict[str, Any], name: str = "scenario") -> Scenario:
+    """Validate a decoded TOML document and build the typed scenario."""
+    _check_keys(data, name, {"system", "users"}, {"description", "drift"})
+    system = _system(data["system"])
+    table = data["users"]
+    if not isinstance(table, list) or not table:
+        raise ScenarioError(f"{name}: [[users]] must list at least one device")
+    rows: list[dict[str, Any]] = []
+    for i, row in enumerate(table):
+        where = f"users[{i}]"
+        _check_keys(row, where, {"name", *USER_KEYS} - {"delay_s"}, {"delay_s"})
+        if not isinstance(row["name"], str) or not row["name"]:
+            raise ScenarioError(f"{where}.name: expected a non-empty string")
+        where = f"users[{i}] ({row['name']})"
+        if row["name"] in [r["name"] for r in rows]:
+            raise ScenarioError(f"{where}: duplicate user name")
+        rows.append({"name": row["name"], "delay_s": 0.0, **_user_values(row, where, USER_KEYS)})
+    drift = _drift(data.get("drift", []), [r["name"] for r in rows])
+    return Scenario(name, system, _users(rows, system), str(data.get("description", "")),
+                    drift, tuple(rows))
 
 
 # Upload laws: greedy ids, sparse top-8 (id + probability), the full distribution.

@@ -149,6 +149,117 @@ def per_user_len(system: SystemParams, users: UserParams) -> Plan:
     return _equal_share_plan("per-user-L", system, users, np.argmax(own_rate, axis=0))
 
 
+_THRESHOLD_ITERATIONS = 8  # best responses <-> shares; it settles in 2-4 on our scenarios
+
+
+def stopping_costs(
+    system: SystemParams, users: UserParams, draft_len: np.ndarray, share: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(C_k, c_k): the round time C_k + c_k L while device k's own finish time is the
+    round's latest, others' lengths and everyone's shares held. C_k = d_k + b0 / r_k + T_v
+    of the others' tokens and its own bonus token; c_k = t_k + b / r_k + v1 (r_k = beta_k B
+    s_k)."""
+    rate = np.asarray(share) * system.bandwidth_hz * users.spectral_efficiency
+
+    def upload_s(bits) -> np.ndarray:  # 0 bits take no time even at rate 0 (0 / 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            seconds = np.asarray(bits) / rate
+        return np.where(np.isnan(seconds), 0.0, seconds)
+
+    verify = system.verify_time
+    others = np.sum(np.asarray(draft_len) + 1) - (np.asarray(draft_len) + 1)
+    fixed = users.delay_s + upload_s(system.overhead_bits) + verify.of_tokens(others + 1)
+    per_token = users.draft_s_per_token + upload_s(system.bits_per_token) + verify.per_token_s
+    return np.asarray(fixed, dtype=float), np.asarray(per_token, dtype=float)
+
+
+def own_round_times(
+    system: SystemParams, users: UserParams, draft_len: np.ndarray, share: np.ndarray
+) -> np.ndarray:
+    """(M, K): T_k(L) = max(tau_-k, f_k(L)) + T_v(others' tokens + L + 1), the round time
+    if device k drafted L and everyone else kept their length and share; tau_-k is the
+    latest finish time of the others."""
+    lengths = np.arange(system.max_draft_len + 1)[:, None]
+    finish = finish_time_s(system, users, draft_len, share)
+    if users.num_users > 1:
+        top_two = np.sort(finish)[-2:]
+        others_latest = np.where(finish == top_two[1], top_two[0], top_two[1])
+    else:
+        others_latest = np.full(1, -np.inf)
+    own = finish_time_s(system, users, np.broadcast_to(lengths, (lengths.size, users.num_users)),
+                        share)
+    others_tokens = np.sum(np.asarray(draft_len) + 1) - (np.asarray(draft_len) + 1)
+    verify_s = system.verify_time.of_tokens(others_tokens + lengths + 1)
+    return np.maximum(own, others_latest) + verify_s
+
+
+def stopping_lengths(tokens: np.ndarray, others_tokens: np.ndarray, round_s: np.ndarray):
+    """(K,) each device's optimal stopping length: the first L at which one more draft no
+    longer raises the round's goodput (A_k + E_k(L)) / T_k(L), i.e. where
+
+        S_k(L+1) T_k(L) <= (T_k(L+1) - T_k(L)) (A_k + E_k(L)),
+
+    S(L+1) = E(L+1) - E(L) the chance that the first L+1 drafts are all accepted, A_k the
+    others' expected tokens. tokens, round_s (M, K): E_k(L), T_k(L) for L = 0..L_max. E is
+    concave and T_k convex in L, so the first L where drafting stops paying is the
+    optimum. One device alone (A = 0, T = C + c L): S(L+1) (C + c L) <= c E(L), seed 003's
+    threshold (docs/system-model.md, "Threshold policy").
+    """
+    gain = np.diff(tokens, axis=0) * round_s[:-1]
+    cost = np.diff(round_s, axis=0) * (others_tokens + tokens[:-1])
+    stops = np.vstack([gain <= cost, np.ones((1, tokens.shape[1]), dtype=bool)])  # L_max caps
+    return stops.argmax(axis=0)
+
+
+def critical_delays(tokens: np.ndarray, others_tokens: np.ndarray, fixed_s: np.ndarray,
+                    per_token_s: np.ndarray, delay_s: np.ndarray) -> np.ndarray:
+    """(M-1, K): the delay above which device k drafts more than L tokens, L = 0..L_max-1,
+    where its finish time is the round's latest (for one device alone, always).
+
+    The stopping rule at equality with T = C + c L: C = c ((A + E(L)) / S(L+1) - L), less
+    the part of C that is not delay (``stopping_costs``); inf where S(L+1) = 0. Row 0 is
+    the delay below which speculation does not pay at all, row 1 the one below which
+    L = 1 is optimal; rows grow ~ log(d) / log(1/a) for a geometric rate a.
+    """
+    lengths = np.arange(tokens.shape[0] - 1)[:, None]
+    survive = np.diff(tokens, axis=0)
+    with np.errstate(divide="ignore"):
+        needed = np.where(survive > 0,
+                          per_token_s * ((others_tokens + tokens[:-1]) / survive - lengths),
+                          np.inf)
+    return needed - (fixed_s - delay_s)
+
+
+def threshold(system: SystemParams, users: UserParams) -> Plan:
+    """Every device stops drafting by its own optimal-stopping rule (seed 003's delay
+    threshold, ``stopping_lengths``) given its delay, draft time and acceptance (a rate or
+    a curve), its band share, and the round it shares: the others' finish times, tokens
+    and verification load. All devices respond at once, shares re-equalise finish times,
+    repeat; the best plan seen is kept. A device needs only its own measurements and three
+    numbers about the round, where ``heterogeneous`` solves all lengths jointly."""
+    tables = _Tables(system, users)
+    k = users.num_users
+    # Start from each device alone with an equal share (A = 0, T = C + c L): starting from
+    # all-zero lengths, any one device's first token would stretch everyone's round and
+    # no single response would ever move.
+    fixed, per_token = stopping_costs(system, users, np.zeros(k, dtype=int), np.full(k, 1 / k))
+    draft_len = stopping_lengths(tables.tokens, np.zeros(k), fixed + per_token * tables.lengths)
+    best: Plan | None = None
+    for _ in range(_THRESHOLD_ITERATIONS):
+        plan = _equalised_plan("threshold", system, users, draft_len)
+        if best is None or plan.goodput_tok_s > best.goodput_tok_s:
+            best = plan
+        tokens = users.acceptance.expected_tokens(draft_len)
+        # A device that sends nothing holds no share; its response is priced at an equal one.
+        share = np.where(plan.bandwidth_share > 0, plan.bandwidth_share, 1.0 / k)
+        chosen = stopping_lengths(tables.tokens, tokens.sum() - tokens,
+                                  own_round_times(system, users, draft_len, share))
+        if np.array_equal(chosen, draft_len):
+            break
+        draft_len = chosen
+    return best
+
+
 def brute_force(
     system: SystemParams, users: UserParams, max_plans: int = BRUTE_FORCE_MAX_PLANS
 ) -> Plan:
@@ -528,6 +639,7 @@ def heterogeneous(
 POLICIES: dict[str, Policy] = {
     "homogeneous": homogeneous,
     "heterogeneous": heterogeneous,
+    "threshold": threshold,
     "agnostic": agnostic,
     "equal-best-L": equal_best_len,
     "fixed-L": fixed_len,

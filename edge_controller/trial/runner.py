@@ -287,6 +287,9 @@ def replay_decisions(events: list[dict]) -> list[tuple[int, dict, dict]]:
     return out
 
 
+_SIMULATED_ROUNDS = 2000  # of the last plan, to score it in the simulator
+
+
 def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
                  policy: str) -> dict:
     """Goodput while every device was generating, measured and as the model predicts it.
@@ -298,8 +301,8 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     Simulated: the simulator run on the last such plan with the estimates it was made from.
     """
     from edge_controller.control import evaluate
-    from edge_controller.control.simulator import simulate
     from edge_controller.draft_control import problem_from_snapshot
+    from edge_controller.simulator import simulate_plan
 
     rounds = [e for e in events if "devices" in e]
     first: dict[str, float] = {}
@@ -333,7 +336,9 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     ids = sorted(devices)
     plan = evaluate(policy, system, users, [decisions[i]["draft_len"] for i in ids],
                     [decisions[i]["bandwidth_share"] for i in ids])
-    result["simulated_tok_s"] = simulate(system, users, plan, rounds=2000).goodput_tok_s
+    if plan.round_time_s < float("inf"):
+        seconds = _SIMULATED_ROUNDS * plan.round_time_s
+        result["simulated_tok_s"] = simulate_plan(system, users, plan, seconds).goodput_tok_s
     return result
 
 

@@ -1,0 +1,111 @@
+"""Who chooses draft lengths and shares in a simulation.
+
+* ``FixedPlan``: one plan for the whole run (validating the model, a trial's last plan);
+* ``Oracle``: knows the true parameters at every moment and re-solves when they change;
+* ``Controlled``: the live controller's own DraftController, fed what the live controller
+  observes (draft sizes and timing, verdicts, verification times, device telemetry) on
+  the simulated clock: every policy of ``edge-controller plan`` and ``threshold`` run
+  through the same estimators and re-solve rules as in the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from edge_controller.config import ControlConfig
+from edge_controller.control import Plan, SystemParams, UserParams, solve
+from edge_controller.control.estimators import AffineFit
+from edge_controller.draft_control import DraftController, seed_from_law
+from edge_controller.simulator.engine import Decisions, RoundRecord
+
+
+class FixedPlan:
+    def __init__(self, plan: Plan) -> None:
+        self.decisions = Decisions(plan.draft_len, plan.bandwidth_share)
+
+    def start(self, system: SystemParams, users: UserParams) -> Decisions:
+        return self.decisions
+
+    def after_round(self, now: float, record: RoundRecord) -> None:
+        return None
+
+    def on_drift(self, now: float, users: UserParams) -> None:
+        return None
+
+
+class Oracle:
+    """Solves ``policy`` on the true parameters at the start and at every change."""
+
+    def __init__(self, policy: str = "heterogeneous") -> None:
+        self.policy = policy
+        self.system: SystemParams | None = None
+
+    def _solve(self, users: UserParams) -> Decisions:
+        plan = solve(self.policy, self.system, users)
+        return Decisions(plan.draft_len, plan.bandwidth_share)
+
+    def start(self, system: SystemParams, users: UserParams) -> Decisions:
+        self.system = system
+        return self._solve(users)
+
+    def after_round(self, now: float, record: RoundRecord) -> None:
+        return None
+
+    def on_drift(self, now: float, users: UserParams) -> Decisions:
+        return self._solve(users)
+
+
+class Controlled:
+    """The live DraftController on the simulated clock. It starts as in the field: the
+    configured first length and equal shares, the verification law calibrated (here: the
+    true one), spectral efficiency and a first drafting speed from device telemetry."""
+
+    def __init__(self, config: ControlConfig) -> None:
+        self.config = config
+        self.controller: DraftController | None = None
+        self.ids: list[str] = []
+
+    def start(self, system: SystemParams, users: UserParams) -> Decisions:
+        if np.ndim(system.bits_per_token) or np.ndim(system.overhead_bits):
+            raise ValueError("a simulated controller needs one upload law for all devices")
+        config = replace(self.config, bandwidth_hz=system.bandwidth_hz,
+                         max_draft_len=system.max_draft_len,
+                         bits_per_token=float(system.bits_per_token),
+                         overhead_bits=float(system.overhead_bits))
+        verify = system.verify_time
+        fit = AffineFit()
+        seed_from_law(fit, lambda lens, _: verify.of_tokens(sum(n + 1 for n in lens)), 0)
+        self.controller = DraftController(config, fit)
+        self.ids = list(users.names)
+        for i, device in enumerate(self.ids):
+            self.controller.join(device)
+            self.controller.on_telemetry(device, float(users.spectral_efficiency[i]),
+                                         float(users.draft_s_per_token[i]))
+            self.controller.on_request_start(device)
+        return self._decisions()
+
+    def _decisions(self) -> Decisions:
+        decisions = [self.controller.decisions[d] for d in self.ids]
+        return Decisions(np.array([d.draft_len for d in decisions]),
+                         np.array([d.bandwidth_share for d in decisions]))
+
+    def after_round(self, now: float, record: RoundRecord) -> Decisions | None:
+        controller = self.controller
+        for i, device in enumerate(self.ids):
+            controller.on_draft(device, int(record.draft_len[i]), float(record.draft_s[i]),
+                                int(np.ceil(record.upload_bits[i] / 8)),
+                                float(record.arrived[i] - record.started))
+            accepted = int(record.accepted[i])
+            controller.on_verdict(device, accepted, int(record.draft_len[i]), accepted + 1, now)
+        controller.on_round(int(np.sum(record.draft_len + 1)), record.verify_s)
+        return self._decisions() if controller.maybe_resolve(now) else None
+
+    def on_drift(self, now: float, users: UserParams) -> None:
+        # Devices report their radio (and a bench speed, used only before the first
+        # draft) in telemetry; acceptance, delay and drafting speed it must measure.
+        for i, device in enumerate(self.ids):
+            self.controller.on_telemetry(device, float(users.spectral_efficiency[i]),
+                                         float(users.draft_s_per_token[i]))
+        return None
