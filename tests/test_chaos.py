@@ -21,6 +21,7 @@ pytestmark = [
 TRIAL = """
 name = "chaos-ci"
 policies = ["heterogeneous"]
+baselines = false  # the faults are the subject; tests/test_live_control.py runs baselines
 max_new_tokens = 48
 requests = 6
 

@@ -150,6 +150,7 @@ def per_user_len(system: SystemParams, users: UserParams) -> Plan:
 
 
 _THRESHOLD_ITERATIONS = 8  # best responses <-> shares; it settles in 2-4 on our scenarios
+_THRESHOLD_EXACT_BUDGET = 2_000_000  # (L_max + 1) K^2 entries: responses with re-equalised shares
 
 
 def stopping_costs(
@@ -174,12 +175,21 @@ def stopping_costs(
 
 
 def own_round_times(
-    system: SystemParams, users: UserParams, draft_len: np.ndarray, share: np.ndarray
+    system: SystemParams, users: UserParams, draft_len: np.ndarray, share: np.ndarray | None
 ) -> np.ndarray:
-    """(M, K): T_k(L) = max(tau_-k, f_k(L)) + T_v(others' tokens + L + 1), the round time
-    if device k drafted L and everyone else kept their length and share; tau_-k is the
-    latest finish time of the others."""
+    """(M, K): T_k(L), the round time if device k drafted L and everyone else kept their
+    length. ``share`` None: the shares re-equalised for every such plan,
+    T_k(L) = tau*(L_-k, L) + T_v; else everyone keeps their share,
+    T_k(L) = max(tau_-k, f_k(L)) + T_v(others' tokens + L + 1), tau_-k the others' latest
+    finish time."""
     lengths = np.arange(system.max_draft_len + 1)[:, None]
+    if share is None:
+        m, k = lengths.size, users.num_users
+        plans = np.broadcast_to(np.asarray(draft_len), (m, k, k)).copy()  # [L, device, :]
+        plans[:, np.arange(k), np.arange(k)] = lengths
+        plans = plans.reshape(m * k, k)
+        round_s = equalised_finish_time_s(system, users, plans) + system.verify_time(plans)
+        return round_s.reshape(m, k)
     finish = finish_time_s(system, users, draft_len, share)
     if users.num_users > 1:
         top_two = np.sort(finish)[-2:]
@@ -235,8 +245,10 @@ def threshold(system: SystemParams, users: UserParams) -> Plan:
     threshold, ``stopping_lengths``) given its delay, draft time and acceptance (a rate or
     a curve), its band share, and the round it shares: the others' finish times, tokens
     and verification load. All devices respond at once, shares re-equalise finish times,
-    repeat; the best plan seen is kept. A device needs only its own measurements and three
-    numbers about the round, where ``heterogeneous`` solves all lengths jointly."""
+    repeat; the best plan seen is kept. Each response is scored with the shares
+    re-equalised for it (up to (L_max + 1) K^2 = 2M entries; beyond, with shares held).
+    It needs each device's own measurements and a few numbers about the round, where
+    ``heterogeneous`` solves all lengths jointly."""
     tables = _Tables(system, users)
     k = users.num_users
     # Start from each device alone with an equal share (A = 0, T = C + c L): starting from
@@ -244,14 +256,16 @@ def threshold(system: SystemParams, users: UserParams) -> Plan:
     # no single response would ever move.
     fixed, per_token = stopping_costs(system, users, np.zeros(k, dtype=int), np.full(k, 1 / k))
     draft_len = stopping_lengths(tables.tokens, np.zeros(k), fixed + per_token * tables.lengths)
+    exact = tables.lengths.size * k * k <= _THRESHOLD_EXACT_BUDGET
     best: Plan | None = None
     for _ in range(_THRESHOLD_ITERATIONS):
         plan = _equalised_plan("threshold", system, users, draft_len)
         if best is None or plan.goodput_tok_s > best.goodput_tok_s:
             best = plan
         tokens = users.acceptance.expected_tokens(draft_len)
-        # A device that sends nothing holds no share; its response is priced at an equal one.
-        share = np.where(plan.bandwidth_share > 0, plan.bandwidth_share, 1.0 / k)
+        # Shares held (many devices): one that sends nothing holds none, priced at 1 / K.
+        share = None if exact else np.where(plan.bandwidth_share > 0, plan.bandwidth_share,
+                                            1.0 / k)
         chosen = stopping_lengths(tables.tokens, tokens.sum() - tokens,
                                   own_round_times(system, users, draft_len, share))
         if np.array_equal(chosen, draft_len):

@@ -19,6 +19,7 @@ fed what the controller would observe (edge_controller/simulator/deciders.py).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,9 @@ class SimulationResult:
     accepted: np.ndarray  # (K,) of them accepted
     # (t, draft lengths) whenever the lengths in force changed, the first at t = 0
     draft_len_changes: list[tuple[float, np.ndarray]] = field(default_factory=list)
-    token_times: list[tuple[float, np.ndarray]] = field(default_factory=list)  # per round
+    # (P, K) tokens delivered in each phase: before the first change time, between each
+    # change time and the next, after the last
+    phase_tokens: np.ndarray = field(default_factory=lambda: np.zeros((1, 0)))
 
     @property
     def user_goodput_tok_s(self) -> np.ndarray:
@@ -100,13 +103,6 @@ class SimulationResult:
     def goodput_tok_s(self) -> float:
         return float(self.tokens.sum() / self.seconds)
 
-    def tokens_between(self, start: float, end: float) -> np.ndarray:
-        """(K,) tokens delivered in (start, end]."""
-        total = np.zeros_like(self.tokens)
-        for t, tokens in self.token_times:
-            if start < t <= end:
-                total += tokens
-        return total
 
 
 def _draw_accepted(
@@ -164,7 +160,8 @@ class SyncSimulation:
             raise ValueError(f"the trace holds {len(self.trace.runs)} devices, not {k}")
         now_in_force = self._checked(self.decider.start(self.system, users), k)
         pending: Decisions | None = None  # takes effect when the next round begins
-        result = SimulationResult(seconds, np.zeros(k), 0, np.zeros(k), np.zeros(k))
+        result = SimulationResult(seconds, np.zeros(k), 0, np.zeros(k), np.zeros(k),
+                                  phase_tokens=np.zeros((len(self.change_times) + 1, k)))
         result.draft_len_changes.append((0.0, now_in_force.draft_len))
         for t in self.change_times:
             self._push(t, DRIFT)
@@ -208,7 +205,7 @@ class SyncSimulation:
                 draft_len = now_in_force.draft_len
                 accepted = self._accepted(users, draft_len, result.rounds)
                 result.tokens += accepted + 1
-                result.token_times.append((now, accepted + 1))
+                result.phase_tokens[bisect.bisect_right(self.change_times, now)] += accepted + 1
                 result.drafted += draft_len
                 result.accepted += accepted
                 result.rounds += 1

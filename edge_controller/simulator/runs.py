@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ BEST_FIXED = "best-fixed-L"  # fixed-L with the L tuned on the scenario's first 
 SIMULATED_POLICIES = (*POLICIES, BEST_FIXED)
 ORACLE_POLICY = "heterogeneous"  # within 0.1% of brute force (docs/benchmarks.md)
 MAX_REPORTED_CHANGES = 500
+MAX_SECONDS = 86_400.0  # a simulated day: minutes of real time for a handful of devices
 
 
 def simulate_plan(system: SystemParams, users: UserParams, plan: Plan, seconds: float,
@@ -57,17 +59,17 @@ def simulate_scenario(scenario: Scenario, policy: str, seconds: float, seed: int
     """Run ``policy`` (through the live DraftController, estimating everything) and the
     oracle on the scenario for ``seconds`` simulated seconds; the report of ``simulate
     --json``. Raises ValueError on a policy or scenario it cannot run."""
-    if not 0 < seconds < np.inf:
-        raise ValueError(f"simulated seconds must be finite and > 0, got {seconds}")
+    if not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(f"simulated seconds must be in (0, {MAX_SECONDS:g}], got {seconds}")
     decider, extra = _decider(scenario, policy, acceptance)
     ours = _run(scenario, decider, seconds, seed)
     oracle = _run(scenario, Oracle(ORACLE_POLICY), seconds, seed)
     names = scenario.users.names
     bounds = [0.0, *[t for t in scenario.change_times() if t < seconds], seconds]
     phases = []
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        got = float(ours.tokens_between(start, end).sum() / (end - start))
-        best = float(oracle.tokens_between(start, end).sum() / (end - start))
+    for i, (start, end) in enumerate(pairwise(bounds)):
+        got = float(ours.phase_tokens[i].sum() / (end - start))
+        best = float(oracle.phase_tokens[i].sum() / (end - start))
         phases.append({"start_s": start, "end_s": end, "goodput_tok_s": got,
                        "oracle_goodput_tok_s": best, "ratio_to_oracle": _ratio(got, best)})
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -97,6 +97,7 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
         f"scheduler = {json.dumps(scheduler)}\nbatch_tokens = {spec.batch_tokens}\n"
         f"timeline = {json.dumps(str(timeline))}\n"
         f"[control]\npolicy = {json.dumps(policy)}\nbandwidth_hz = {spec.bandwidth_hz}\n"
+        f"acceptance = {json.dumps(spec.acceptance)}\n"
     )
     specs = [_agent(spec, d, i, server_decode) for i, d in enumerate(spec.devices)]
     faults: list[dict] = []

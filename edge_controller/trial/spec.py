@@ -60,6 +60,7 @@ class TrialSpec:
     devices: tuple[TrialDevice, ...]
     description: str = ""
     policies: tuple[str, ...] = ("heterogeneous", "agnostic")
+    acceptance: str = "geometric"  # the controller's control.acceptance: or "curve"
     # Each policy runs under each scheduler: report keys "POLICY" (sync) and
     # "POLICY@SCHEDULER" (docs/scheduling.md).
     schedulers: tuple[str, ...] = ("sync",)
@@ -170,6 +171,7 @@ def validate(spec: TrialSpec) -> None:
          f"{_batch_tokens_problem(spec.batch_tokens)}"),
         (set(spec.policies) <= {"fixed", *POLICIES},
          f"policies must be among fixed, {', '.join(POLICIES)}"),
+        (spec.acceptance in ("geometric", "curve"), 'acceptance must be "geometric" or "curve"'),
         (spec.bandwidth_hz > 0, "bandwidth_hz must be > 0"),
         (spec.max_new_tokens >= 1 and spec.requests >= 1, "max_new_tokens and requests >= 1"),
         (spec.temperature >= 0, "temperature must be >= 0"),
