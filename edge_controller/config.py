@@ -12,6 +12,9 @@ from edge_controller.protocol import MAX_DRAFT_TOKENS, MAX_FRAME_BYTES
 
 T = TypeVar("T")
 SCHEDULERS = ("sync", "continuous")
+# Acceptance models draft control plans with: one rate per device, or its measured
+# per-position curve (docs/system-model.md, "Acceptance curves").
+ACCEPTANCE_MODELS = ("geometric", "curve")
 
 
 class ConfigError(ValueError):
@@ -84,7 +87,7 @@ class ControlConfig:
 
     policy: str = "heterogeneous"
     draft_len: int = 4  # fixed and fixed-L policies, and every device's first rounds
-    acceptance: str = "geometric"  # the model solvers plan with: "geometric" or "curve"
+    acceptance: str = "geometric"  # the model plans assume: one of ACCEPTANCE_MODELS
     max_draft_len: int = 16
     bandwidth_hz: float = 10e6  # B: the uplink band the shares divide (FDMA)
     spectral_efficiency: float = 3.0  # s_k of a device that reports none (bit/s/Hz)
@@ -139,8 +142,8 @@ class ControllerConfig:
             (0 <= self.control.draft_len <= self.control.max_draft_len,
              "control.draft_len must be in 0..max_draft_len"),
             (self.control.policy in _policies(), f"control.policy must be one of {_policies()}"),
-            (self.control.acceptance in ("geometric", "curve"),
-             'control.acceptance must be "geometric" or "curve"'),
+            (self.control.acceptance in ACCEPTANCE_MODELS,
+             f"control.acceptance must be one of {', '.join(ACCEPTANCE_MODELS)}"),
             (self.control.bandwidth_hz > 0, "control.bandwidth_hz must be > 0"),
             (self.control.spectral_efficiency > 0, "control.spectral_efficiency must be > 0"),
             (self.control.bits_per_token > 0 and self.control.overhead_bits >= 0,

@@ -8,7 +8,8 @@ moved, never per token, and returns the decisions that changed, for the controll
 What each model input is estimated from (symbols of docs/system-model.md):
 
 * ``a_k``: censored acceptance from verdicts (AcceptanceEstimate): the geometric rate, or
-  with ``control.acceptance = "curve"`` the per-position curve ``p_i`` (docs/system-model.md);
+  with ``control.acceptance = "curve"`` the per-position curve ``p_i`` (docs/system-model.md),
+  once ``MIN_JUDGED`` draft positions were judged;
 * ``t_k``: the device's own drafting time per token, reported in every draft;
 * ``b0, b``: an affine fit of the draft frames' size against their length, per device;
 * ``d_k``: the rest of the device's round: (draft arrival - verdict sent) - drafting -
@@ -45,6 +46,7 @@ from edge_controller.verifier.slots import SamplingParams, VerifyItem
 log = logging.getLogger(__name__)
 
 FIXED_POLICY = "fixed"  # the configured draft_len for everyone, unpaced uploads
+MIN_JUDGED = 8  # draft positions judged before a device's acceptance estimate is used
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class DraftController:
         self.devices[device_id] = DeviceEstimates(
             self.config.spectral_efficiency,
             AcceptanceEstimate(depth=max(self.config.max_draft_len, 1)))
-        self.decisions[device_id] = self._initial_decision()
+        self.decisions[device_id] = self._initial_decision(device_id)
         self._membership_changed = True
         return self.decisions[device_id]
 
@@ -120,7 +122,7 @@ class DraftController:
         self._membership_changed = True
         changed = {}
         for other in self.active - self._planned:
-            decision = self._initial_decision()
+            decision = self._initial_decision(other)
             if decision != self.decisions.get(other):
                 self.decisions[other] = decision
                 if other != device_id:
@@ -137,7 +139,7 @@ class DraftController:
         est.upload_bits.update(draft_len, 8 * frame_bytes)
         if first_round:
             return
-        if draft_len > 0 and draft_s > 0:
+        if draft_len > 0 and draft_s >= 0:
             est.draft_s_per_token.update(draft_s / draft_len)
         rate = self.decisions[device_id].uplink_rate_bps
         upload_s = 8 * frame_bytes / rate if rate > 0 else 0.0
@@ -177,7 +179,10 @@ class DraftController:
         for device_id, est in self.devices.items():
             b0, b = est.upload_law(self.config.overhead_bits, self.config.bits_per_token)
             snapshot[device_id] = {
-                "acceptance": est.acceptance.mean,
+                # None until enough drafts were judged: a plan made from one unlucky round
+                # can set everyone to L = 0, where acceptance is no longer observed.
+                "acceptance": (est.acceptance.mean if est.acceptance.judged >= MIN_JUDGED
+                               else None),
                 "draft_s_per_token": est.draft_s_per_token.value,
                 "delay_s": est.delay_s.value,
                 "spectral_efficiency": est.spectral_efficiency,
@@ -204,7 +209,10 @@ class DraftController:
         ids = sorted(snapshot)
         if not ids:
             return {}
-        inputs = np.array([[snapshot[d][k] for k in MODEL_INPUTS] for d in ids])
+        # With curves, a change of shape moves E[N(L_max)] even where the pooled rate stays.
+        inputs = np.array([[snapshot[d][k] for k in MODEL_INPUTS]
+                           + [1.0 + np.cumprod(snapshot[d].get("acceptance_curve", [])).sum()]
+                           for d in ids])
         moved = self._solved_inputs is None or self._solved_inputs.shape != inputs.shape or (
             np.abs(inputs - self._solved_inputs) > self.config.resolve_threshold
             * np.maximum(np.abs(self._solved_inputs), 1e-9)).any()
@@ -247,13 +255,14 @@ class DraftController:
                      f"share={self.decisions[d].bandwidth_share:.2f}" for d in ids))
         return changed
 
-    def _initial_decision(self) -> Decision:
+    def _initial_decision(self, device_id: str) -> Decision:
         if self.config.policy == FIXED_POLICY:
             return Decision(self.config.draft_len, 1.0, 0.0)
         # Until estimates exist: the configured length, an equal share of the band among
-        # the devices in the rounds (idle registered ones take none of it).
+        # the devices in the rounds (idle registered ones take none of it), at the rate
+        # the device's radio reported (else control.spectral_efficiency).
         share = 1.0 / max(len(self.active), 1)
-        rate = share * self.config.bandwidth_hz * self.config.spectral_efficiency
+        rate = share * self.config.bandwidth_hz * self.devices[device_id].spectral_efficiency
         return Decision(self.config.draft_len, share, rate)
 
 

@@ -2,15 +2,17 @@
 rate, or the measured per-position curve?
 
 Data: the recorded traces of the default models (models/traces/, scripts/record_traces.py):
-at every position of the target's greedy output for 12 prompts, each draft's (q8_0, q5_0,
-q4_0) greedy 16-token continuation. A "round" at position p accepts the leading drafts
-that match the target's output. Prompts are grouped by task (code, chat, translation).
+at every position of the target's greedy output for each recorded prompt (11), each
+draft's (q8_0, q5_0, q4_0) greedy 16-token continuation. A "round" at position p accepts
+the leading drafts that match the target's output. Prompts are grouped by task: code
+(2 prompts), translation (1), chat (8: explanations, lists, stories, summaries).
 
-Per (draft, task): two folds of alternating 16-position blocks; each model is fitted on one
-fold by the controller's own estimator (AcceptanceEstimate: censored counts, its prior)
-and predicts E[N(L)] = accepted + 1 on the other; the error is |predicted - observed mean|
-per L = 1..16. Also: the same at L = 8 after only n training rounds (how fast each model is
-usable). Prints tables, writes a plot and a JSON summary.
+Per (draft, task): each model is fitted by the controller's own estimator
+(AcceptanceEstimate: censored counts, its prior) on all prompts but one and predicts
+E[N(L)] = accepted + 1 on the one left out (a new request); with a single prompt, on
+alternating 16-position blocks of its output instead. The error is |predicted - observed
+mean| per L = 1..16, averaged over folds. Also: the same at L = 8 after only n training
+rounds (how fast each model is usable). Prints tables, writes a plot and a JSON summary.
 
     .venv/bin/python scripts/acceptance_curves.py [--out docs/img/acceptance-curves.png]
 """
@@ -76,6 +78,16 @@ def observed(runs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.array([np.mean(np.minimum(runs, n) + 1) for n in lengths])
 
 
+def folds(per_prompt: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) rounds: leave one prompt out, or alternating blocks of a lone one."""
+    if len(per_prompt) > 1:
+        return [(np.concatenate(per_prompt[:i] + per_prompt[i + 1:]), held)
+                for i, held in enumerate(per_prompt)]
+    runs = per_prompt[0]
+    block = (np.arange(runs.size) // BLOCK) % 2
+    return [(runs[block == side], runs[block != side]) for side in (0, 1)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--traces", type=Path, default=TRACES_DIR / "smollm2-135m.json.gz")
@@ -98,24 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     fig, (ax_err, ax_curve) = plt.subplots(1, 2, figsize=(11, 4))
     for (draft, task), per_prompt in sorted(cells.items()):
         runs = np.concatenate(per_prompt)
-        fold = (np.arange(runs.size) // BLOCK) % 2
         cell_err = {"geometric": np.zeros(lengths.size), "curve": np.zeros(lengths.size)}
-        for train in (0, 1):
-            truth = observed(runs[fold != train], lengths)
-            for model, pred in predictions(fitted(runs[fold == train]), lengths).items():
-                cell_err[model] += np.abs(pred - truth) / 2
-            rng = np.random.default_rng(train)
+        splits = folds(per_prompt)
+        for i, (train, test) in enumerate(splits):
+            truth = observed(test, lengths)
+            for model, pred in predictions(fitted(train), lengths).items():
+                cell_err[model] += np.abs(pred - truth) / len(splits)
+            rng = np.random.default_rng(i)
+            truth8 = observed(test, np.array([8]))[0]
             for n in FEW_ROUNDS:
                 for _ in range(20):  # n training rounds drawn at random from the fold
-                    sample = rng.choice(runs[fold == train], n)
+                    sample = rng.choice(train, n)
                     for model, pred in predictions(fitted(sample), np.array([8])).items():
-                        few[model][n].append(abs(pred[0] - observed(runs[fold != train],
-                                                                   np.array([8]))[0]))
+                        few[model][n].append(abs(pred[0] - truth8))
         for model in errors:
             errors[model].append(cell_err[model])
         full = fitted(runs)
         summary[f"{draft}/{task}"] = {
-            "rounds": int(runs.size), "geometric_rate": round(full.mean, 4),
+            "rounds": int(runs.size), "prompts": len(per_prompt),
+            "geometric_rate": round(full.mean, 4),
             "curve": [round(float(p), 4) for p in full.curve()],
             "mae_geometric": round(float(cell_err["geometric"].mean()), 4),
             "mae_curve": round(float(cell_err["curve"].mean()), 4),
@@ -131,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     weighted = {m: float(np.average(np.mean(errors[m], axis=1), weights=weights))
                 for m in errors}
     print(f"all, cells weighted by rounds: {weighted['geometric']:.3f} {weighted['curve']:.3f}")
-    print(f"\n{'cell':<28} {'rounds':>6} {'rate':>6} {'geo MAE':>8} {'curve MAE':>9}")
+    print(f"\n{'cell':<40} {'prompts':>7} {'rounds':>6} {'rate':>6} {'geo MAE':>8} "
+          f"{'curve MAE':>9}")
     for cell, row in summary.items():
-        print(f"{cell:<28} {row['rounds']:>6} {row['geometric_rate']:>6.3f} "
+        print(f"{cell:<40} {row['prompts']:>7} {row['rounds']:>6} {row['geometric_rate']:>6.3f} "
               f"{row['mae_geometric']:>8.3f} {row['mae_curve']:>9.3f}")
     print(f"\nat L = 8 after n training rounds: {'n':>4} {'geometric':>10} {'curve':>8}")
     for n in FEW_ROUNDS:
@@ -143,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ax_err.plot(lengths, mae["geometric"], marker="o", label="geometric rate")
     ax_err.plot(lengths, mae["curve"], marker="s", label="per-position curve")
     ax_err.set(xlabel="draft length L", ylabel="held-out |E[N(L)] error| (tokens/round)",
-               title="Predicting tokens per round (9 draft x task cells)")
+               title=f"Predicting tokens per round ({len(cells)} draft x task cells)")
     ax_err.legend()
     ax_curve.set(xlabel="draft position i", ylabel="P(i accepted | 1..i-1 accepted)",
                  title="Measured curves (all rounds)", ylim=(0, 1))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edge_controller.config import ACCEPTANCE_MODELS  # noqa: E402
 from edge_controller.control.scenario import load_scenario  # noqa: E402
 from edge_controller.simulator import SIMULATED_POLICIES, simulate_scenario  # noqa: E402
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--acceptance", choices=("geometric", "curve"), default="geometric")
+    parser.add_argument("--acceptance", choices=ACCEPTANCE_MODELS, default="geometric")
     parser.add_argument("--write", action="store_true", help="update docs/results.md")
     args = parser.parse_args(argv)
     logging.getLogger("edge_controller.draft_control").setLevel(logging.WARNING)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                        for seed in range(args.seeds)]
             rows[policy] = reports
         phases = [f"{p['start_s']:g}-{p['end_s']:g} s" for p in rows[policies[0]][0]["phases"]]
-        lines += [f"**{name}** ({scenario.description.split('.')[0].strip()}; oracle "
+        lines += [f"**{name}** ({scenario.description.split('. ')[0].strip()}; oracle "
                   f"{np.mean([r['oracle_goodput_tok_s'] for r in rows[policies[0]]]):.1f}"
                   " tok/s)", "",
                   "| policy | ratio to oracle | " + " | ".join(phases) + " | mean L per device |",
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         for policy, reports in sorted(rows.items(), key=lambda kv: -np.mean(
                 [r["ratio_to_oracle"] for r in kv[1]])):
             ratio = [r["ratio_to_oracle"] for r in reports]
-            per_phase = [np.mean([r["phases"][i]["ratio_to_oracle"] for r in reports])
-                         for i in range(len(phases))]
+            per_phase = [np.mean([r["phases"][i]["ratio_to_oracle"] or np.nan for r in reports])
+                         for i in range(len(phases))]  # nan: the oracle delivered nothing
             lengths = np.mean([[u["mean_draft_len"] for u in r["users"]] for r in reports], 0)
             label = policy + (f" (L = {reports[0]['fixed_draft_len']})"
                               if "fixed_draft_len" in reports[0] else "")

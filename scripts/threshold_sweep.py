@@ -1,14 +1,15 @@
 """The threshold policy's phase transitions: predicted vs simulated vs live.
 
-Runs `configs/trials/delay-sweep.toml` once per added round-trip delay of the swept device
-(one trial each, policy `threshold`, real agents in network namespaces: root), then:
+Runs `configs/trials/delay-sweep.toml` (one device, as in seed 003) once per added
+round-trip delay (one trial each, policy `threshold`, a real agent in a network namespace:
+root), then:
 
 * live: the swept device's draft length in the trial's rounds once every estimate was
   measured (median and counts), with the controller's own delay estimate d_k;
 * predicted: the threshold rule on the parameters measured at 0 ms added (the first
-  trial's last plan: t_k, a_k, b0 + L b, T_v fit, the other device), with the swept
-  device's delay set to each point's measured d_k; and the delays at which that rule's
-  L steps up (a 1 ms grid);
+  trial's last plan: t_k, a_k, b0 + L b, T_v fit), with the delay set to each point's
+  measured d_k; and the critical delays at which that rule's L steps up (closed form,
+  checked on a 1 ms grid);
 * simulated: the same parameters as a scenario whose swept delay drifts through the
   points (40 simulated seconds each), run through the live DraftController in the
   simulator (edge_controller/simulator/); its L at the end of each step.
@@ -37,8 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge_controller.config import ControlConfig  # noqa: E402
-from edge_controller.control import solve  # noqa: E402
+from edge_controller.control import SystemParams, UserParams, solve  # noqa: E402
 from edge_controller.control.scenario import parse_scenario  # noqa: E402
+from edge_controller.control.solvers import critical_delays, stopping_costs  # noqa: E402
 from edge_controller.draft_control import MODEL_INPUTS, problem_from_snapshot  # noqa: E402
 from edge_controller.simulator import Controlled, SyncSimulation  # noqa: E402
 from edge_controller.trial.runner import run_trial  # noqa: E402
@@ -79,7 +81,7 @@ def live_point(spec, added_ms: float, out: Path) -> dict:
             "simulated_tok_s": entry["simulated_goodput_tok_s"]}
 
 
-def base_problem(base: dict, bandwidth_hz: float):
+def base_problem(base: dict, bandwidth_hz: float) -> tuple[SystemParams, UserParams]:
     return problem_from_snapshot(base["estimates"], base["verify_time"], bandwidth_hz)
 
 
@@ -99,6 +101,21 @@ def predicted_steps(base: dict, bandwidth_hz: float, max_delay_s: float) -> list
             for i in range(1, grid.size) if lengths[i] != lengths[i - 1]]
 
 
+def closed_form_delays(base: dict, bandwidth_hz: float) -> list[float]:
+    """d_L of the swept device where it is the round's last finisher, shares and any
+    other device held as planned at the 0 ms point (``critical_delays``)."""
+    system, users = base_problem(base, bandwidth_hz)
+    plan = solve("threshold", system, users)
+    k = users.names.index(SWEPT)
+    tokens = users.acceptance.expected_tokens(
+        np.broadcast_to(np.arange(system.max_draft_len + 1)[:, None],
+                        (system.max_draft_len + 1, users.num_users)))
+    others = tokens[plan.draft_len, np.arange(users.num_users)]
+    fixed, per_token = stopping_costs(system, users, plan.draft_len, plan.bandwidth_share)
+    delays = critical_delays(tokens, others.sum() - others, fixed, per_token, users.delay_s)
+    return [float(d) for d in delays[:, k]]
+
+
 def simulated_lengths(base: dict, bandwidth_hz: float, delays_s: list[float]) -> list[float]:
     system, users = base_problem(base, bandwidth_hz)
     scenario = parse_scenario({
@@ -109,7 +126,8 @@ def simulated_lengths(base: dict, bandwidth_hz: float, delays_s: list[float]) ->
                    "verify_time": {"base_s": system.verify_time.base_s,
                                    "per_token_s": system.verify_time.per_token_s}},
         "users": [{"name": name, "draft_s_per_token": float(users.draft_s_per_token[i]),
-                   "acceptance": float(users.acceptance.rate[i]),
+                   "acceptance": base["estimates"][name].get("acceptance_curve")
+                   or base["estimates"][name]["acceptance"],
                    "spectral_efficiency": float(users.spectral_efficiency[i]),
                    "delay_s": float(users.delay_s[i])} for i, name in enumerate(users.names)],
         "drift": [{"at_s": STEP_S * i, "user": SWEPT, "delay_s": d}
@@ -159,9 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\npredicted steps of L (threshold rule on the 0 ms point's measurements):")
     for step in steps:
         print(f"  d_k = {step['delay_s'] * 1e3:.0f} ms: L {step['from_L']} -> {step['to_L']}")
+    closed = closed_form_delays(base, spec.bandwidth_hz)
+    print("closed form, shares held (critical_delays): "
+          + ", ".join(f"L > {i} above {d * 1e3:.0f} ms" for i, d in enumerate(closed)
+                      if 0 < d <= max(delays) * 1.1))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.json").write_text(json.dumps({"points": points, "steps": steps},
-                                                    indent=2))
+    (args.out / "sweep.json").write_text(json.dumps(
+        {"points": points, "steps": steps, "closed_form_delays_s": closed}, indent=2))
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     grid = np.arange(0.0, max(delays) * 1.1, 0.001)
     ax.step(grid * 1e3, [predicted_length(base, spec.bandwidth_hz, d) for d in grid],

@@ -47,7 +47,9 @@ def interrupted(tmp_path: Path, keys, spec: AgentSpec, stop: str) -> tuple[dict,
     kill -9, "term" = SIGTERM, which must exit 0 within 5 s) and started again; the
     agent's result and stderr, and the controller log."""
     endpoint, log = free_endpoint(), tmp_path / "controller.log"
-    first = start_controller(log, keys, endpoint, "--policy", "fixed")
+    timeline = tmp_path / "timeline.jsonl"
+    first = start_controller(log, keys, endpoint, "--policy", "fixed", "--timeline",
+                             str(timeline))
     proc = agent(spec, endpoint, keys)
     try:
         try:
@@ -55,7 +57,12 @@ def interrupted(tmp_path: Path, keys, spec: AgentSpec, stop: str) -> tuple[dict,
         except AssertionError:
             proc.kill()
             raise AssertionError(f"the agent never started: {proc.communicate()[1]}") from None
-        time.sleep(1.5)  # some rounds in: the request is half done
+        # Some rounds in (counted, not slept: a loaded machine is slow): the request is
+        # partly done, with tokens output for the new controller to re-create.
+        deadline = time.monotonic() + 120
+        while not timeline.exists() or timeline.read_text().count('"committed"') < 3:
+            assert time.monotonic() < deadline, "fewer than 3 rounds in 120 s"
+            time.sleep(0.05)
         if stop == "kill":
             first.kill()
             first.wait()

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from edge_controller.cli import main
+from edge_controller.config import ControlConfig
 from edge_controller.control import SystemParams, UserParams, VerifyTime, solve
 from edge_controller.control.scenario import ScenarioError, load_scenario, parse_scenario
 from edge_controller.simulator import (
     SIMULATED_POLICIES,
     AcceptanceTrace,
+    Controlled,
     FixedPlan,
     Oracle,
     SyncSimulation,
@@ -24,7 +26,7 @@ from edge_controller.simulator.runs import best_fixed_len
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "configs" / "scenarios"
 SHIPPED = sorted(SCENARIOS.glob("*.toml"))
-STEADY = [p for p in SHIPPED if "drift" not in p.read_text()]
+STEADY = [p for p in SHIPPED if not load_scenario(p).drift]
 
 
 @pytest.mark.parametrize("path", STEADY, ids=lambda p: p.stem)
@@ -179,3 +181,82 @@ def test_simulate_cli_refuses_what_it_cannot_run(capsys, argv, message):
     path = SCENARIOS / "edge-cell-16.toml"
     assert main(["simulate", str(path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def heavy_headed() -> dict:
+    """steady-6 with per-position truths: the first draft often fails, later ones rarely."""
+    data = tomllib.loads((SCENARIOS / "steady-6.toml").read_text())
+    for user in data["users"]:
+        user["acceptance"] = [0.5] + [min(0.97, user["acceptance"] + 0.1)] * 15
+    return data
+
+
+def test_a_held_plan_on_curve_truths_simulates_to_its_analytic_goodput():
+    scenario = parse_scenario(heavy_headed())
+    plan = solve("heterogeneous", scenario.system, scenario.users)
+    result = simulate_plan(scenario.system, scenario.users, plan, 4000 * plan.round_time_s, 4)
+    assert result.goodput_tok_s == pytest.approx(plan.goodput_tok_s, rel=0.02)
+
+
+def test_the_simulated_controller_measures_what_is_true():
+    """What the live DraftController estimates in the simulator from what it observes:
+    delay and drafting speed exactly, the acceptance curve's shape, the T_v law."""
+    scenario = parse_scenario(heavy_headed())
+    decider = Controlled(ControlConfig(policy="heterogeneous", acceptance="curve"))
+    SyncSimulation(scenario.system, scenario.users_at, decider, seed=5).run(120.0)
+    truth = scenario.users
+    snapshot = decider.controller.snapshot()
+    for i, name in enumerate(truth.names):
+        est = snapshot[name]
+        assert est["delay_s"] == pytest.approx(truth.delay_s[i], rel=1e-6)
+        assert est["draft_s_per_token"] == pytest.approx(truth.draft_s_per_token[i], rel=1e-6)
+        assert est["bits_per_token"] == pytest.approx(scenario.system.bits_per_token, rel=0.05)
+        if decider.controller.decisions[name].draft_len >= 2:  # positions 1, 2 were tried
+            assert est["acceptance_curve"][0] == pytest.approx(0.5, abs=0.15)
+            assert est["acceptance_curve"][1] > est["acceptance_curve"][0] + 0.15
+    base_s, per_token_s = decider.controller.verify_time.coefficients()
+    assert base_s == pytest.approx(scenario.system.verify_time.base_s, rel=1e-3)
+    assert per_token_s == pytest.approx(scenario.system.verify_time.per_token_s, rel=1e-3)
+
+
+def test_new_plans_reach_the_rounds_a_round_late_as_in_the_field():
+    """A plan made after round r's verification travels with round r+1's verdicts: the
+    device drafts by it from round r+2 (controller.py answers before it re-solves)."""
+    scenario = load_scenario(SCENARIOS / "steady-6.toml")
+    decider = Controlled(ControlConfig(policy="heterogeneous", resolve_interval_s=0.0))
+    made = []  # (verification time of round r, the plan made after it or None)
+    original = decider.after_round
+
+    def spy(now, record):
+        in_force = original(now, record)
+        made.append((now, decider._sent))
+        return in_force
+
+    decider.after_round = spy
+    result = SyncSimulation(scenario.system, scenario.users_at, decider).run(3.0)
+    r = next(i for i, (_, sent) in enumerate(made) if sent is not None)
+    changed_at, lengths = result.draft_len_changes[1]
+    # round r+2 begins when round r+1's verdicts are out
+    assert changed_at == made[r + 1][0] > made[r][0]
+    np.testing.assert_array_equal(lengths, made[r][1].draft_len)
+
+
+@pytest.mark.parametrize("policy", ["homogeneous", "heterogeneous", "threshold"])
+def test_a_worse_link_moves_the_controllers_plan_as_the_model_says(policy):
+    """The simulator's counterpart of tests/test_live_control.py's live check (run there
+    for heterogeneous): one link gets 290 ms worse; the controller's delay estimate
+    follows, and its plan ends where the policy puts the new truth."""
+    data = tomllib.loads((SCENARIOS / "steady-6.toml").read_text())
+    data["drift"] = [{"at_s": 20.0, "user": "phone-code", "delay_s": 0.315}]
+    scenario = parse_scenario(data)
+    decider = Controlled(ControlConfig(policy=policy))
+    result = SyncSimulation(scenario.system, scenario.users_at, decider,
+                            scenario.change_times(), seed=6).run(60.0)
+    phone = scenario.users.names.index("phone-code")
+    assert decider.controller.snapshot()["phone-code"]["delay_s"] == pytest.approx(0.315, rel=0.01)
+    before = [lengths for t, lengths in result.draft_len_changes if t < 20][-1]
+    after = result.draft_len_changes[-1][1]
+    truth = solve(policy, scenario.system, scenario.users_at(60)).draft_len
+    assert not np.array_equal(before, after)
+    assert abs(int(after[phone]) - int(truth[phone])) <= 1  # estimates are estimates
+    assert np.abs(after - truth).sum() <= scenario.users.num_users

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from edge_controller.cli.plan import POLICY_NAMES
+from edge_controller.config import ACCEPTANCE_MODELS
 
 BEST_FIXED = "best-fixed-L"  # edge_controller.simulator.runs (not imported: --help stays fast)
 
@@ -26,26 +27,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--policy", choices=(*POLICY_NAMES, BEST_FIXED), default="heterogeneous")
     parser.add_argument("--seconds", type=float, default=60.0, metavar="T",
                         help="simulated seconds (default 60)")
-    parser.add_argument("--seed", type=int, default=0, help="acceptance draws (default 0)")
-    parser.add_argument("--acceptance", choices=("geometric", "curve"), default="geometric",
+    parser.add_argument("--seed", type=_seed, default=0, help="acceptance draws (default 0)")
+    parser.add_argument("--acceptance", choices=ACCEPTANCE_MODELS, default="geometric",
                         help="the acceptance model the controller plans with (the truth is "
                         "the scenario's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from edge_controller.control.scenario import ScenarioError, load_scenario
     from edge_controller.simulator import simulate_scenario
 
     if not args.verbose:  # a re-solve a simulated second is not news here
         logging.getLogger("edge_controller.draft_control").setLevel(logging.WARNING)
+    # Progress on stderr when it is a terminal: the policy's run, then the oracle's.
+    bar = tqdm(total=2 * args.seconds, unit="sim s", disable=None, leave=False,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} simulated s")
+
+    def progress(run: str, now: float) -> None:
+        done = now + (args.seconds if run == "oracle" else 0.0)
+        if done - bar.n >= 1.0:
+            bar.update(done - bar.n)
+
     try:
         scenario = load_scenario(args.scenario)
         report = simulate_scenario(scenario, args.policy, args.seconds, args.seed,
-                                   args.acceptance)
+                                   args.acceptance, progress)
     except (ScenarioError, ValueError) as err:
         print(f"edge-controller simulate: {err}", file=sys.stderr)
         return 2
+    finally:
+        bar.close()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from edge_controller.config import ACCEPTANCE_MODELS
+
 if TYPE_CHECKING:
     from edge_controller.config import ControllerConfig
     from edge_controller.controller import EdgeController
@@ -34,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="draft control policy (overrides control.policy): fixed, "
                    "heterogeneous, homogeneous, threshold, agnostic, equal-best-L, fixed-L, "
                    "per-user-L")
-    p.add_argument("--acceptance", choices=("geometric", "curve"),
+    p.add_argument("--acceptance", choices=ACCEPTANCE_MODELS,
                    help="acceptance model the plans assume: one rate per device, or the "
                    "measured per-position curve (overrides control.acceptance)")
     p.add_argument("--scheduler", choices=("sync", "continuous"),

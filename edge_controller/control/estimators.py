@@ -44,6 +44,7 @@ class AcceptanceEstimate:
     depth: int = 16
     tried: np.ndarray = field(init=False, repr=False)
     accepted: np.ndarray = field(init=False, repr=False)
+    judged: int = 0  # draft positions tried in all, never forgotten: how much data exists
 
     def __post_init__(self) -> None:
         self.tried = np.zeros(self.depth)
@@ -53,6 +54,7 @@ class AcceptanceEstimate:
         self.tried *= self.forget
         self.accepted *= self.forget
         reached = min(accepted + 1, drafted, self.depth)  # positions tried this round
+        self.judged += min(accepted + 1, drafted)
         self.tried[:reached] += 1.0
         self.accepted[: min(accepted, self.depth)] += 1.0
         if drafted > self.depth:  # deeper positions pool into the last one

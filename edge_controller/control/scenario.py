@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from edge_controller.control.model import (
 )
 
 MAX_DRAFT_LEN_LIMIT = 64
+MAX_BITS = 1e12  # per token or message: a full 16-bit distribution over 49,152 tokens is 8e5
+MAX_DRIFTS = 1000
 USER_KEYS = ("draft_s_per_token", "acceptance", "spectral_efficiency", "delay_s")
 
 
@@ -57,9 +59,9 @@ class Drift:
 class Scenario:
     name: str
     system: SystemParams
-    users: UserParams
+    users: UserParams  # the truth at t = 0
     description: str = ""
-    drift: tuple[Drift, ...] = ()
+    drift: tuple[Drift, ...] = ()  # in time order
     rows: tuple[dict[str, Any], ...] = field(default=(), repr=False)  # users as parsed
 
     def change_times(self) -> list[float]:
@@ -69,15 +71,16 @@ class Scenario:
     def users_at(self, t: float) -> UserParams:
         """The users' true parameters at simulated time ``t`` (drifts at or before it)."""
         rows = [dict(row) for row in self.rows]
-        for drift in sorted(self.drift, key=lambda d: d.at_s):  # stable: file order on ties
-            if drift.at_s <= t:
-                for row in rows:
-                    if drift.user in ("*", row["name"]):
-                        row.update(drift.changes)
+        for drift in self.drift:  # in time order
+            if drift.at_s > t:
+                break
+            for row in rows:
+                if drift.user in ("*", row["name"]):
+                    row.update(drift.changes)
         return _users(rows, self.system)
 
 
-def _check_keys(table: dict[str, Any], where: str, required: set[str], optional: set[str]):
+def _check_keys(table: dict[str, Any], where: str, required: set[str], optional: set[str]) -> None:
     if not isinstance(table, dict):
         raise ScenarioError(f"{where}: expected a table, got {type(table).__name__}")
     unknown = set(table) - required - optional
@@ -101,6 +104,13 @@ def _positive(table: dict[str, Any], key: str, where: str, why: str) -> float:
     value = _number(table, key, where)
     if value == 0:
         raise ScenarioError(f"{where}.{key} is 0: {why}")
+    return value
+
+
+def _bits(table: dict[str, Any], key: str, where: str, default: float | None = None) -> float:
+    value = _number(table, key, where, default)
+    if value > MAX_BITS:
+        raise ScenarioError(f"{where}.{key} = {value:g} is absurd (at most {MAX_BITS:g} bits)")
     return value
 
 
@@ -131,8 +141,8 @@ def _system(table: Any) -> SystemParams:
         raise ScenarioError(f"{where}.max_draft_len must be in 0..{MAX_DRAFT_LEN_LIMIT}")
     return SystemParams(
         bandwidth_hz=_positive(table, "bandwidth_hz", where, "no share can carry an upload"),
-        bits_per_token=_number(table, "bits_per_token", where),
-        overhead_bits=_number(table, "overhead_bits", where, 0.0),
+        bits_per_token=_bits(table, "bits_per_token", where),
+        overhead_bits=_bits(table, "overhead_bits", where, 0.0),
         max_draft_len=max_len,
         verify_time=VerifyTime(
             _positive(verify, "base_s", f"{where}.verify_time", "a round cannot take no time"),
@@ -141,7 +151,7 @@ def _system(table: Any) -> SystemParams:
     )
 
 
-def _user_values(row: dict[str, Any], where: str, keys) -> dict[str, Any]:
+def _user_values(row: dict[str, Any], where: str, keys: tuple[str, ...]) -> dict[str, Any]:
     """The values of ``keys`` present in ``row``, validated."""
     values: dict[str, Any] = {}
     for key in keys:
@@ -174,6 +184,8 @@ def _users(rows: list[dict[str, Any]], system: SystemParams) -> UserParams:
 def _drift(entries: Any, names: list[str]) -> tuple[Drift, ...]:
     if not isinstance(entries, list):
         raise ScenarioError("[[drift]] must be an array of tables")
+    if len(entries) > MAX_DRIFTS:
+        raise ScenarioError(f"{len(entries)} [[drift]] entries: at most {MAX_DRIFTS}")
     drift = []
     for i, entry in enumerate(entries):
         where = f"drift[{i}]"
@@ -185,7 +197,7 @@ def _drift(entries: Any, names: list[str]) -> tuple[Drift, ...]:
         if not changes:
             raise ScenarioError(f"{where}: changes nothing; give new values of {USER_KEYS}")
         drift.append(Drift(_number(entry, "at_s", where), entry["user"], changes))
-    return tuple(drift)
+    return tuple(sorted(drift, key=lambda d: d.at_s))  # stable: file order at equal times
 
 
 def parse_scenario(data: dict[str, Any], name: str = "scenario") -> Scenario:
@@ -206,8 +218,9 @@ def parse_scenario(data: dict[str, Any], name: str = "scenario") -> Scenario:
             raise ScenarioError(f"{where}: duplicate user name")
         rows.append({"name": row["name"], "delay_s": 0.0, **_user_values(row, where, USER_KEYS)})
     drift = _drift(data.get("drift", []), [r["name"] for r in rows])
-    return Scenario(name, system, _users(rows, system), str(data.get("description", "")),
-                    drift, tuple(rows))
+    scenario = Scenario(name, system, _users(rows, system), str(data.get("description", "")),
+                        drift, tuple(rows))
+    return replace(scenario, users=scenario.users_at(0.0))  # drifts at 0 s included
 
 
 # Upload laws: greedy ids, sparse top-8 (id + probability), the full distribution.

@@ -149,47 +149,36 @@ def per_user_len(system: SystemParams, users: UserParams) -> Plan:
     return _equal_share_plan("per-user-L", system, users, np.argmax(own_rate, axis=0))
 
 
-_THRESHOLD_ITERATIONS = 8  # best responses <-> shares; it settles in 2-4 on our scenarios
-_THRESHOLD_EXACT_BUDGET = 2_000_000  # (L_max + 1) K^2 entries: responses with re-equalised shares
+_THRESHOLD_ITERATIONS = 8  # sweeps of responses; they settle in 2-4 on our scenarios
+_THRESHOLD_TURNS_MAX = 32  # devices from which all respond at once (K solves per sweep)
 
 
 def stopping_costs(
     system: SystemParams, users: UserParams, draft_len: np.ndarray, share: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(C_k, c_k): the round time C_k + c_k L while device k's own finish time is the
-    round's latest, others' lengths and everyone's shares held. C_k = d_k + b0 / r_k + T_v
-    of the others' tokens and its own bonus token; c_k = t_k + b / r_k + v1 (r_k = beta_k B
-    s_k)."""
-    rate = np.asarray(share) * system.bandwidth_hz * users.spectral_efficiency
-
-    def upload_s(bits) -> np.ndarray:  # 0 bits take no time even at rate 0 (0 / 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            seconds = np.asarray(bits) / rate
-        return np.where(np.isnan(seconds), 0.0, seconds)
-
-    verify = system.verify_time
+    round's latest, others' lengths and everyone's shares held: C_k = f_k(0) + T_v of the
+    others' tokens and its own bonus token = d_k + b0 / r_k + T_v(...), and
+    c_k = t_k + b / r_k + v1 (r_k = beta_k B s_k)."""
+    k = users.num_users
+    overhead = finish_time_s(system, users, np.zeros(k, dtype=int), share)  # d + b0 / r
+    per_bit_s = np.ones(k) / (share * system.bandwidth_hz * users.spectral_efficiency)
+    with np.errstate(invalid="ignore"):  # 0 bits at no share take no time (0 x inf)
+        per_token_upload = np.nan_to_num(system.bits_per_token * per_bit_s, nan=0.0,
+                                         posinf=np.inf)
     others = np.sum(np.asarray(draft_len) + 1) - (np.asarray(draft_len) + 1)
-    fixed = users.delay_s + upload_s(system.overhead_bits) + verify.of_tokens(others + 1)
-    per_token = users.draft_s_per_token + upload_s(system.bits_per_token) + verify.per_token_s
-    return np.asarray(fixed, dtype=float), np.asarray(per_token, dtype=float)
+    fixed = overhead + system.verify_time.of_tokens(others + 1)
+    per_token = users.draft_s_per_token + per_token_upload + system.verify_time.per_token_s
+    return fixed, per_token
 
 
 def own_round_times(
-    system: SystemParams, users: UserParams, draft_len: np.ndarray, share: np.ndarray | None
+    system: SystemParams, users: UserParams, draft_len: np.ndarray, share: np.ndarray
 ) -> np.ndarray:
-    """(M, K): T_k(L), the round time if device k drafted L and everyone else kept their
-    length. ``share`` None: the shares re-equalised for every such plan,
-    T_k(L) = tau*(L_-k, L) + T_v; else everyone keeps their share,
-    T_k(L) = max(tau_-k, f_k(L)) + T_v(others' tokens + L + 1), tau_-k the others' latest
-    finish time."""
+    """(M, K): T_k(L) = max(tau_-k, f_k(L)) + T_v(others' tokens + L + 1), the round time
+    if device k drafted L and everyone else kept their length and share; tau_-k is the
+    latest finish time of the others."""
     lengths = np.arange(system.max_draft_len + 1)[:, None]
-    if share is None:
-        m, k = lengths.size, users.num_users
-        plans = np.broadcast_to(np.asarray(draft_len), (m, k, k)).copy()  # [L, device, :]
-        plans[:, np.arange(k), np.arange(k)] = lengths
-        plans = plans.reshape(m * k, k)
-        round_s = equalised_finish_time_s(system, users, plans) + system.verify_time(plans)
-        return round_s.reshape(m, k)
     finish = finish_time_s(system, users, draft_len, share)
     if users.num_users > 1:
         top_two = np.sort(finish)[-2:]
@@ -201,6 +190,16 @@ def own_round_times(
     others_tokens = np.sum(np.asarray(draft_len) + 1) - (np.asarray(draft_len) + 1)
     verify_s = system.verify_time.of_tokens(others_tokens + lengths + 1)
     return np.maximum(own, others_latest) + verify_s
+
+
+def round_times_of_one(
+    system: SystemParams, users: UserParams, draft_len: np.ndarray, device: int
+) -> np.ndarray:
+    """(M,): the round time tau*(L_-k, L) + T_v with device k at L = 0..L_max, everyone
+    else at their length, the shares re-equalised for each such plan."""
+    plans = np.repeat(np.asarray(draft_len)[None], system.max_draft_len + 1, axis=0)
+    plans[:, device] = np.arange(system.max_draft_len + 1)
+    return equalised_finish_time_s(system, users, plans) + system.verify_time(plans)
 
 
 def stopping_lengths(tokens: np.ndarray, others_tokens: np.ndarray, round_s: np.ndarray):
@@ -243,34 +242,51 @@ def critical_delays(tokens: np.ndarray, others_tokens: np.ndarray, fixed_s: np.n
 def threshold(system: SystemParams, users: UserParams) -> Plan:
     """Every device stops drafting by its own optimal-stopping rule (seed 003's delay
     threshold, ``stopping_lengths``) given its delay, draft time and acceptance (a rate or
-    a curve), its band share, and the round it shares: the others' finish times, tokens
-    and verification load. All devices respond at once, shares re-equalise finish times,
-    repeat; the best plan seen is kept. Each response is scored with the shares
-    re-equalised for it (up to (L_max + 1) K^2 = 2M entries; beyond, with shares held).
-    It needs each device's own measurements and a few numbers about the round, where
-    ``heterogeneous`` solves all lengths jointly."""
+    a curve) and the round it shares: the others' finish times, tokens and verification
+    load. From each device's alone optimum, devices respond in turn, each seeing the
+    others' latest lengths, with the shares re-equalised for every candidate; a response
+    is kept when it raises the round's goodput, so sweeps climb and stop. From
+    ``_THRESHOLD_TURNS_MAX`` devices on, all respond at once, priced at equal shares,
+    while that raises the goodput. Each device needs only its own measurements and a few numbers
+    about the round; ``heterogeneous`` solves all lengths jointly (docs/system-model.md).
+    """
     tables = _Tables(system, users)
     k = users.num_users
-    # Start from each device alone with an equal share (A = 0, T = C + c L): starting from
-    # all-zero lengths, any one device's first token would stretch everyone's round and
-    # no single response would ever move.
+    # Start from each device alone with an equal share (A = 0, T = C + c L): from all-zero
+    # lengths, any one device's first token would stretch everyone's round, and no single
+    # response would ever move.
     fixed, per_token = stopping_costs(system, users, np.zeros(k, dtype=int), np.full(k, 1 / k))
     draft_len = stopping_lengths(tables.tokens, np.zeros(k), fixed + per_token * tables.lengths)
-    exact = tables.lengths.size * k * k <= _THRESHOLD_EXACT_BUDGET
-    best: Plan | None = None
+    best = _equalised_plan("threshold", system, users, draft_len)
     for _ in range(_THRESHOLD_ITERATIONS):
-        plan = _equalised_plan("threshold", system, users, draft_len)
-        if best is None or plan.goodput_tok_s > best.goodput_tok_s:
+        tokens = users.acceptance.expected_tokens(best.draft_len)
+        others = tokens.sum() - tokens
+        if k < _THRESHOLD_TURNS_MAX:
+            moved = False
+            for i in range(k):
+                round_s = round_times_of_one(system, users, best.draft_len, i)[:, None]
+                response = stopping_lengths(tables.tokens[:, i:i + 1], others[i:i + 1],
+                                            round_s)[0]
+                if response == best.draft_len[i]:
+                    continue
+                candidate = best.draft_len.copy()
+                candidate[i] = response
+                plan = _equalised_plan("threshold", system, users, candidate)
+                if plan.goodput_tok_s > best.goodput_tok_s:
+                    best, moved = plan, True
+                    tokens = users.acceptance.expected_tokens(best.draft_len)
+                    others = tokens.sum() - tokens
+            if not moved:
+                break
+        else:  # every device priced at an equal share (equalised ones price slack as band)
+            chosen = stopping_lengths(tables.tokens, others, own_round_times(
+                system, users, best.draft_len, np.full(k, 1.0 / k)))
+            if np.array_equal(chosen, best.draft_len):
+                break
+            plan = _equalised_plan("threshold", system, users, chosen)
+            if plan.goodput_tok_s <= best.goodput_tok_s:
+                break
             best = plan
-        tokens = users.acceptance.expected_tokens(draft_len)
-        # Shares held (many devices): one that sends nothing holds none, priced at 1 / K.
-        share = None if exact else np.where(plan.bandwidth_share > 0, plan.bandwidth_share,
-                                            1.0 / k)
-        chosen = stopping_lengths(tables.tokens, tokens.sum() - tokens,
-                                  own_round_times(system, users, draft_len, share))
-        if np.array_equal(chosen, draft_len):
-            break
-        draft_len = chosen
     return best
 
 

@@ -60,12 +60,18 @@ class Oracle:
 class Controlled:
     """The live DraftController on the simulated clock. It starts as in the field: the
     configured first length and equal shares, the verification law calibrated (here: the
-    true one), spectral efficiency and a first drafting speed from device telemetry."""
+    true one), spectral efficiency and a first drafting speed from device telemetry.
+
+    A plan made after round r's verification is one round late in the field: round r's
+    verdicts are answered before the re-solve, the new decisions travel with round r+1's
+    verdicts, and a device drafts by them from round r+2 (the pacer's rate changes during
+    r+1; here, with the length at r+2)."""
 
     def __init__(self, config: ControlConfig) -> None:
         self.config = config
         self.controller: DraftController | None = None
         self.ids: list[str] = []
+        self._sent: Decisions | None = None  # with the next verdicts: in force a round later
 
     def start(self, system: SystemParams, users: UserParams) -> Decisions:
         if np.ndim(system.bits_per_token) or np.ndim(system.overhead_bits):
@@ -100,7 +106,10 @@ class Controlled:
             accepted = int(record.accepted[i])
             controller.on_verdict(device, accepted, int(record.draft_len[i]), accepted + 1, now)
         controller.on_round(int(np.sum(record.draft_len + 1)), record.verify_s)
-        return self._decisions() if controller.maybe_resolve(now) else None
+        in_force, self._sent = self._sent, None
+        if controller.maybe_resolve(now):
+            self._sent = self._decisions()
+        return in_force
 
     def on_drift(self, now: float, users: UserParams) -> None:
         # Devices report their radio (and a bench speed, used only before the first

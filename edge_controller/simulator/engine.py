@@ -30,6 +30,7 @@ import numpy as np
 from edge_controller.control.model import SystemParams, UserParams
 
 DRAFTED, ARRIVED, VERIFIED, DRIFT = "drafted", "arrived", "verified", "drift"
+MAX_ROUNDS = 5_000_000  # every round lasts at least T_v's base: seconds / base_s bounds them
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,6 @@ class SimulationResult:
         return float(self.tokens.sum() / self.seconds)
 
 
-
 def _draw_accepted(
     users: UserParams, draft_len: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
@@ -141,7 +141,8 @@ class SyncSimulation:
         heapq.heappush(self._events, (t, self._seq, kind, device))
         self._seq += 1
 
-    def _accepted(self, users: UserParams, draft_len: np.ndarray, round_index: int):
+    def _accepted(self, users: UserParams, draft_len: np.ndarray,
+                  round_index: int) -> np.ndarray:
         if self.trace is None:
             return _draw_accepted(users, draft_len, self.rng)
         if (draft_len > self.trace.drafted).any():
@@ -150,10 +151,19 @@ class SyncSimulation:
         return np.array([min(int(runs[round_index % runs.size]), int(length))
                          for runs, length in zip(self.trace.runs, draft_len, strict=True)])
 
-    def run(self, seconds: float) -> SimulationResult:
-        """Simulate ``seconds`` of simulated time; tokens count when their verdict is out."""
+    def run(self, seconds: float,
+            progress: Callable[[float], None] | None = None) -> SimulationResult:
+        """Simulate ``seconds`` of simulated time; tokens count when their verdict is out.
+        ``progress(now)`` is called after every round."""
         if not 0 < seconds < np.inf:
             raise ValueError(f"simulated seconds must be finite and > 0, got {seconds}")
+        most = seconds / self.system.verify_time.base_s
+        if most > MAX_ROUNDS:
+            raise ValueError(
+                f"{seconds:g} simulated s of rounds as short as T_v's base "
+                f"({self.system.verify_time.base_s:g} s) could be {most:.3g} rounds, more than "
+                f"{MAX_ROUNDS:,}: simulate less time")
+        self._events.clear()  # a run starts from nothing: runs may repeat
         users = self.users_at(0.0)
         k = users.num_users
         if self.trace is not None and len(self.trace.runs) != k:
@@ -214,6 +224,8 @@ class SyncSimulation:
                 changed = self.decider.after_round(now, record)
                 pending = pending if changed is None else self._checked(changed, k)
                 begin_round(now)
+                if progress is not None:
+                    progress(now)
         return result
 
     def _checked(self, decisions: Decisions, k: int) -> Decisions:

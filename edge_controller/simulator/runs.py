@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import pairwise
 from typing import Any
@@ -35,7 +36,9 @@ def best_fixed_len(scenario: Scenario) -> int:
 def _decider(scenario: Scenario, policy: str, acceptance: str) -> tuple[Decider, dict]:
     if policy not in SIMULATED_POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {list(SIMULATED_POLICIES)}")
-    config = ControlConfig(policy=policy, acceptance=acceptance)
+    # The first rounds' configured length, within what the scenario allows.
+    config = ControlConfig(policy=policy, acceptance=acceptance,
+                           draft_len=min(ControlConfig.draft_len, scenario.system.max_draft_len))
     extra: dict[str, Any] = {}
     if policy == BEST_FIXED:
         extra["fixed_draft_len"] = best_fixed_len(scenario)
@@ -45,9 +48,10 @@ def _decider(scenario: Scenario, policy: str, acceptance: str) -> tuple[Decider,
     return Controlled(config), extra
 
 
-def _run(scenario: Scenario, decider: Decider, seconds: float, seed: int) -> SimulationResult:
+def _run(scenario: Scenario, decider: Decider, seconds: float, seed: int,
+         progress: Callable[[float], None] | None) -> SimulationResult:
     return SyncSimulation(scenario.system, scenario.users_at, decider,
-                          scenario.change_times(), seed).run(seconds)
+                          scenario.change_times(), seed).run(seconds, progress)
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -55,15 +59,19 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def simulate_scenario(scenario: Scenario, policy: str, seconds: float, seed: int = 0,
-                      acceptance: str = "geometric") -> dict[str, Any]:
+                      acceptance: str = "geometric",
+                      progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
     """Run ``policy`` (through the live DraftController, estimating everything) and the
     oracle on the scenario for ``seconds`` simulated seconds; the report of ``simulate
-    --json``. Raises ValueError on a policy or scenario it cannot run."""
+    --json``. ``progress(run, now)``: after every round of the run ("policy", "oracle").
+    Raises ValueError on a policy or scenario it cannot run."""
     if not 0 < seconds <= MAX_SECONDS:
         raise ValueError(f"simulated seconds must be in (0, {MAX_SECONDS:g}], got {seconds}")
     decider, extra = _decider(scenario, policy, acceptance)
-    ours = _run(scenario, decider, seconds, seed)
-    oracle = _run(scenario, Oracle(ORACLE_POLICY), seconds, seed)
+    ours = _run(scenario, decider, seconds, seed,
+                progress and (lambda now: progress("policy", now)))
+    oracle = _run(scenario, Oracle(ORACLE_POLICY), seconds, seed,
+                  progress and (lambda now: progress("oracle", now)))
     names = scenario.users.names
     bounds = [0.0, *[t for t in scenario.change_times() if t < seconds], seconds]
     phases = []

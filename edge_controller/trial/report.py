@@ -191,7 +191,8 @@ def plot_timeline(policy: str, timeline: Path, path: Path) -> None:
         axes[1].step([t for t, _ in rounds], [d["share"] or 0.0 for _, d in rounds],
                      where="post", label=device)
         plans = [(e["t"], e["estimates"][device]["acceptance"]) for e in events
-                 if "estimates" in e and device in e["estimates"]]
+                 if "estimates" in e and device in e["estimates"]
+                 and e["estimates"][device]["acceptance"] is not None]
         axes[2].plot([t for t, _ in plans], [a for _, a in plans], marker=".", label=device)
     for ax, label in zip(axes, ("draft length", "uplink share", "acceptance est."), strict=True):
         ax.set_ylabel(label)

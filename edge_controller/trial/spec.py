@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_controller.config import SCHEDULERS, checked_table
+from edge_controller.config import ACCEPTANCE_MODELS, SCHEDULERS, checked_table
 
 
 class TrialError(ValueError):
@@ -171,7 +171,8 @@ def validate(spec: TrialSpec) -> None:
          f"{_batch_tokens_problem(spec.batch_tokens)}"),
         (set(spec.policies) <= {"fixed", *POLICIES},
          f"policies must be among fixed, {', '.join(POLICIES)}"),
-        (spec.acceptance in ("geometric", "curve"), 'acceptance must be "geometric" or "curve"'),
+        (spec.acceptance in ACCEPTANCE_MODELS,
+         f"acceptance must be one of {', '.join(ACCEPTANCE_MODELS)}"),
         (spec.bandwidth_hz > 0, "bandwidth_hz must be > 0"),
         (spec.max_new_tokens >= 1 and spec.requests >= 1, "max_new_tokens and requests >= 1"),
         (spec.temperature >= 0, "temperature must be >= 0"),
