@@ -6,10 +6,10 @@ root), then:
 
 * live: the swept device's draft length in the trial's rounds once every estimate was
   measured (median and counts), with the controller's own delay estimate d_k;
-* predicted: the threshold rule on the parameters measured at 0 ms added (the first
-  trial's last plan: t_k, a_k, b0 + L b, T_v fit), with the delay set to each point's
-  measured d_k; and the critical delays at which that rule's L steps up (closed form,
-  checked on a 1 ms grid);
+* predicted: the threshold rule on the parameters measured at the point that judged the
+  most drafts (its trial's last plan: t_k, a_k, b0 + L b, T_v fit), with the delay set to
+  each point's measured d_k; and the critical delays at which that rule's L steps up
+  (closed form, checked on a 1 ms grid);
 * simulated: the same parameters as a scenario whose swept delay drifts through the
   points (40 simulated seconds each), run through the live DraftController in the
   simulator (edge_controller/simulator/); its L at the end of each step.
@@ -43,8 +43,9 @@ from edge_controller.control.scenario import parse_scenario  # noqa: E402
 from edge_controller.control.solvers import critical_delays, stopping_costs  # noqa: E402
 from edge_controller.draft_control import MODEL_INPUTS, problem_from_snapshot  # noqa: E402
 from edge_controller.simulator import Controlled, SyncSimulation  # noqa: E402
+from edge_controller.trial.report import write_report  # noqa: E402
 from edge_controller.trial.runner import run_trial  # noqa: E402
-from edge_controller.trial.spec import load_trial  # noqa: E402
+from edge_controller.trial.spec import TrialSpec, load_trial  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (backend first)
@@ -54,12 +55,15 @@ STEP_S = 40.0  # simulated seconds per delay point
 DESIGN_MAX_DELAY_S = 0.050  # above: seed 003's edge-cloud regime
 
 
-def live_point(spec, added_ms: float, out: Path) -> dict:
-    """One trial with the swept device's link delay raised by ``added_ms`` round trip."""
+def live_point(spec: TrialSpec, added_ms: float, out: Path, reuse: bool) -> dict:
+    """One trial with the swept device's link delay raised by ``added_ms`` round trip
+    (``reuse``: read the one already in ``out``)."""
     devices = tuple(dataclasses.replace(d, delay_ms=d.delay_ms + added_ms / 2)
                     if d.name == SWEPT else d for d in spec.devices)
     point = dataclasses.replace(spec, devices=devices, name=f"{spec.name}-{added_ms:g}ms")
-    entry = run_trial(point, out)["policies"]["threshold"]
+    if not reuse:
+        write_report(run_trial(point, out), out)
+    entry = json.loads((out / "report.json").read_text())["policies"]["threshold"]
     events = [json.loads(line) for line in
               (out / "threshold" / "timeline.jsonl").read_text().splitlines()]
     measured = [e for e in events if "estimates" in e and SWEPT in e["estimates"]
@@ -71,6 +75,9 @@ def live_point(spec, added_ms: float, out: Path) -> dict:
                for d in e["devices"] if d["device"] == SWEPT]
     last = measured[-1]
     return {"added_ms": added_ms, "measured_delay_s": last["estimates"][SWEPT]["delay_s"],
+            "judged": sum(min(d["accepted"] + 1, d["draft_len"]) for e in events
+                          if "devices" in e for d in e["devices"]
+                          if d["device"] == SWEPT and d.get("accepted") is not None),
             "live_median_L": statistics.median(lengths) if lengths else None,
             "live_L_counts": dict(sorted(Counter(lengths).items())),
             "estimates": last["estimates"], "verify_time": last["verify_time"],
@@ -103,7 +110,7 @@ def predicted_steps(base: dict, bandwidth_hz: float, max_delay_s: float) -> list
 
 def closed_form_delays(base: dict, bandwidth_hz: float) -> list[float]:
     """d_L of the swept device where it is the round's last finisher, shares and any
-    other device held as planned at the 0 ms point (``critical_delays``)."""
+    other device held as planned at the base point (``critical_delays``)."""
     system, users = base_problem(base, bandwidth_hz)
     plan = solve("threshold", system, users)
     k = users.names.index(SWEPT)
@@ -152,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out/threshold-sweep")
     parser.add_argument("--delays-ms", default="0,25,50,75,100,150,200",
                         help="added round-trip delays of the swept device (ms)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="analyse the trials already in --out instead of running them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = load_trial(args.trial)
     added = [float(x) for x in args.delays_ms.split(",")]
-    points = [live_point(spec, ms, args.out / f"{ms:g}ms") for ms in added]
-    base = points[0]
+    points = [live_point(spec, ms, args.out / f"{ms:g}ms", args.reuse) for ms in added]
+    # The model's inputs from the point that judged the most drafts: at a small delay the
+    # device drafts little or nothing, and its acceptance is hardly measured there.
+    base = max(points, key=lambda p: (p["judged"], p["added_ms"]))
     delays = [p["measured_delay_s"] for p in points]
     steps = predicted_steps(base, spec.bandwidth_hz, max(delays) * 1.1)
     simulated = simulated_lengths(base, spec.bandwidth_hz, delays)
@@ -174,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                            ("measured_tok_s", "predicted_tok_s", "simulated_tok_s"))
         print(f"| {point['added_ms']:g} | {d * 1e3:.0f}{regime} | {point['predicted_L']} | "
               f"{sim:g} | {point['live_median_L']} ({counts}) | {rates} |")
-    print("\npredicted steps of L (threshold rule on the 0 ms point's measurements):")
+    print(f"\npredicted steps of L (threshold rule on the {base['added_ms']:g} ms point's "
+          "measurements):")
     for step in steps:
         print(f"  d_k = {step['delay_s'] * 1e3:.0f} ms: L {step['from_L']} -> {step['to_L']}")
     closed = closed_form_delays(base, spec.bandwidth_hz)
