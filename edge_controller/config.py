@@ -82,8 +82,10 @@ class LimitsConfig:
 
 @dataclass
 class ControlConfig:
-    """Draft control. ``policy`` = "fixed" (``draft_len`` for all, unpaced uploads) or a
-    solver of edge_controller/control (heterogeneous, homogeneous, agnostic, ...)."""
+    """Draft control. ``policy`` = "fixed" (``draft_len`` for all, unpaced uploads), a
+    solver of edge_controller/control (heterogeneous, homogeneous, agnostic, ...), or an
+    online one (online, online-naive, online-discounted, online-contextual: a bandit over
+    draft lengths per device, control/bandit.py; synchronous rounds only)."""
 
     policy: str = "heterogeneous"
     draft_len: int = 4  # fixed and fixed-L policies, and every device's first rounds
@@ -96,6 +98,9 @@ class ControlConfig:
     resolve_interval_s: float = 1.0  # re-solve at most this often...
     resolve_threshold: float = 0.1  # ...and only when an estimate moved by this fraction
     verify_time_file: str = ""  # T_v fit of scripts/bench_verify.py --sweep; "" = calibrate
+    online_exploration: float = 0.3  # online*: c of the bandits' confidence bonus
+    online_discount: float = 0.99  # online-discounted: each round keeps this of the past
+    online_delay_buckets_ms: tuple[float, ...] = (25.0, 50.0, 100.0)  # online-contextual
 
 
 @dataclass
@@ -150,15 +155,26 @@ class ControllerConfig:
              "control.bits_per_token must be > 0 and control.overhead_bits >= 0"),
             (self.control.resolve_interval_s >= 0 and self.control.resolve_threshold >= 0,
              "control.resolve_interval_s and resolve_threshold must be >= 0"),
+            (0 <= self.control.online_exploration <= 100,
+             "control.online_exploration must be in 0..100"),
+            (0 < self.control.online_discount <= 1, "control.online_discount must be in (0, 1]"),
+            (len(self.control.online_delay_buckets_ms) <= 16
+             and list(self.control.online_delay_buckets_ms)
+             == sorted(set(self.control.online_delay_buckets_ms))
+             and all(0 < b < 1e5 for b in self.control.online_delay_buckets_ms),
+             "control.online_delay_buckets_ms: at most 16 ascending delays in (0, 1e5) ms"),
+            (not self.control.policy.startswith("online") or self.server.scheduler == "sync",
+             "the online policies learn from synchronous rounds: server.scheduler = \"sync\""),
         ]
         require(checks)
         return self
 
 
 def _policies() -> list[str]:
+    from edge_controller.control.bandit import ONLINE_POLICIES
     from edge_controller.control.solvers import POLICIES
 
-    return ["fixed", *POLICIES]
+    return ["fixed", *POLICIES, *ONLINE_POLICIES]
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerConfig:

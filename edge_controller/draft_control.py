@@ -37,7 +37,14 @@ from edge_controller.control import (
     SystemParams,
     UserParams,
     VerifyTime,
+    evaluate,
     solve,
+)
+from edge_controller.control.bandit import (
+    ONLINE_POLICIES,
+    LengthBandit,
+    delay_bucket,
+    round_credit,
 )
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
 from edge_controller.control.solvers import WARM_STARTED
@@ -66,6 +73,10 @@ class DeviceEstimates:
     tokens_per_round: RunningMean = field(default_factory=RunningMean)
     round_period_s: RunningMean = field(default_factory=RunningMean)
     last_verdict_at: float | None = None
+    # the last draft: its arrival after the verdict before it, drafting time, and the time
+    # its per-token bits took at the paced rate (online policies' round credit)
+    last_draft: tuple[float, float, float] | None = None
+    bandits: dict[int, LengthBandit] = field(default_factory=dict)  # online*: per bucket
 
     @property
     def goodput_tok_s(self) -> float:
@@ -97,6 +108,7 @@ class DraftController:
         self._last_plan: tuple[list[str], Plan] | None = None  # warm start of the next solve
         self._membership_changed = True
         self._last_solve = -np.inf
+        self._round_tokens = self._round_seconds = 0.0  # online*: the rounds' goodput
 
     # ---- observations ----------------------------------------------------------------
     def join(self, device_id: str) -> Decision:
@@ -144,6 +156,8 @@ class DraftController:
         rate = self.decisions[device_id].uplink_rate_bps
         upload_s = 8 * frame_bytes / rate if rate > 0 else 0.0
         est.delay_s.update(max(gap_s - draft_s - upload_s, 0.0))
+        _, per_token_bits = est.upload_law(self.config.overhead_bits, self.config.bits_per_token)
+        est.last_draft = (gap_s, draft_s, draft_len * per_token_bits / rate if rate > 0 else 0.0)
 
     def on_verdict(self, device_id: str, accepted: int, drafted: int, committed: int,
                    now: float) -> None:
@@ -226,9 +240,16 @@ class DraftController:
             warm = (self._last_plan[1] if self._last_plan and self._last_plan[0] == ids
                     and self.config.policy in WARM_STARTED else None)
             started = time.perf_counter()
-            options = ({"fixed_draft_len": self.config.draft_len}
-                       if self.config.policy == "fixed-L" else {})
-            plan = solve(self.config.policy, *problem, warm=warm, **options)
+            if self.config.policy in ONLINE_POLICIES:
+                # Lengths learnt, equal shares: a round's credit needs each device's own
+                # finish time, which shares equalising finish times would hide.
+                lengths = np.array([self.decisions[d].draft_len for d in ids])
+                plan = evaluate(self.config.policy, *problem, lengths, np.full(len(ids),
+                                                                              1 / len(ids)))
+            else:
+                options = ({"fixed_draft_len": self.config.draft_len}
+                           if self.config.policy == "fixed-L" else {})
+                plan = solve(self.config.policy, *problem, warm=warm, **options)
             solve_s = time.perf_counter() - started
             if not (np.isfinite(plan.bandwidth_share).all() and np.isfinite(plan.goodput_tok_s)):
                 raise ValueError("the solver returned a plan with non-finite numbers")
@@ -254,6 +275,54 @@ class DraftController:
                      f"{d}: L={self.decisions[d].draft_len} "
                      f"share={self.decisions[d].bandwidth_share:.2f}" for d in ids))
         return changed
+
+    def on_round_result(self, played: dict[str, tuple[int, int]],
+                        round_s: float) -> dict[str, Decision]:
+        """Online policies, after a synchronous round of ``round_s`` seconds (verdicts to
+        verdicts): ``played`` maps each member to (its draft length, tokens committed).
+        Each member's bandit (for its delay bucket) is credited (control/bandit.py) and
+        picks its next length. Returns the decisions that changed; the shares follow at
+        the next re-solve."""
+        if self.config.policy not in ONLINE_POLICIES or round_s <= 0:
+            return {}
+        members = [d for d in played if d in self.devices and d in self.active
+                   and self.devices[d].last_draft is not None]
+        if not members:
+            return {}
+        lengths = np.array([played[d][0] for d in members])
+        tokens = np.array([played[d][1] for d in members], dtype=float)
+        self._round_tokens = 0.98 * self._round_tokens + tokens.sum()
+        self._round_seconds = 0.98 * self._round_seconds + round_s
+        if self.config.policy == "online-naive":
+            rewards = tokens / round_s
+        else:
+            gap, draft_s, upload_s = np.array([self.devices[d].last_draft for d in members]).T
+            _, per_token_s = (self.verify_time.coefficients() if self.verify_time.ready
+                              else (0.0, 0.0))
+            rewards = round_credit(tokens, gap, gap - draft_s - upload_s, lengths,
+                                   self._round_tokens / self._round_seconds, per_token_s)
+        changed = {}
+        for device_id, length, reward in zip(members, lengths, rewards, strict=True):
+            bandit = self._bandit(device_id)
+            bandit.update(int(length), float(reward))
+            decision = self.decisions[device_id]
+            choice = bandit.choose()
+            if choice != decision.draft_len:
+                self.decisions[device_id] = changed[device_id] = Decision(
+                    choice, decision.bandwidth_share, decision.uplink_rate_bps)
+        return changed
+
+    def _bandit(self, device_id: str) -> LengthBandit:
+        est, config = self.devices[device_id], self.config
+        edges = tuple(ms / 1e3 for ms in config.online_delay_buckets_ms)
+        bucket = (delay_bucket(est.delay_s.value, edges)
+                  if config.policy == "online-contextual" else 0)
+        if bucket not in est.bandits:
+            est.bandits[bucket] = LengthBandit(
+                config.max_draft_len + 1, min(config.draft_len, config.max_draft_len),
+                config.online_exploration,
+                config.online_discount if config.policy == "online-discounted" else 1.0)
+        return est.bandits[bucket]
 
     def _initial_decision(self, device_id: str) -> Decision:
         if self.config.policy == FIXED_POLICY:

@@ -11,6 +11,7 @@ from edge_controller.cli.plan import POLICY_NAMES
 from edge_controller.config import ACCEPTANCE_MODELS
 
 BEST_FIXED = "best-fixed-L"  # edge_controller.simulator.runs (not imported: --help stays fast)
+ONLINE_POLICY_NAMES = ("online", "online-naive", "online-discounted", "online-contextual")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "phase. docs/simulator.md.",
     )
     parser.add_argument("scenario", help="scenario TOML file (see configs/scenarios/)")
-    parser.add_argument("--policy", choices=(*POLICY_NAMES, BEST_FIXED), default="heterogeneous")
+    parser.add_argument("--policy", choices=(*POLICY_NAMES, *ONLINE_POLICY_NAMES, BEST_FIXED),
+                        default="heterogeneous")
     parser.add_argument("--seconds", type=float, default=60.0, metavar="T",
                         help="simulated seconds (default 60)")
     parser.add_argument("--seed", type=_seed, default=0, help="acceptance draws (default 0)")

@@ -106,8 +106,11 @@ class Controlled:
             accepted = int(record.accepted[i])
             controller.on_verdict(device, accepted, int(record.draft_len[i]), accepted + 1, now)
         controller.on_round(int(np.sum(record.draft_len + 1)), record.verify_s)
+        learnt = controller.on_round_result(
+            {device: (int(record.draft_len[i]), int(record.accepted[i]) + 1)
+             for i, device in enumerate(self.ids)}, now - record.started)
         in_force, self._sent = self._sent, None
-        if controller.maybe_resolve(now):
+        if controller.maybe_resolve(now) or learnt:
             self._sent = self._decisions()
         return in_force
 

@@ -11,12 +11,13 @@ import numpy as np
 
 from edge_controller.config import ControlConfig
 from edge_controller.control import POLICIES, Plan, SystemParams, UserParams, solve
+from edge_controller.control.bandit import ONLINE_POLICIES
 from edge_controller.control.scenario import Scenario
 from edge_controller.simulator.deciders import Controlled, FixedPlan, Oracle
 from edge_controller.simulator.engine import Decider, SimulationResult, SyncSimulation
 
 BEST_FIXED = "best-fixed-L"  # fixed-L with the L tuned on the scenario's first phase
-SIMULATED_POLICIES = (*POLICIES, BEST_FIXED)
+SIMULATED_POLICIES = (*POLICIES, *ONLINE_POLICIES, BEST_FIXED)
 ORACLE_POLICY = "heterogeneous"  # within 0.1% of brute force (docs/benchmarks.md)
 MAX_REPORTED_CHANGES = 500
 MAX_SECONDS = 86_400.0  # a simulated day: minutes of real time for a handful of devices
@@ -43,8 +44,8 @@ def _decider(scenario: Scenario, policy: str, acceptance: str) -> tuple[Decider,
     if policy == BEST_FIXED:
         extra["fixed_draft_len"] = best_fixed_len(scenario)
         config = replace(config, policy="fixed-L", draft_len=extra["fixed_draft_len"])
-    else:  # fail here, with the solver's words, on what it cannot solve at all
-        solve(policy, scenario.system, scenario.users_at(0.0))
+    elif policy not in ONLINE_POLICIES:  # fail here, with the solver's words, on what it
+        solve(policy, scenario.system, scenario.users_at(0.0))  # cannot solve at all
     return Controlled(config), extra
 
 
