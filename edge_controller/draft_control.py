@@ -283,7 +283,8 @@ class DraftController:
         Each member's bandit (for its delay bucket) is credited (control/bandit.py) and
         picks its next length. Returns the decisions that changed; the shares follow at
         the next re-solve."""
-        if self.config.policy not in ONLINE_POLICIES or round_s <= 0:
+        # A "round" longer than a few deadlines spans an idle gap between requests.
+        if self.config.policy not in ONLINE_POLICIES or not 0 < round_s <= 4 * self.max_delay_s:
             return {}
         members = [d for d in played if d in self.devices and d in self.active
                    and self.devices[d].last_draft is not None]
