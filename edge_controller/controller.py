@@ -113,7 +113,6 @@ class EdgeController:
         self.transport = transport or Transport.from_config(config)
         self.endpoint: str | None = None  # the bound address, once serving
         self.rounds_run = 0
-        self._answered_at: float | None = None  # the last round's verdicts (online control)
         self.largest_batch = 0
         self._timeline = None  # open file of server.timeline while serving
         self._warnings = PeerLog(log)
@@ -328,7 +327,7 @@ class EdgeController:
             except Exception as exc:
                 self._warnings(session.device_id, "answering failed: %r", exc, exc_info=True)
                 self._fail(session, "internal", f"controller error: {type(exc).__name__}")
-        self._learn_lengths(batch, items, committed)
+        self._learn_lengths(round_, items, committed)
         decisions = self.draft_control.decisions
         self._record(verify_s=forward.seconds, started=round(forward.started - self._started, 4),
                      devices=[
@@ -417,19 +416,21 @@ class EdgeController:
         session.drafted_at = now = time.monotonic()
         self.scheduler.on_draft(session, now)
 
-    def _learn_lengths(self, batch: list[Session], items: list, committed: dict[str, int]) -> None:
-        """Online policies: the round from the last round's verdicts to these credits each
-        member's length (draft_control.on_round_result); new lengths are pushed."""
-        now, last = time.monotonic(), self._answered_at
-        self._answered_at = now
-        if last is None or not committed:
-            return
-        played = {s.device_id: (len(i.draft_tokens), committed[s.device_id])
-                  for s, i in zip(batch, items, strict=True) if s.device_id in committed}
+    def _learn_lengths(self, round_: _Round, items: list, committed: dict[str, int]) -> None:
+        """Online policies: credit each member's length with this round (arrivals from the
+        members' previous verdicts to these; draft_control.on_round_result). New lengths
+        go with the next verdicts, as the device takes its length from each verdict."""
+        played = {s.device_id: (len(i.draft_tokens), committed[s.device_id], drafted_at)
+                  for s, i, drafted_at in zip(round_.batch, items, round_.drafted_at,
+                                              strict=True) if s.device_id in committed}
         try:
-            self._push_decisions(self.draft_control.on_round_result(played, now - last))
+            changed = self.draft_control.on_round_result(played, time.monotonic())
         except Exception as exc:  # learning is worth less than the round: keep serving
             self._warnings("draft control", "online update failed: %r", exc, exc_info=True)
+            return
+        for device_id, decision in changed.items():
+            log.debug("online: %s drafts %d next", device_id, decision.draft_len)
+            self._show(device_id)
 
     def _answer(self, session: Session, outcome: VerifyOutcome) -> int:
         """Commit a verified draft, send the verdict; return how many tokens it committed."""

@@ -73,9 +73,10 @@ class DeviceEstimates:
     tokens_per_round: RunningMean = field(default_factory=RunningMean)
     round_period_s: RunningMean = field(default_factory=RunningMean)
     last_verdict_at: float | None = None
-    # the last draft: its arrival after the verdict before it, drafting time, and the time
-    # its per-token bits took at the paced rate (online policies' round credit)
-    last_draft: tuple[float, float, float] | None = None
+    prev_verdict_at: float | None = None  # the one before: when this round began for it
+    # the last draft's reported drafting time and the time its per-token bits took at the
+    # paced rate (online policies' round credit)
+    last_draft: tuple[float, float] | None = None
     bandits: dict[int, LengthBandit] = field(default_factory=dict)  # online*: per bucket
 
     @property
@@ -157,7 +158,7 @@ class DraftController:
         upload_s = 8 * frame_bytes / rate if rate > 0 else 0.0
         est.delay_s.update(max(gap_s - draft_s - upload_s, 0.0))
         _, per_token_bits = est.upload_law(self.config.overhead_bits, self.config.bits_per_token)
-        est.last_draft = (gap_s, draft_s, draft_len * per_token_bits / rate if rate > 0 else 0.0)
+        est.last_draft = (draft_s, draft_len * per_token_bits / rate if rate > 0 else 0.0)
 
     def on_verdict(self, device_id: str, accepted: int, drafted: int, committed: int,
                    now: float) -> None:
@@ -166,12 +167,13 @@ class DraftController:
         est.tokens_per_round.update(committed)
         if est.last_verdict_at is not None:
             est.round_period_s.update(now - est.last_verdict_at)
-        est.last_verdict_at = now
+        est.prev_verdict_at, est.last_verdict_at = est.last_verdict_at, now
 
     def on_request_end(self, device_id: str) -> None:
         """The device leaves the rounds; idle time between requests is not a round period."""
         if device_id in self.devices:
-            self.devices[device_id].last_verdict_at = None
+            est = self.devices[device_id]
+            est.last_verdict_at = est.prev_verdict_at = est.last_draft = None
         if device_id in self.active:
             self.active.discard(device_id)
             self._membership_changed = True
@@ -276,34 +278,47 @@ class DraftController:
                      f"share={self.decisions[d].bandwidth_share:.2f}" for d in ids))
         return changed
 
-    def on_round_result(self, played: dict[str, tuple[int, int]],
-                        round_s: float) -> dict[str, Decision]:
-        """Online policies, after a synchronous round of ``round_s`` seconds (verdicts to
-        verdicts): ``played`` maps each member to (its draft length, tokens committed).
-        Each member's bandit (for its delay bucket) is credited (control/bandit.py) and
-        picks its next length. Returns the decisions that changed; the shares follow at
-        the next re-solve."""
-        # A "round" longer than a few deadlines spans an idle gap between requests.
-        if self.config.policy not in ONLINE_POLICIES or not 0 < round_s <= 4 * self.max_delay_s:
+    def on_round_result(self, played: dict[str, tuple[int, int, float]],
+                        now: float) -> dict[str, Decision]:
+        """Online policies, after a synchronous round whose verdicts went out at ``now``:
+        ``played`` maps every draft the round verified to (its length, tokens committed,
+        its arrival, on ``now``'s clock). The round began at the members' previous
+        verdicts; each member that was in the round before it (not on a request's first
+        draft, nor done) has its bandit credited (control/bandit.py) and its next length
+        chosen. Returns the decisions that changed: they go with the next verdicts."""
+        if self.config.policy not in ONLINE_POLICIES:
             return {}
-        members = [d for d in played if d in self.devices and d in self.active
-                   and self.devices[d].last_draft is not None]
-        if not members:
+        credited = [d for d in played if d in self.active and d in self.devices
+                    and self.devices[d].prev_verdict_at is not None
+                    and self.devices[d].last_draft is not None]
+        if not credited:
             return {}
-        lengths = np.array([played[d][0] for d in members])
-        tokens = np.array([played[d][1] for d in members], dtype=float)
+        start = max(self.devices[d].prev_verdict_at for d in credited)
+        round_s = now - start
+        if round_s <= 0:
+            return {}
+        ids = list(played)
+        lengths = np.array([played[d][0] for d in ids])
+        tokens = np.array([played[d][1] for d in ids], dtype=float)
+        arrived = np.maximum(np.array([played[d][2] for d in ids]) - start, 0.0)
         self._round_tokens = 0.98 * self._round_tokens + tokens.sum()
         self._round_seconds = 0.98 * self._round_seconds + round_s
         if self.config.policy == "online-naive":
             rewards = tokens / round_s
         else:
-            gap, draft_s, upload_s = np.array([self.devices[d].last_draft for d in members]).T
+            # Nothing drafted, a draft arrives its drafting and per-token upload time sooner;
+            # a claimed drafting time beyond the arrival is clamped (only its own credit).
+            draft_s, upload_s = np.array([self.devices[d].last_draft or (0.0, 0.0)
+                                          for d in ids]).T
+            free = np.maximum(arrived - np.minimum(draft_s, arrived) - upload_s, 0.0)
             _, per_token_s = (self.verify_time.coefficients() if self.verify_time.ready
                               else (0.0, 0.0))
-            rewards = round_credit(tokens, gap, gap - draft_s - upload_s, lengths,
+            rewards = round_credit(tokens, arrived, free, lengths,
                                    self._round_tokens / self._round_seconds, per_token_s)
         changed = {}
-        for device_id, length, reward in zip(members, lengths, rewards, strict=True):
+        for device_id, length, reward in zip(ids, lengths, rewards, strict=True):
+            if device_id not in credited:
+                continue
             bandit = self._bandit(device_id)
             bandit.update(int(length), float(reward))
             decision = self.decisions[device_id]

@@ -107,8 +107,8 @@ class Controlled:
             controller.on_verdict(device, accepted, int(record.draft_len[i]), accepted + 1, now)
         controller.on_round(int(np.sum(record.draft_len + 1)), record.verify_s)
         learnt = controller.on_round_result(
-            {device: (int(record.draft_len[i]), int(record.accepted[i]) + 1)
-             for i, device in enumerate(self.ids)}, now - record.started)
+            {device: (int(record.draft_len[i]), int(record.accepted[i]) + 1,
+                      float(record.arrived[i])) for i, device in enumerate(self.ids)}, now)
         in_force, self._sent = self._sent, None
         if controller.maybe_resolve(now) or learnt:
             self._sent = self._decisions()
