@@ -38,8 +38,12 @@ def wait_for(text: str, path: Path, after: int = 0, timeout_s: float = 120.0) ->
 
 
 def agent(spec: AgentSpec, endpoint: str, keys) -> subprocess.Popen:
+    # SIGINT at its default in the agent, whatever this run inherited: a suite started in
+    # the background of a script ignores SIGINT, and Python then never raises
+    # KeyboardInterrupt (the Ctrl-C test would see a finished request instead).
     return subprocess.Popen(spec.command(endpoint, keys), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def interrupted(tmp_path: Path, keys, spec: AgentSpec, stop: str) -> tuple[dict, str, Path]:
