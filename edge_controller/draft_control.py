@@ -308,8 +308,9 @@ class DraftController:
         else:
             # Nothing drafted, a draft arrives its drafting and per-token upload time sooner;
             # a claimed drafting time beyond the arrival is clamped (only its own credit).
-            draft_s, upload_s = np.array([self.devices[d].last_draft or (0.0, 0.0)
-                                          for d in ids]).T
+            draft_s, upload_s = np.array([
+                (self.devices[d].last_draft if d in self.devices else None) or (0.0, 0.0)
+                for d in ids]).T
             free = np.maximum(arrived - np.minimum(draft_s, arrived) - upload_s, 0.0)
             _, per_token_s = (self.verify_time.coefficients() if self.verify_time.ready
                               else (0.0, 0.0))
