@@ -53,6 +53,10 @@ class ControllerMetrics:
                            "power_total_mw, temperature_max_c)", d + ["figure"], registry=r)
         self.plan_goodput = Gauge(f"{PREFIX}_plan_goodput_tok_s",
                                   "sum goodput the current plan predicts", registry=r)
+        self.online_plays = Gauge(f"{PREFIX}_device_online_plays", "online policies: rounds "
+                                  "each draft length was played (discounted, all delay "
+                                  "buckets)", d + ["draft_len"], registry=r)
+        self._online_arms: dict[str, set[str]] = {}  # labels set, to remove them
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
@@ -71,6 +75,11 @@ class ControllerMetrics:
         self.share.labels(device_id).set(decision.bandwidth_share)
         self.draft_s.labels(device_id).set(estimates.draft_s_per_token.value or 0.0)
         self.delay.labels(device_id).set(estimates.delay_s.value or 0.0)
+        if estimates.bandits:
+            plays = sum(bandit.plays for bandit in estimates.bandits.values())
+            for arm in map(int, plays.nonzero()[0]):
+                self.online_plays.labels(device_id, str(arm)).set(float(plays[arm]))
+                self._online_arms.setdefault(device_id, set()).add(str(arm))
 
     def forget_device(self, device_id: str) -> None:
         for gauge in (self.goodput, self.acceptance, self.draft_len, self.share, self.draft_s,
@@ -80,3 +89,5 @@ class ControllerMetrics:
         for figure in (*BOARD_FIGURES, "temperature_max_c"):
             with contextlib.suppress(KeyError):
                 self.board.remove(device_id, figure)
+        for arm in self._online_arms.pop(device_id, ()):
+            self.online_plays.remove(device_id, arm)

@@ -3,6 +3,9 @@
 from prometheus_client import generate_latest
 
 from edge_controller.cli.status import render
+from edge_controller.control.bandit import LengthBandit
+from edge_controller.control.estimators import AcceptanceEstimate
+from edge_controller.draft_control import Decision, DeviceEstimates
 from edge_controller.metrics import ControllerMetrics
 
 
@@ -31,3 +34,16 @@ def test_forgotten_device_leaves_the_table():
     metrics.draft_len.labels("gone").set(3)
     metrics.forget_device("gone")
     assert "gone" not in render(generate_latest(metrics.registry).decode())
+
+
+def test_online_policies_show_how_often_each_length_was_played():
+    estimates = DeviceEstimates(3.0, AcceptanceEstimate())
+    estimates.bandits[0] = LengthBandit(arms=17, first=4)
+    for arm in (4, 4, 4, 5, 3):
+        estimates.bandits[0].update(arm, 1.0)
+    metrics = ControllerMetrics()
+    metrics.show_device("orin", estimates, Decision(4, 0.5, 1e6))
+    table = render(generate_latest(metrics.registry).decode())
+    assert "online: rounds per draft length" in table and "3x1 4x3 5x1" in table
+    metrics.forget_device("orin")
+    assert "orin" not in render(generate_latest(metrics.registry).decode())

@@ -45,11 +45,14 @@ def render(text: str) -> str:
     from prometheus_client.parser import text_string_to_metric_families
 
     devices: dict[str, dict[str, float]] = defaultdict(dict)
+    arms: dict[str, dict[int, float]] = defaultdict(dict)  # online policies' plays
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name = sample.name.removeprefix("multispin_")
-            if "device" in sample.labels:
+            if name == "device_online_plays":
+                arms[sample.labels["device"]][int(sample.labels["draft_len"])] = sample.value
+            elif "device" in sample.labels:
                 devices[sample.labels["device"]][name.removeprefix("device_")] = sample.value
             else:
                 totals[name] = sample.value
@@ -62,4 +65,9 @@ def render(text: str) -> str:
         lines.append(f"{device:<20} " + " ".join(cells))
     lines.append(f"{len(devices)} devices, {totals.get('round_seconds_count', 0):.0f} rounds, "
                  f"plan predicts {totals.get('plan_goodput_tok_s', 0):.2f} tok/s")
+    if arms:
+        lines.append("online: rounds per draft length (L x rounds)")
+        lines += [f"  {device:<20} " + " ".join(f"{arm}x{n:.0f}" for arm, n in
+                                                 sorted(arms[device].items()))
+                  for device in sorted(arms)]
     return "\n".join(lines)
