@@ -37,7 +37,6 @@ from edge_controller.control import (
     SystemParams,
     UserParams,
     VerifyTime,
-    evaluate,
     solve,
 )
 from edge_controller.control.bandit import (
@@ -47,7 +46,7 @@ from edge_controller.control.bandit import (
     round_credit,
 )
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
-from edge_controller.control.solvers import WARM_STARTED
+from edge_controller.control.solvers import WARM_STARTED, equal_share_plan
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
 log = logging.getLogger(__name__)
@@ -246,8 +245,7 @@ class DraftController:
                 # Lengths learnt, equal shares: a round's credit needs each device's own
                 # finish time, which shares equalising finish times would hide.
                 lengths = np.array([self.decisions[d].draft_len for d in ids])
-                plan = evaluate(self.config.policy, *problem, lengths, np.full(len(ids),
-                                                                              1 / len(ids)))
+                plan = equal_share_plan(self.config.policy, *problem, lengths)
             else:
                 options = ({"fixed_draft_len": self.config.draft_len}
                            if self.config.policy == "fixed-L" else {})

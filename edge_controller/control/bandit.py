@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_controller.control.model import latest_of_others
+
 # Policies that learn lengths online (DraftController): the round-credit bandit; the naive
 # per-round ratio; discounted for drift; one bandit per delay bucket (contextual).
 ONLINE_POLICIES = ("online", "online-naive", "online-discounted", "online-contextual")
@@ -80,12 +82,7 @@ def round_credit(tokens: np.ndarray, arrived_s: np.ndarray, free_arrival_s: np.n
     """(K,) r_k = N_k - G dT_k for one synchronous round (module docstring); arrival
     times since the round began, ``free_arrival_s`` with nothing drafted."""
     arrived = np.asarray(arrived_s, dtype=float)
-    k = arrived.size
-    if k > 1:
-        top_two = np.sort(arrived)[-2:]
-        others = np.where(arrived == top_two[1], top_two[0], top_two[1])
-    else:
-        others = np.full(1, -np.inf)
+    others = latest_of_others(arrived)
     stretch = np.maximum(others, arrived) - np.maximum(others, free_arrival_s)
     cost = np.maximum(stretch, 0.0) + verify_per_token_s * np.asarray(draft_len)
     return np.asarray(tokens, dtype=float) - goodput_tok_s * cost

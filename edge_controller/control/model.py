@@ -195,6 +195,15 @@ class Plan:
     round_time_s: float  # T = max_k f_k + T_v
 
 
+def latest_of_others(times: np.ndarray) -> np.ndarray:
+    """(K,) for each device, the latest of the other devices' times (-inf for one device)."""
+    times = np.asarray(times, dtype=float)
+    if times.size < 2:
+        return np.full(times.size, -np.inf)
+    second, first = np.sort(times)[-2:]
+    return np.where(times == first, second, first)
+
+
 def compute_time_s(system: SystemParams, users: UserParams, draft_len: np.ndarray) -> np.ndarray:
     """c_k = L_k t_k + d_k: the part of f_k that bandwidth cannot shorten."""
     return np.asarray(draft_len) * users.draft_s_per_token + users.delay_s

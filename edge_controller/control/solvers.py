@@ -28,6 +28,7 @@ from edge_controller.control.model import (
     equalised_goodput,
     evaluate,
     finish_time_s,
+    latest_of_others,
     shares_for_finish_time,
     upload_s_full_band,
 )
@@ -73,9 +74,10 @@ def _equalised_plan(
     return evaluate(policy, system, users, draft_len, share)
 
 
-def _equal_share_plan(
+def equal_share_plan(
     policy: str, system: SystemParams, users: UserParams, draft_len: np.ndarray
 ) -> Plan:
+    """Plan with an equal share of the band for each device and the given lengths."""
     share = np.full(users.num_users, 1.0 / users.num_users)
     return evaluate(policy, system, users, draft_len, share)
 
@@ -108,7 +110,7 @@ def equal_best_len(system: SystemParams, users: UserParams) -> Plan:
     round_time = finish_time_s(system, users, lengths, 1.0 / k).max(axis=-1)
     round_time = round_time + system.verify_time(lengths)
     goodput = users.acceptance.expected_tokens(lengths).sum(axis=-1) / round_time
-    return _equal_share_plan("equal-best-L", system, users, lengths[int(np.argmax(goodput))])
+    return equal_share_plan("equal-best-L", system, users, lengths[int(np.argmax(goodput))])
 
 
 def agnostic(system: SystemParams, users: UserParams) -> Plan:
@@ -120,7 +122,7 @@ def agnostic(system: SystemParams, users: UserParams) -> Plan:
     round_time = round_time + system.verify_time(np.broadcast_to(lengths, (lengths.size, k)))
     goodput = k * average.acceptance.expected_tokens(lengths)[:, 0] / round_time
     draft_len = np.full(k, int(np.argmax(goodput)))
-    return _equal_share_plan("agnostic", system, users, draft_len)
+    return equal_share_plan("agnostic", system, users, draft_len)
 
 
 def fixed_len(system: SystemParams, users: UserParams, fixed_draft_len: int | None = None) -> Plan:
@@ -131,7 +133,7 @@ def fixed_len(system: SystemParams, users: UserParams, fixed_draft_len: int | No
     if not 0 <= fixed_draft_len <= system.max_draft_len:
         raise ValueError(f"fixed_draft_len {fixed_draft_len} not in 0..{system.max_draft_len}")
     draft_len = np.full(users.num_users, fixed_draft_len)
-    return _equal_share_plan("fixed-L", system, users, draft_len)
+    return equal_share_plan("fixed-L", system, users, draft_len)
 
 
 def per_user_len(system: SystemParams, users: UserParams) -> Plan:
@@ -146,7 +148,7 @@ def per_user_len(system: SystemParams, users: UserParams) -> Plan:
     own_time = finish_time_s(system, users, lengths, 1.0 / k)
     own_time = own_time + system.verify_time.of_tokens(lengths + 1)
     own_rate = users.acceptance.expected_tokens(lengths) / own_time
-    return _equal_share_plan("per-user-L", system, users, np.argmax(own_rate, axis=0))
+    return equal_share_plan("per-user-L", system, users, np.argmax(own_rate, axis=0))
 
 
 _THRESHOLD_ITERATIONS = 8  # sweeps of responses; they settle in 2-4 on our scenarios
@@ -179,12 +181,7 @@ def own_round_times(
     if device k drafted L and everyone else kept their length and share; tau_-k is the
     latest finish time of the others."""
     lengths = np.arange(system.max_draft_len + 1)[:, None]
-    finish = finish_time_s(system, users, draft_len, share)
-    if users.num_users > 1:
-        top_two = np.sort(finish)[-2:]
-        others_latest = np.where(finish == top_two[1], top_two[0], top_two[1])
-    else:
-        others_latest = np.full(1, -np.inf)
+    others_latest = latest_of_others(finish_time_s(system, users, draft_len, share))
     own = finish_time_s(system, users, np.broadcast_to(lengths, (lengths.size, users.num_users)),
                         share)
     others_tokens = np.sum(np.asarray(draft_len) + 1) - (np.asarray(draft_len) + 1)
