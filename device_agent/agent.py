@@ -112,6 +112,16 @@ def check_verdict(verdict: P.Verdict, request_id: str, round_: int, draft: list[
             raise ControllerBrokeProtocol(f"the controller sent {what}")
 
 
+def confirmed_predraft(pre: DraftResult, uploaded: list[int],
+                       verdict: P.Verdict) -> DraftResult | None:
+    """What was drafted past the guess, if ``verdict`` confirmed it (all of ``uploaded``
+    accepted, the bonus token the guess ``pre.tokens[0]``, the request not done): the next
+    round's draft, already drafted. None otherwise: it is dropped."""
+    if verdict.done or verdict.tokens != uploaded + pre.tokens[:1]:
+        return None
+    return DraftResult(pre.tokens[1:], pre.q_ids[1:], pre.q_counts[1:])
+
+
 @dataclass
 class GenerationStats:
     rounds: int = 0
@@ -123,6 +133,13 @@ class GenerationStats:
     draft_tokens_per_s: float = 0.0  # drafted tokens / time spent drafting
     goodput_tok_s: float = 0.0  # generated tokens / time from the first draft to the last verdict
     draft_len: list[int] = field(default_factory=list)  # draft length used in each round
+    # Proactive drafting (the controller allows it: welcome.predraft_len > 0)
+    predraft_rounds: int = 0  # rounds whose verification the device drafted through
+    predraft_paid: int = 0  # of those, verdicts that confirmed its guess
+    predrafted: int = 0  # tokens drafted past uploads (guesses included)
+    predraft_used: int = 0  # of those, tokens that went up in the next draft
+    predraft_wasted: int = 0  # tokens drafted past uploads that were dropped
+    predraft_s: float = 0.0  # time spent drafting past uploads
 
 
 @dataclass
@@ -192,7 +209,8 @@ class DeviceAgent:
         """Hello -> welcome, then (``measure``) measure the link and send telemetry."""
         self.link.send(P.Hello(
             self.device_id, self.drafter.model_id, self.drafter.fingerprint,
-            self.drafter.vocab_size, {"sampling": True, "max_top_k": P.MAX_TOP_K},
+            self.drafter.vocab_size,
+            {"sampling": True, "max_top_k": P.MAX_TOP_K, "predraft": self.drafter.drafts},
         ))
         self.welcome = self._expect(P.Welcome)
         self.device_id = self.welcome.device_id
@@ -265,7 +283,9 @@ class DeviceAgent:
             stats.acceptance_rate = stats.accepted / stats.drafted if stats.drafted else 0.0
             stats.tokens_per_round = len(tokens) / stats.rounds if stats.rounds else 0.0
             stats.tokens_per_s = len(tokens) / (finished - started)
-            stats.draft_tokens_per_s = stats.drafted / draft_s if draft_s > 0 else 0.0
+            drafting_s = draft_s + stats.predraft_s  # every token drafted, uploaded or not
+            stats.draft_tokens_per_s = (stats.drafted - stats.predraft_used + stats.predrafted
+                                        ) / drafting_s if drafting_s > 0 else 0.0
             stats.goodput_tok_s = len(tokens) / (finished - first_draft_at)
             text = self.drafter.detokenize(tokens).decode("utf-8", errors="replace")
             return GenerationResult(prompt_ids, list(tokens), text, stats, partial)
@@ -275,24 +295,29 @@ class DeviceAgent:
             draft_len = self._start(request)
             self.drafter.begin(prompt_ids)
             first_draft_at = time.perf_counter()
+            ahead: DraftResult | None = None  # drafted past a confirmed guess, not sent yet
             while True:
                 # Without a drafter the controller decodes: each verdict answers a round
                 # with an empty draft that it made itself, one per forward.
-                draft = DraftResult([]) if server_decode else self.drafter.draft(
-                    draft_len, temperature=sampling.temperature, top_k=sampling.draft_top_k,
-                    seed=sampling.seed,
-                )
+                draft, predrafted = (DraftResult([]), 0) if server_decode else self._draft(
+                    draft_len, sampling, ahead)
+                ahead = None
                 draft_s += draft.seconds
                 self._draft_s += draft.seconds
-                self._drafted += len(draft.tokens)
+                self._drafted += len(draft.tokens) - predrafted
+                pre = None
                 try:
                     if not server_decode:
                         self.link.send(P.Draft(
                             request.request_id, stats.rounds, len(prompt_ids) + len(tokens),
                             draft.tokens, draft.q_ids, draft.q_counts, draft.seconds,
+                            predrafted,
                         ))
+                        pre = self._predraft(request, draft.tokens, draft_len)
                     verdict = self._expect(P.Verdict)
                 except LinkLost as lost:
+                    if pre is not None:
+                        stats.predraft_wasted += len(pre.tokens)
                     draft_len = self._resume(request, stats.rounds, lost)
                     continue  # the same round, drafted again (from the same transcript)
                 check_verdict(verdict, request.request_id, stats.rounds, draft.tokens,
@@ -302,11 +327,20 @@ class DeviceAgent:
                 stats.drafted += len(draft.tokens)
                 stats.accepted += verdict.accepted
                 stats.draft_len.append(len(draft.tokens))
+                stats.predraft_used += predrafted
                 self.drafter.accept(verdict.tokens)
                 tokens += verdict.tokens
                 if on_tokens is not None:
                     on_tokens(verdict.tokens)
                 draft_len = verdict.draft_len
+                if pre is not None:
+                    ahead = confirmed_predraft(pre, draft.tokens, verdict)
+                    stats.predraft_rounds += 1
+                    stats.predrafted += len(pre.tokens)
+                    stats.predraft_s += pre.seconds
+                    stats.predraft_paid += ahead is not None
+                    stats.predraft_wasted += len(pre.tokens) - (
+                        1 + min(len(ahead.tokens), draft_len) if ahead else 0)
                 if verdict.done:
                     return result()
                 if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
@@ -317,6 +351,53 @@ class DeviceAgent:
             self.link.send(P.Cancel(request.request_id), wait=False)
             exc.partial_result = result(partial=True)
             raise
+
+    def _draft(self, n: int, sampling: SamplingOptions,
+               ahead: DraftResult | None) -> tuple[DraftResult, int]:
+        """The next round's draft of ``n`` tokens and how many of them were pre-drafted:
+        the first of ``ahead`` (drafted past a confirmed guess), the rest drafted now.
+        ``seconds`` is the time spent now, the time the round waits for."""
+        s = sampling
+        used = min(n, len(ahead.tokens)) if ahead is not None else 0
+        rest = self.drafter.draft(
+            n - used, temperature=s.temperature, top_k=s.draft_top_k, seed=s.seed,
+            after=ahead.tokens[:used] if used else ()) if n > used else DraftResult([])
+        if not used:
+            return rest, 0
+        return DraftResult(ahead.tokens[:used] + rest.tokens, ahead.q_ids[:used] + rest.q_ids,
+                           ahead.q_counts[:used] + rest.q_counts, rest.seconds), used
+
+    def _predraft(self, request: _Request, uploaded: list[int],
+                  draft_len: int) -> DraftResult | None:
+        """While ``uploaded`` is verified, draft on past it, guessing that all of it is
+        accepted and that the bonus token is our own next one: the guess, then up to
+        ``draft_len`` more, within the controller's cap (welcome.predraft_len) and the
+        request's room. Stops at the first message that is not a pong or a control
+        (the verdict, most likely), which is held for ``_expect``."""
+        cap = self.welcome.predraft_len if self.welcome is not None else 0
+        room = request.max_new_tokens - len(request.committed) - len(uploaded)
+        context = len(request.prompt_ids) + len(request.committed) + len(uploaded)
+        n = min(cap, 1 + draft_len, room, self.drafter.n_ctx - context)
+        if n < 2 or self._held:  # the guess alone buys nothing
+            return None
+        s = request.sampling
+        pre = self.drafter.draft(n, temperature=s.temperature, top_k=s.draft_top_k,
+                                 seed=s.seed, after=uploaded, stop=self._message_in)
+        self._draft_s += pre.seconds
+        self._drafted += len(pre.tokens)
+        return pre
+
+    def _message_in(self) -> bool:
+        """True once a message that ``_expect`` must see has arrived (it is held for it);
+        controls are applied and pongs dropped on the way."""
+        while self.link.pending():
+            msg = self.link.receive()
+            if isinstance(msg, P.Control):
+                self._apply(msg)
+            elif not isinstance(msg, P.Pong):
+                self._held.append(msg)
+                return True
+        return False
 
     def _start(self, request: _Request) -> int:
         """Start ``request``; its first draft length. A link lost before the answer (the

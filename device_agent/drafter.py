@@ -27,12 +27,26 @@ generator keyed by (seed, absolute position), never through llama.cpp's sampler 
 A position's random numbers only ever decide draft tokens at that position, and a draft
 token that is not committed is discarded, so reusing them when a position is drafted
 again after a rejection keeps drafts independent of the verifier's coins.
+
+Pre-drafting (proactive drafting, docs/scheduling.md). While a draft is verified, the
+agent drafts on past it: ``draft(n, after=uploaded)`` drafts after the committed sequence
+*followed by* ``after``, as if it were committed: first the guess for the bonus token,
+then the tokens after it. If the verdict commits exactly ``after`` + the guess, the
+tokens past the guess are what the next round would draft: the same context, the same
+positions, so the same random numbers (sampling) and the same greedy choices. Otherwise
+they are dropped, and the next ``draft`` rolls the cache back to the committed sequence
+like any rejected draft: the pre-draft leaves no trace. ``stop`` is asked after each
+token, so that a verdict arriving while the device pre-drafts ends the pre-draft after
+the token in hand (a paced token still takes its whole time, as on a slower board).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +93,46 @@ def sample_sparse(ids: np.ndarray, counts: np.ndarray, rng: np.random.Generator)
 def position_rng(seed: int, position: int) -> np.random.Generator:
     """The draft's random numbers for one absolute sequence position of a seeded request."""
     return np.random.default_rng([seed, position])
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """The CPU has Intel AMX (INT8 tiles): Sapphire Rapids and later Xeons."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        return any(line.startswith("flags") and " amx_int8" in line for line in cpuinfo)
+    return False
+
+
+@contextlib.contextmanager
+def _plain_weight_buffers() -> Iterator[None]:
+    """Models loaded in this block keep their weights in plain CPU buffers.
+
+    llama-cpp-python 0.3.36 (llama.cpp built with -march=native) crashes in its first
+    decode of a Q4_0 or Q8_0 model on CPUs with AMX, whose kernels its "extra buffer
+    types" select for those formats; Q5_0, which AMX does not take, runs. The bindings
+    expose the switch (``use_extra_bufts``) only through the default model parameters,
+    so they are wrapped while a model loads."""
+    if not cpu_has_amx():
+        yield
+        return
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = plain
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+def load_llama(gguf_path: str | Path, **kwargs) -> llama_cpp.Llama:
+    """``llama_cpp.Llama(model_path=gguf_path, **kwargs)``, safe on AMX CPUs."""
+    with _plain_weight_buffers():
+        return llama_cpp.Llama(model_path=str(gguf_path), **kwargs)
 
 
 class _Vocabulary:
@@ -150,8 +204,8 @@ class Drafter(_Vocabulary):
         gguf_path = Path(gguf_path)
         if not gguf_path.is_file():
             raise FileNotFoundError(f"draft model {gguf_path} does not exist")
-        llm = llama_cpp.Llama(
-            model_path=str(gguf_path),
+        llm = load_llama(
+            gguf_path,
             n_ctx=n_ctx,
             n_threads=n_threads,
             n_threads_batch=n_threads,
@@ -189,15 +243,19 @@ class Drafter(_Vocabulary):
         self.sequence = list(prompt_ids)
 
     def draft(
-        self, n: int, *, temperature: float = 0.0, top_k: int = 32, seed: int = 0
+        self, n: int, *, temperature: float = 0.0, top_k: int = 32, seed: int = 0,
+        after: Sequence[int] = (), stop: Callable[[], bool] | None = None,
     ) -> DraftResult:
-        """Draft ``n`` tokens after the committed sequence (greedy if temperature == 0)."""
+        """Draft ``n`` tokens after the committed sequence and ``after`` (greedy if
+        temperature == 0). ``stop()``, asked after each token, ends the draft early by
+        returning True."""
         started = time.perf_counter()
         if not self.sequence:
             raise RuntimeError("draft() before begin()")
-        if len(self.sequence) + n > self.n_ctx:
+        context = self.sequence + list(after)
+        if len(context) + n > self.n_ctx:
             raise ValueError(
-                f"{len(self.sequence)} + {n} tokens exceed the context of {self.n_ctx}"
+                f"{len(context)} + {n} tokens exceed the context of {self.n_ctx}"
             )
         if temperature < 0 or not 1 <= top_k <= MAX_TOP_K:
             raise ValueError(f"need temperature >= 0 and 1 <= top_k <= {MAX_TOP_K}")
@@ -206,7 +264,7 @@ class Drafter(_Vocabulary):
         for i in range(n):
             token_started = time.perf_counter()
             if i == 0:
-                self._sync()
+                self._sync(context)
             else:
                 self._eval(result.tokens[-1:])
             logits = np.ctypeslib.as_array(
@@ -216,16 +274,18 @@ class Drafter(_Vocabulary):
                 token = int(np.argmax(logits))
             else:
                 ids, counts = sparse_q(logits, temperature, top_k)
-                position = len(self.sequence) + i
+                position = len(context) + i
                 token = sample_sparse(ids, counts, position_rng(seed, position))
                 result.q_ids.append(ids.tolist())
                 result.q_counts.append(counts.tolist())
             result.tokens.append(token)
             spare = self.pace_s_per_token - (time.perf_counter() - token_started)
-            if spare > 0:
+            if spare > 0:  # a paced token takes its time, whatever arrives meanwhile
                 time.sleep(spare)
+            if stop is not None and stop():
+                break
         self.rounds += 1
-        self.drafted_tokens += n
+        self.drafted_tokens += len(result.tokens)
         self.last_round_evaluated = self.evaluated_tokens - evaluated_before
         result.seconds = time.perf_counter() - started
         return result
@@ -234,15 +294,15 @@ class Drafter(_Vocabulary):
         """Append the round's committed tokens (accepted drafts + correction or bonus)."""
         self.sequence.extend(committed)
 
-    def _sync(self) -> None:
-        """Make the cache hold the committed sequence, its newest token freshly evaluated."""
+    def _sync(self, context: list[int]) -> None:
+        """Make the cache hold ``context``, its newest token freshly evaluated."""
         evaluated = self.llm.input_ids[: self.llm.n_tokens]
-        shared = np.asarray(self.sequence[: len(evaluated)])
+        shared = np.asarray(context[: len(evaluated)])
         mismatch = np.flatnonzero(evaluated[: len(shared)] != shared)
-        keep = min(int(mismatch[0]) if mismatch.size else len(shared), len(self.sequence) - 1)
+        keep = min(int(mismatch[0]) if mismatch.size else len(shared), len(context) - 1)
         if keep < self.llm.n_tokens:
             self._truncate(keep)
-        self._eval(self.sequence[keep:])
+        self._eval(context[keep:])
 
     def _truncate(self, pos: int) -> None:
         """Drop cache positions >= pos (llama-cpp-python 0.3.x)."""

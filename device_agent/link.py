@@ -120,6 +120,10 @@ class ControllerLink:
                 self._on_event(recv_monitor_message(self._monitor))
         raise LinkTimeout(self.silence(timeout))
 
+    def pending(self) -> bool:
+        """A message from the controller is waiting (``receive`` returns it at once)."""
+        return bool(self._socket.poll(0, zmq.POLLIN))
+
     def _on_event(self, event: dict) -> None:
         kind, value = event["event"], event["value"]
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from edge_controller.protocol import MAX_DRAFT_TOKENS, MAX_FRAME_BYTES
 
 T = TypeVar("T")
-SCHEDULERS = ("sync", "continuous")
+SCHEDULERS = ("sync", "continuous", "proactive")
 # Acceptance models draft control plans with: one rate per device, or its measured
 # per-position curve (docs/system-model.md, "Acceptance curves").
 ACCEPTANCE_MODELS = ("geometric", "curve")
@@ -26,9 +26,11 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     # "sync": rounds wait for every member's draft (or round_deadline_s); "continuous":
     # the verifier runs whenever it is free, on every draft in, up to batch_tokens per
-    # forward (docs/scheduling.md).
+    # forward; "proactive": continuous, and devices draft on while their draft is
+    # verified, up to predraft_len tokens past it (docs/scheduling.md).
     scheduler: str = "sync"
     batch_tokens: int = 256  # continuous: tokens per forward (drafts + 1 each, prefill)
+    predraft_len: int = 16  # proactive: the most tokens a device drafts past its upload
     round_deadline_s: float = 0.25
     session_timeout_s: float = 5.0  # no heartbeat (every 1 s) this long: registration dropped
     metrics_port: int = 0  # Prometheus /metrics on metrics_bind:PORT; 0 = off
@@ -118,6 +120,8 @@ class ControllerConfig:
             (self.control.max_draft_len + 1 <= self.server.batch_tokens <= 1 << 16,
              "server.batch_tokens must hold the longest draft (control.max_draft_len + 1) "
              "and be at most 65536"),
+            (2 <= self.server.predraft_len <= MAX_DRAFT_TOKENS,
+             f"server.predraft_len must be in 2..{MAX_DRAFT_TOKENS} (the guess and a token)"),
             (self.server.round_deadline_s > 0, "server.round_deadline_s must be > 0"),
             (self.server.session_timeout_s > 0, "server.session_timeout_s must be > 0"),
             (self.target.dtype in ("float32", "float16", "bfloat16"),

@@ -89,6 +89,7 @@ class _Round:
     tokens: int  # what the forward runs: drafts + 1 each, and the prefill chunk
     opened_at: float | None  # when its oldest draft arrived
     drafted_at: list[float]  # when each draft of the batch arrived
+    predrafted: list[int]  # how many of each draft's tokens were pre-drafted
 
 
 class EdgeController:
@@ -99,7 +100,7 @@ class EdgeController:
         self.target = target
         self.draft_control = DraftController(config.control, verify_time or AffineFit(),
                                              max_delay_s=config.server.round_deadline_s)
-        self.continuous = config.server.scheduler == "continuous"
+        self.continuous = config.server.scheduler in ("continuous", "proactive")
         self.scheduler: Scheduler = (
             ContinuousScheduler(config.server.batch_tokens) if self.continuous
             else SyncScheduler(config.server.round_deadline_s))
@@ -225,7 +226,8 @@ class EdgeController:
         chunk = self._chunk(prefilling, round_tokens, drafted) if prefilling else 0
         forward = Forward(items, (prefilling.slot, chunk) if chunk else None)
         round_ = _Round(forward, batch, prefilling if chunk else None, round_tokens + chunk,
-                        opened_at, [s.drafted_at for s in batch])
+                        opened_at, [s.drafted_at for s in batch],
+                        [s.pending.predrafted for s in batch])
         self._launch(round_, inline)
 
     def _launch(self, round_: _Round, inline: bool = False) -> None:
@@ -332,12 +334,13 @@ class EdgeController:
         self._record(verify_s=forward.seconds, started=round(forward.started - self._started, 4),
                      devices=[
             {"device": s.device_id, "draft_len": len(i.draft_tokens),
+             "predrafted": predrafted,
              "accepted": o.accepted if o else None, "committed": committed.get(s.device_id, 0),
              "waited_s": round(forward.started - drafted_at, 4),
              "share": decisions[s.device_id].bandwidth_share if s.device_id in decisions
              else None}
-            for s, i, o, drafted_at in zip(batch, items, outcomes, round_.drafted_at,
-                                           strict=True)
+            for s, i, o, drafted_at, predrafted in zip(batch, items, outcomes, round_.drafted_at,
+                                                       round_.predrafted, strict=True)
         ])
         self.metrics.verify_s.observe(forward.seconds)
         if round_.opened_at is not None:
@@ -396,7 +399,8 @@ class EdgeController:
         chunk = min(self.config.limits.prefill_chunk, session.prefill_left)
         if self.continuous:
             chunk = min(chunk, self.config.server.batch_tokens)
-        self._launch(_Round(Forward([], (session.slot, chunk)), [], session, chunk, None, []))
+        self._launch(_Round(Forward([], (session.slot, chunk)), [], session, chunk, None, [],
+                            []))
 
     def _prefilled(self, session: Session) -> None:
         session.prefill_left = self.verifier.prefill_left(session.slot)
@@ -556,8 +560,12 @@ class EdgeController:
                                   "registrations, its limit: try again later")
         for old in displaced:
             self._drop(old, "registered again; its old session is dropped")
+        # Proactive drafting for devices that can (version 6, a drafter): their guesses
+        # make drafts arrive at once after a verdict, which only continuous batching uses.
+        predraft = (self.config.server.predraft_len if self.config.server.scheduler ==
+                    "proactive" and msg.capabilities.get("predraft") is True else 0)
         self.sessions.add(Session(peer.identity, peer.route, name, msg.draft_model,
-                                  time.monotonic(), version))
+                                  time.monotonic(), version, predraft))
         self.draft_control.join(name)
         self.metrics.sessions.set(len(self.sessions))
         self._events(name, "registered (draft %s, protocol %d)", reprlib.repr(msg.draft_model),
@@ -565,7 +573,7 @@ class EdgeController:
         limits = self.config.limits
         self._reply(peer.route, P.Welcome(
             name, self.target.name, limits.max_new_tokens,
-            self.config.control.max_draft_len, sorted(self.target.eos_token_ids),
+            self.config.control.max_draft_len, sorted(self.target.eos_token_ids), predraft,
         ), version)
 
     def _on_start(self, session: Session, msg: P.Start) -> None:
@@ -671,6 +679,12 @@ class EdgeController:
             raise P.ProtocolError(
                 "invalid", f"draft of {len(msg.tokens)} tokens exceeds max_draft_len "
                 f"{self.config.control.max_draft_len}")
+        if msg.predrafted > session.predraft_len:
+            raise P.ProtocolError("invalid", f"{msg.predrafted} tokens pre-drafted; this "
+                                  f"device may pre-draft {session.predraft_len}")
+        if msg.predrafted and (last is None or last[0].accepted < len(last[1].tokens)):
+            raise P.ProtocolError("invalid", "a pre-draft counts only after a verdict that "
+                                  "accepted all of the draft before it")
         sampling = request.temperature > 0
         if sampling != bool(msg.q_ids) and msg.tokens:
             raise P.ProtocolError(
@@ -683,7 +697,10 @@ class EdgeController:
         session.drafted_at = now
         self.draft_control.on_draft(session.device_id, len(msg.tokens), msg.draft_s,
                                     session.pending_bytes, now - session.answered_at,
-                                    first_round=msg.round == 0)
+                                    first_round=msg.round == 0, predrafted=msg.predrafted)
+        if msg.predrafted:
+            self.metrics.predrafts.labels(session.device_id).inc()
+            self.metrics.predrafted.labels(session.device_id).inc(msg.predrafted)
         self.scheduler.on_draft(session, now)
 
     def _check_ids(self, ids: list[int], what: str) -> None:

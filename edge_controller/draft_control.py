@@ -142,17 +142,19 @@ class DraftController:
         return changed
 
     def on_draft(self, device_id: str, draft_len: int, draft_s: float, frame_bytes: int,
-                 gap_s: float, first_round: bool = False) -> None:
+                 gap_s: float, first_round: bool = False, predrafted: int = 0) -> None:
         """A draft arrived ``gap_s`` after the device's last verdict (or control) was sent.
 
         A request's first draft also paid for evaluating the prompt on the device: it tells
-        the upload size, not the drafting speed or the delay."""
+        the upload size, not the drafting speed or the delay. Of a proactive device's draft,
+        ``predrafted`` tokens were drafted before that verdict: ``draft_s`` is the time
+        spent on the rest."""
         est = self.devices[device_id]
         est.upload_bits.update(draft_len, 8 * frame_bytes)
         if first_round:
             return
-        if draft_len > 0 and draft_s >= 0:
-            est.draft_s_per_token.update(draft_s / draft_len)
+        if draft_len > predrafted and draft_s >= 0:
+            est.draft_s_per_token.update(draft_s / (draft_len - predrafted))
         rate = self.decisions[device_id].uplink_rate_bps
         upload_s = 8 * frame_bytes / rate if rate > 0 else 0.0
         est.delay_s.update(max(gap_s - draft_s - upload_s, 0.0))

@@ -57,6 +57,11 @@ class ControllerMetrics:
                                   "each draft length was played (discounted, all delay "
                                   "buckets)", d + ["draft_len"], registry=r)
         self._online_arms: dict[str, set[str]] = {}  # labels set, to remove them
+        self.predrafts = Counter(f"{PREFIX}_device_predrafts", "proactive: drafts drafted "
+                                 "(partly) before the verdict before them, which confirmed "
+                                 "the device's guess", d, registry=r)
+        self.predrafted = Counter(f"{PREFIX}_device_predrafted_tokens", "proactive: tokens of "
+                                  "those drafts drafted before that verdict", d, registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
@@ -83,7 +88,7 @@ class ControllerMetrics:
 
     def forget_device(self, device_id: str) -> None:
         for gauge in (self.goodput, self.acceptance, self.draft_len, self.share, self.draft_s,
-                      self.delay, self.rtt, self.uplink):
+                      self.delay, self.rtt, self.uplink, self.predrafts, self.predrafted):
             with contextlib.suppress(KeyError):  # never reported yet
                 gauge.remove(device_id)
         for figure in (*BOARD_FIGURES, "temperature_max_c"):

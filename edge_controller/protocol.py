@@ -58,7 +58,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 SERVED_VERSIONS = (PROTOCOL_VERSION - 1, PROTOCOL_VERSION)  # what a controller accepts
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB: the largest frame, a ping padded for an uplink probe
 MAX_PROMPT_TOKENS = 32_768
@@ -131,6 +131,7 @@ class Welcome(Message):
     max_new_tokens: int
     max_draft_len: int
     eos_token_ids: list[int] = field(default_factory=list)
+    predraft_len: int = 0  # tokens it may draft past its upload while waiting (version 6)
 
 
 @dataclass
@@ -164,7 +165,9 @@ class Draft(Message):
     ``tokens[i]`` is the draft token at sequence position ``position + i`` (``position`` =
     number of tokens of prompt + committed output so far). In sampling mode ``q_ids[i]`` /
     ``q_counts[i]`` is the sparse draft distribution that ``tokens[i]`` was sampled from:
-    ``q(id) = count / sum(counts)``; empty lists in greedy mode.
+    ``q(id) = count / sum(counts)``; empty lists in greedy mode. ``predrafted``: how many of
+    ``tokens`` (the first ones) were drafted while round ``round - 1`` was verified, on the
+    guess its verdict then confirmed (version 6; 0: drafted after that verdict).
     """
 
     TYPE: ClassVar[str] = "draft"
@@ -175,6 +178,7 @@ class Draft(Message):
     q_ids: list[list[int]] = field(default_factory=list)
     q_counts: list[list[int]] = field(default_factory=list)
     draft_s: float = 0.0  # wall time the device spent drafting these tokens
+    predrafted: int = 0  # version >= 6
 
 
 @dataclass
@@ -286,11 +290,17 @@ FIELD_SINCE = {  # fields newer than their message: the version that added them
     ("telemetry", "board"): 4,
     ("start", "server_decode"): 5,
     ("resume", "server_decode"): 5,
+    ("welcome", "predraft_len"): 6,
+    ("draft", "predrafted"): 6,
 }
 
 
 def encode(msg: Message, version: int = PROTOCOL_VERSION) -> bytes:
-    body = {"v": version, "type": msg.TYPE, **dataclasses.asdict(msg)}
+    """One frame of ``msg`` in ``version``: fields newer than it are left out (they keep
+    their defaults, which mean what the older version meant)."""
+    fields = {k: v for k, v in dataclasses.asdict(msg).items()
+              if FIELD_SINCE.get((msg.TYPE, k), 0) <= version}
+    body = {"v": version, "type": msg.TYPE, **fields}
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -463,6 +473,8 @@ def _check_limits(msg: Message) -> None:
             raise bad(f"position must be >= 0 and round in 0..{MAX_ROUND}")
         if not 0 <= msg.draft_s <= 3600:
             raise bad("draft_s must be in 0..3600 seconds")
+        if not 0 <= msg.predrafted <= len(msg.tokens) or (msg.predrafted and msg.round == 0):
+            raise bad("predrafted must be in 0..len(tokens), and 0 in round 0")
     elif isinstance(msg, Telemetry):
         for name, high in (("draft_s_per_token", 60.0), ("rtt_s", 60.0), ("uplink_bps", 1e12)):
             if not 0 <= getattr(msg, name) <= high:
@@ -489,8 +501,10 @@ def _check_limits(msg: Message) -> None:
         if any(not 0 <= t <= MAX_TOKEN_ID for t in ids):
             raise bad("token ids must lie in 0..2**31-1")
         if isinstance(msg, Welcome) and not (1 <= msg.max_new_tokens <= MAX_TOKEN_ID
-                                             and 0 <= msg.max_draft_len <= MAX_DRAFT_TOKENS):
-            raise bad(f"need max_new_tokens >= 1 and max_draft_len in 0..{MAX_DRAFT_TOKENS}")
+                                             and 0 <= msg.max_draft_len <= MAX_DRAFT_TOKENS
+                                             and 0 <= msg.predraft_len <= MAX_DRAFT_TOKENS):
+            raise bad(f"need max_new_tokens >= 1, max_draft_len and predraft_len in "
+                      f"0..{MAX_DRAFT_TOKENS}")
         if isinstance(msg, Verdict) and not (0 <= msg.draft_len <= MAX_DRAFT_TOKENS
                                              and msg.round >= 0 and msg.accepted >= 0):
             raise bad(f"need draft_len in 0..{MAX_DRAFT_TOKENS}, round and accepted >= 0")

@@ -51,6 +51,7 @@ class Session:
     draft_model: str
     last_seen: float
     version: int = PROTOCOL_VERSION  # the protocol version it speaks; answers go in it
+    predraft_len: int = 0  # tokens it may draft past an upload (its welcome said so)
     request: Start | None = None
     slot: int | None = None  # verifier KV slot of the request in flight
     next_round: int = 0

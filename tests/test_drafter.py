@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from device_agent.drafter import Drafter, position_rng, sample_sparse, sparse_q
+from device_agent.drafter import Drafter, load_llama, position_rng, sample_sparse, sparse_q
 from edge_controller.protocol import Q_SCALE
 from models.fingerprint import fingerprint_gguf
 
@@ -44,10 +44,8 @@ def test_tokenize_parses_special_tokens_and_detokenize_renders_text(drafter):
 
 
 def test_greedy_draft_equals_llama_cpp_greedy_continuation(drafter, q4_path):
-    from llama_cpp import Llama
-
     prompt = drafter.tokenize(PROMPT)
-    reference = Llama(model_path=str(q4_path), n_ctx=512, n_threads=1, verbose=False)
+    reference = load_llama(q4_path, n_ctx=512, n_threads=1, verbose=False)
     expected = list(itertools.islice(reference.generate(prompt, temp=0.0), 12))
 
     drafter.begin(prompt)

@@ -39,13 +39,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--acceptance", choices=ACCEPTANCE_MODELS,
                    help="acceptance model the plans assume: one rate per device, or the "
                    "measured per-position curve (overrides control.acceptance)")
-    p.add_argument("--scheduler", choices=("sync", "continuous"),
+    p.add_argument("--scheduler", choices=("sync", "continuous", "proactive"),
                    help="sync: rounds wait for every device's draft (or the deadline); "
-                   "continuous: verify whatever drafts are in whenever the verifier is free "
-                   "(overrides server.scheduler; docs/scheduling.md)")
+                   "continuous: verify whatever drafts are in whenever the verifier is free; "
+                   "proactive: continuous, and devices draft on while their draft is "
+                   "verified (overrides server.scheduler; docs/scheduling.md)")
     p.add_argument("--batch-tokens", type=int, metavar="N",
                    help="continuous: at most N tokens per forward (overrides "
                    "server.batch_tokens)")
+    p.add_argument("--predraft-len", type=int, metavar="N",
+                   help="proactive: a device drafts at most N tokens past its upload "
+                   "(overrides server.predraft_len)")
     p.add_argument("--keys", metavar="DIR", help="CURVE keys and device allowlist made with "
                    "`edge-controller keys` (overrides security.keys_dir); required unless "
                    "--insecure")
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         key: value for key, value in (
             ("server__bind", args.bind), ("target__gguf", args.target_gguf),
             ("server__scheduler", args.scheduler), ("server__batch_tokens", args.batch_tokens),
+            ("server__predraft_len", args.predraft_len),
             ("control__draft_len", args.draft_len), ("control__policy", args.policy),
             ("control__acceptance", args.acceptance),
             ("server__metrics_port", args.metrics_port), ("server__timeline", args.timeline),

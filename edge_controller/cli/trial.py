@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for the report and logs")
     p.add_argument("--policies", help="comma-separated policies (overrides the trial file)")
     p.add_argument("--schedulers", help="comma-separated schedulers, each running every "
-                   "policy: sync, continuous (overrides the trial file; report entries "
+                   "policy: sync, continuous, proactive (overrides the trial file; report entries "
                    "POLICY@SCHEDULER for all but sync)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
                    help="also run server-decode and target-alone on the same workload "

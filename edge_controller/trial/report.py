@@ -77,6 +77,8 @@ def markdown(report: dict) -> str:
                          f"{u['draft_tokens_per_s']:.1f} | "
                          f"{f'{p50:.3f}' if p50 is not None else '-'} | "
                          f"{f'{p95:.3f}' if p95 is not None else '-'} |")
+        if any("predraft" in u for u in p["users"]):
+            lines += predraft_lines(p["users"])
         if all("lossless" in u for u in p["users"]):
             bad = [f"{u['name']} ({u['lossless_problem']})" for u in p["users"]
                    if not u["lossless"]]
@@ -85,15 +87,36 @@ def markdown(report: dict) -> str:
                          else "identical for every device and request.")]
         if "chaos" in p:
             lines += chaos_lines(name, p["chaos"])
+    entries = list(next(iter(report["interference"].values()), {}).get("by_entry_tok_s", {}))
     lines += ["", "## Interference", "",
               "Draft speed of each drafter alone on its cores vs during the trial (the "
-              "verifier and the other drafters share the host):", "",
-              "| device | alone tok/s | in trial tok/s | slowdown |",
-              "| --- | ---: | ---: | ---: |"]
+              "verifier and the other drafters share the host), over all entries and per "
+              "entry (pre-drafting adds drafting work while others draft):", "",
+              "| device | alone tok/s | in trial tok/s | slowdown | "
+              + " | ".join(entries) + " |",
+              "| --- | ---: | ---: | ---: |" + " ---: |" * len(entries)]
     for name, row in report["interference"].items():
+        by = row.get("by_entry_tok_s", {})
         lines.append(f"| {name} | {row['alone_tok_s']:.1f} | {row['in_trial_tok_s']:.1f} | "
-                     f"{row['slowdown']:.2f}x |")
+                     f"{row['slowdown']:.2f}x | "
+                     + " | ".join(f"{by[e]:.1f}" if e in by else "-" for e in entries) + " |")
     return "\n".join(lines) + "\n"
+
+
+def predraft_lines(users: list[dict]) -> list[str]:
+    """Proactive drafting per device: how often the guess paid, the draft work wasted."""
+    lines = ["", "Proactive drafting: rounds drafted through, guesses that paid (all of the "
+             "draft accepted and the bonus token the one guessed), tokens drafted past "
+             "uploads, used in the next draft, and dropped:", "",
+             "| device | rounds | paid | pay rate | pre-drafted | used | wasted | wasted share |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for u in users:
+        if "predraft" in u:
+            q = u["predraft"]
+            lines.append(f"| {u['name']} | {q['rounds']} | {q['paid']} | {q['pay_rate']:.2f} | "
+                         f"{q['drafted']} | {q['used']} | {q['wasted']} | "
+                         f"{q['wasted_share']:.2f} |")
+    return lines
 
 
 def chaos_lines(policy: str, chaos: dict) -> list[str]:

@@ -469,7 +469,7 @@ def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict],
     rounds = [d for e in events if "devices" in e for d in e["devices"]
               if d["device"] == device.name]
     per_token = time_per_token(device.name, runs, events)
-    return {
+    summary = {
         "name": device.name, "draft": "none" if server_decode else device.draft,
         "tokens": tokens,
         "time_per_token_p50_s": _percentile(per_token, 0.5),
@@ -480,6 +480,17 @@ def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict],
         "mean_share": sum(d["share"] or 0.0 for d in rounds) / max(len(rounds), 1),
         "draft_tokens_per_s": sum(r["stats"]["draft_tokens_per_s"] for r in runs) / len(runs),
     }
+    guesses = sum(r["stats"].get("predraft_rounds", 0) for r in runs)
+    if guesses:
+        predrafted = sum(r["stats"]["predrafted"] for r in runs)
+        wasted = sum(r["stats"]["predraft_wasted"] for r in runs)
+        summary["predraft"] = {
+            "rounds": guesses, "paid": sum(r["stats"]["predraft_paid"] for r in runs),
+            "pay_rate": sum(r["stats"]["predraft_paid"] for r in runs) / guesses,
+            "drafted": predrafted, "used": sum(r["stats"]["predraft_used"] for r in runs),
+            "wasted": wasted, "wasted_share": wasted / predrafted if predrafted else 0.0,
+        }
+    return summary
 
 
 def _check_lossless(spec: TrialSpec, policies: dict, out: Path) -> None:
@@ -524,9 +535,10 @@ def _interference(spec: TrialSpec, alone: dict[str, float], policies: dict) -> d
     """Draft speed in the trial relative to alone: what sharing the host cost each drafter."""
     rows = {}
     for d in spec.devices:
-        during = [u["draft_tokens_per_s"] for name, p in policies.items()
-                  if name not in BASELINES for u in p["users"] if u["name"] == d.name]
-        mean = sum(during) / len(during)
+        during = {name: u["draft_tokens_per_s"] for name, p in policies.items()
+                  if name not in BASELINES for u in p["users"] if u["name"] == d.name}
+        mean = sum(during.values()) / len(during)
         rows[d.name] = {"alone_tok_s": alone[d.name], "in_trial_tok_s": mean,
-                        "slowdown": alone[d.name] / mean if mean else float("inf")}
+                        "slowdown": alone[d.name] / mean if mean else float("inf"),
+                        "by_entry_tok_s": during}
     return rows
