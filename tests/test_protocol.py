@@ -103,9 +103,28 @@ def test_server_decode_travels_in_protocol_5_and_later():
     resume = P.Resume("r", [1, 2], [3], 1, 4, server_decode=True)
     assert P.decode(P.encode(resume)).as_start().server_decode is True
     body = {"type": "start", "request_id": "r", "prompt_ids": [1, 2], "max_new_tokens": 4}
-    assert P.decode_versioned(msgpack.packb({"v": 4, **body}))[0].server_decode is False
+    assert P.decode_versioned(msgpack.packb({"v": 4, **body}), (4,))[0].server_decode is False
     with pytest.raises(P.ProtocolError, match="unknown or repeated field"):
-        P.decode_versioned(msgpack.packb({"v": 4, **body, "server_decode": True}))
+        P.decode_versioned(msgpack.packb({"v": 4, **body, "server_decode": True}), (4,))
+
+
+def test_pre_drafts_travel_in_protocol_6_and_are_left_out_for_version_5():
+    """A version 5 device is never told it may pre-draft (the field is left out of its
+    welcome: it would refuse it) and cannot say it did; version 6 carries both."""
+    welcome = P.Welcome("dev", "target", 64, 8, [2], predraft_len=9)
+    assert P.decode(P.encode(welcome)).predraft_len == 9
+    old, version = P.decode_versioned(P.encode(welcome, version=5), (5,))
+    assert version == 5 and old.predraft_len == 0
+    assert "predraft_len" not in msgpack.unpackb(P.encode(welcome, version=5))
+    draft = P.Draft("r", 3, 10, [5, 6], predrafted=2)
+    assert P.decode(P.encode(draft)).predrafted == 2
+    body = msgpack.unpackb(P.encode(draft))
+    with pytest.raises(P.ProtocolError, match="unknown or repeated field"):
+        P.decode_versioned(msgpack.packb({**body, "v": 5}))
+    for bad in (P.Draft("r", 3, 10, [5], predrafted=2), P.Draft("r", 0, 10, [5], predrafted=1),
+                P.Draft("r", 3, 10, [5], predrafted=-1)):
+        with pytest.raises(P.ProtocolError, match="predrafted"):
+            P.decode(P.encode(bad))
 
 
 def test_rounds_are_bounded():
