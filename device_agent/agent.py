@@ -314,6 +314,10 @@ class DeviceAgent:
                             predrafted,
                         ))
                         pre = self._predraft(request, draft.tokens, draft_len)
+                        if pre is not None:
+                            stats.predraft_rounds += 1
+                            stats.predrafted += len(pre.tokens)
+                            stats.predraft_s += pre.seconds
                     verdict = self._expect(P.Verdict)
                 except LinkLost as lost:
                     if pre is not None:
@@ -335,9 +339,6 @@ class DeviceAgent:
                 draft_len = verdict.draft_len
                 if pre is not None:
                     ahead = confirmed_predraft(pre, draft.tokens, verdict)
-                    stats.predraft_rounds += 1
-                    stats.predrafted += len(pre.tokens)
-                    stats.predraft_s += pre.seconds
                     stats.predraft_paid += ahead is not None
                     stats.predraft_wasted += len(pre.tokens) - (
                         1 + min(len(ahead.tokens), draft_len) if ahead else 0)

@@ -48,16 +48,18 @@ def test_ci_trial_runs_every_policy_and_reports(tmp_path):
 
 def test_ci_trial_compares_schedulers_and_the_baselines(tmp_path):
     """--schedulers and --baselines (docs/scheduling.md): every entry on the same workload,
-    lossless, with the verifier's busy fraction and per-device time per token."""
+    lossless, with the verifier's busy fraction and per-device time per token; under
+    proactive (continuous batching and pre-drafting) the devices' pre-draft figures.
+    (Plain continuous batching: tests/test_scheduling.py.)"""
     proc = subprocess.run(
         [str(BIN / "edge-controller"), "trial", str(ROOT / "configs/trials/ci-small.toml"),
-         "--out", str(tmp_path), "--policies", "fixed", "--schedulers", "continuous",
+         "--out", str(tmp_path), "--policies", "fixed", "--schedulers", "proactive",
          "--baselines"], capture_output=True, text=True, timeout=1200,
     )  # (the sync entries: test_ci_trial_runs_every_policy_and_reports)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     entries = report["policies"]
-    assert list(entries) == ["fixed@continuous", "server-decode", "target-alone"]
+    assert list(entries) == ["fixed@proactive", "server-decode", "target-alone"]
     for name, entry in entries.items():
         assert entry["goodput_tok_s"] > 0, name
         assert 0 < entry["verifier_busy"] <= 1, name
@@ -67,13 +69,19 @@ def test_ci_trial_compares_schedulers_and_the_baselines(tmp_path):
                    for u in entry["users"]), name
         if name != "target-alone":  # the reference itself
             assert all(u["lossless"] for u in entry["users"]), name
-    assert entries["fixed@continuous"]["scheduler"] == "continuous"
-    idle = entries["fixed@continuous"]["verifier_idle_s"]  # who the verifier waited for
+    assert entries["fixed@proactive"]["scheduler"] == "proactive"
+    for user in entries["fixed@proactive"]["users"]:
+        q = user["predraft"]
+        assert 0 < q["paid"] <= q["rounds"] and q["used"] > 0, user
+        assert q["drafted"] == q["used"] + q["wasted"] + q["paid"], user
+    assert all("predraft" not in u for u in entries["server-decode"]["users"])
+    idle = entries["fixed@proactive"]["verifier_idle_s"]  # who the verifier waited for
     assert set(idle) <= {"orin", "phone", "prompt chunk"} and sum(idle.values()) > 0
     assert [u["draft"] for u in entries["server-decode"]["users"]] == ["none", "none"]
     markdown = (tmp_path / "report.md").read_text()
-    assert "| fixed@continuous |" in markdown and "| server-decode |" in markdown
+    assert "| fixed@proactive |" in markdown and "| server-decode |" in markdown
     assert "Where the verifier's idle time went" in markdown
+    assert "Proactive drafting:" in markdown
 
 
 def model_plan(event: dict, bandwidth_hz: float, policy: str, **delays: float):
