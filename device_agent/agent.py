@@ -135,7 +135,9 @@ class GenerationStats:
     draft_len: list[int] = field(default_factory=list)  # draft length used in each round
     # Proactive drafting (the controller allows it: welcome.predraft_len > 0)
     predraft_rounds: int = 0  # rounds whose verification the device drafted through
+    predraft_cut: int = 0  # of those, pre-drafts a message (the verdict) ended early
     predraft_paid: int = 0  # of those, verdicts that confirmed its guess
+    # predrafted = predraft_paid (right guesses) + predraft_used + predraft_wasted
     predrafted: int = 0  # tokens drafted past uploads (guesses included)
     predraft_used: int = 0  # of those, tokens that went up in the next draft
     predraft_wasted: int = 0  # tokens drafted past uploads that were dropped
@@ -291,17 +293,20 @@ class DeviceAgent:
             return GenerationResult(prompt_ids, list(tokens), text, stats, partial)
 
         first_draft_at = started
+        ahead: DraftResult | None = None  # drafted past a confirmed guess, not sent yet
         try:
             draft_len = self._start(request)
             self.drafter.begin(prompt_ids)
             first_draft_at = time.perf_counter()
-            ahead: DraftResult | None = None  # drafted past a confirmed guess, not sent yet
             while True:
                 # Without a drafter the controller decodes: each verdict answers a round
                 # with an empty draft that it made itself, one per forward.
                 draft, predrafted = (DraftResult([]), 0) if server_decode else self._draft(
                     draft_len, sampling, ahead)
-                ahead = None
+                if ahead is not None:  # what the draft did not take of it is dropped
+                    stats.predraft_used += predrafted
+                    stats.predraft_wasted += len(ahead.tokens) - predrafted
+                    ahead = None
                 draft_s += draft.seconds
                 self._draft_s += draft.seconds
                 self._drafted += len(draft.tokens) - predrafted
@@ -316,6 +321,7 @@ class DeviceAgent:
                         pre = self._predraft(request, draft.tokens, draft_len)
                         if pre is not None:
                             stats.predraft_rounds += 1
+                            stats.predraft_cut += pre.stopped
                             stats.predrafted += len(pre.tokens)
                             stats.predraft_s += pre.seconds
                     verdict = self._expect(P.Verdict)
@@ -324,6 +330,12 @@ class DeviceAgent:
                         stats.predraft_wasted += len(pre.tokens)
                     draft_len = self._resume(request, stats.rounds, lost)
                     continue  # the same round, drafted again (from the same transcript)
+                if pre is not None:  # settled before anything can end the request
+                    ahead = confirmed_predraft(pre, draft.tokens, verdict)
+                    if ahead is None:
+                        stats.predraft_wasted += len(pre.tokens)
+                    else:  # the guess was right: the rest is counted when it is drafted on
+                        stats.predraft_paid += 1
                 check_verdict(verdict, request.request_id, stats.rounds, draft.tokens,
                               self.welcome, self.drafter.vocab_size, max_new_tokens - len(tokens))
                 self._progress_at = time.monotonic()
@@ -331,17 +343,11 @@ class DeviceAgent:
                 stats.drafted += len(draft.tokens)
                 stats.accepted += verdict.accepted
                 stats.draft_len.append(len(draft.tokens))
-                stats.predraft_used += predrafted
                 self.drafter.accept(verdict.tokens)
                 tokens += verdict.tokens
                 if on_tokens is not None:
                     on_tokens(verdict.tokens)
                 draft_len = verdict.draft_len
-                if pre is not None:
-                    ahead = confirmed_predraft(pre, draft.tokens, verdict)
-                    stats.predraft_paid += ahead is not None
-                    stats.predraft_wasted += len(pre.tokens) - (
-                        1 + min(len(ahead.tokens), draft_len) if ahead else 0)
                 if verdict.done:
                     return result()
                 if time.monotonic() - self._telemetry_sent_at > self.telemetry.interval_s:
@@ -350,6 +356,8 @@ class DeviceAgent:
             # Whatever ends it early: the controller frees it now (if the link can take a
             # word: a cancel is idempotent), and what it committed goes with the exception.
             self.link.send(P.Cancel(request.request_id), wait=False)
+            if ahead is not None:
+                stats.predraft_wasted += len(ahead.tokens)
             exc.partial_result = result(partial=True)
             raise
 

@@ -324,6 +324,10 @@ def generate(args: argparse.Namespace) -> int:
         s = result.stats
         print(f"\n[{len(result.tokens)} tokens, {s.rounds} rounds, acceptance "
               f"{s.acceptance_rate:.2f}, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+        if s.predraft_rounds:
+            print(f"[proactive: drafted through {s.predraft_rounds} rounds, the guess paid "
+                  f"in {s.predraft_paid}; {s.predraft_used} of {s.predrafted} pre-drafted "
+                  f"tokens uploaded, {s.predraft_wasted} dropped]", file=sys.stderr)
     return 0
 
 

@@ -65,6 +65,7 @@ class DraftResult:
     q_ids: list[list[int]] = field(default_factory=list)  # [L][<=k] sampling mode; [] greedy
     q_counts: list[list[int]] = field(default_factory=list)  # [L][<=k]; q = count / sum
     seconds: float = 0.0  # wall time of draft(), incl. evaluating committed tokens
+    stopped: bool = False  # ended early by draft()'s ``stop``
 
 
 def sparse_q(logits: np.ndarray, temperature: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +283,8 @@ class Drafter(_Vocabulary):
             spare = self.pace_s_per_token - (time.perf_counter() - token_started)
             if spare > 0:  # a paced token takes its time, whatever arrives meanwhile
                 time.sleep(spare)
-            if stop is not None and stop():
+            if stop is not None and i + 1 < n and stop():
+                result.stopped = True
                 break
         self.rounds += 1
         self.drafted_tokens += len(result.tokens)

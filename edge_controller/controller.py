@@ -563,7 +563,8 @@ class EdgeController:
         # Proactive drafting for devices that can (version 6, a drafter): their guesses
         # make drafts arrive at once after a verdict, which only continuous batching uses.
         predraft = (self.config.server.predraft_len if self.config.server.scheduler ==
-                    "proactive" and msg.capabilities.get("predraft") is True else 0)
+                    "proactive" and msg.capabilities.get("predraft") is True and version >= 6
+                    else 0)
         self.sessions.add(Session(peer.identity, peer.route, name, msg.draft_model,
                                   time.monotonic(), version, predraft))
         self.draft_control.join(name)
@@ -679,9 +680,10 @@ class EdgeController:
             raise P.ProtocolError(
                 "invalid", f"draft of {len(msg.tokens)} tokens exceeds max_draft_len "
                 f"{self.config.control.max_draft_len}")
-        if msg.predrafted > session.predraft_len:
+        if msg.predrafted > max(session.predraft_len - 1, 0):  # the guess never goes up
             raise P.ProtocolError("invalid", f"{msg.predrafted} tokens pre-drafted; this "
-                                  f"device may pre-draft {session.predraft_len}")
+                                  f"device may pre-draft {session.predraft_len} (its guess "
+                                  "included)")
         if msg.predrafted and (last is None or last[0].accepted < len(last[1].tokens)):
             raise P.ProtocolError("invalid", "a pre-draft counts only after a verdict that "
                                   "accepted all of the draft before it")

@@ -46,6 +46,13 @@ Versions: every change to what goes on the wire, or to what a message means, bum
   itself (a device without a drafter sends only its prompt, then receives one verdict per
   forward, each answering an empty draft of a round it never sends); version 4 devices,
   which never ask for it, are served as before (docs/scheduling.md).
+* 6: proactive drafting (docs/scheduling.md): ``welcome.predraft_len`` is how many tokens a
+  device may draft past its upload while that draft is verified (0: none; only a
+  controller running ``--scheduler proactive`` allows any, to devices whose hello says
+  ``predraft``); ``draft.predrafted`` is how many of a draft's tokens were drafted before
+  the verdict of the round before it arrived, which confirmed the device's guess (all of
+  its draft accepted and the bonus token the one it had guessed). Fields newer than a
+  device's version are left out of what it is sent: version 5 devices never pre-draft.
 """
 
 from __future__ import annotations

@@ -105,15 +105,17 @@ def markdown(report: dict) -> str:
 
 def predraft_lines(users: list[dict]) -> list[str]:
     """Proactive drafting per device: how often the guess paid, the draft work wasted."""
-    lines = ["", "Proactive drafting: rounds drafted through, guesses that paid (all of the "
-             "draft accepted and the bonus token the one guessed), tokens drafted past "
-             "uploads, used in the next draft, and dropped:", "",
-             "| device | rounds | paid | pay rate | pre-drafted | used | wasted | wasted share |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["", "Proactive drafting: rounds drafted through, of them cut short by the verdict "
+             "and paid (the verdict confirmed the guess: all of the draft accepted, the bonus "
+             "token the one guessed); tokens drafted past uploads (guesses included), used "
+             "in the next draft, and dropped:", "",
+             "| device | rounds | cut | paid | pay rate | pre-drafted | used | wasted | "
+             "wasted share |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for u in users:
         if "predraft" in u:
             q = u["predraft"]
-            lines.append(f"| {u['name']} | {q['rounds']} | {q['paid']} | {q['pay_rate']:.2f} | "
+            lines.append(f"| {u['name']} | {q['rounds']} | {q.get('cut', '-')} | {q['paid']} | "
+                         f"{q['pay_rate']:.2f} | "
                          f"{q['drafted']} | {q['used']} | {q['wasted']} | "
                          f"{q['wasted_share']:.2f} |")
     return lines

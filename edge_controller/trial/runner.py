@@ -95,6 +95,7 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
     config.write_text(  # JSON strings are valid TOML basic strings: paths quoted safely
         f"[server]\nround_deadline_s = {spec.round_deadline_s}\n"
         f"scheduler = {json.dumps(scheduler)}\nbatch_tokens = {spec.batch_tokens}\n"
+        f"predraft_len = {spec.predraft_len}\n"
         f"timeline = {json.dumps(str(timeline))}\n"
         f"[control]\npolicy = {json.dumps(policy)}\nbandwidth_hz = {spec.bandwidth_hz}\n"
         f"acceptance = {json.dumps(spec.acceptance)}\n"
@@ -485,7 +486,8 @@ def _user_summary(device: TrialDevice, runs: list[dict], events: list[dict],
         predrafted = sum(r["stats"]["predrafted"] for r in runs)
         wasted = sum(r["stats"]["predraft_wasted"] for r in runs)
         summary["predraft"] = {
-            "rounds": guesses, "paid": sum(r["stats"]["predraft_paid"] for r in runs),
+            "rounds": guesses, "cut": sum(r["stats"]["predraft_cut"] for r in runs),
+            "paid": sum(r["stats"]["predraft_paid"] for r in runs),
             "pay_rate": sum(r["stats"]["predraft_paid"] for r in runs) / guesses,
             "drafted": predrafted, "used": sum(r["stats"]["predraft_used"] for r in runs),
             "wasted": wasted, "wasted_share": wasted / predrafted if predrafted else 0.0,

@@ -68,6 +68,7 @@ class TrialSpec:
     # drafter, continuous) and "target-alone" (the requests one after another).
     baselines: bool = True
     batch_tokens: int = 256  # continuous: tokens per forward
+    predraft_len: int = 16  # proactive: tokens a device drafts past its upload at most
     bandwidth_hz: float = 1e6  # the uplink band the controller divides
     max_new_tokens: int = 32
     requests: int = 2  # per device and policy
@@ -144,12 +145,13 @@ def _typed(cls, table: Any, where: str, skip: tuple[str, ...] = ()) -> dict[str,
     return checked_table(defaults, table, where, TrialError)
 
 
-def _batch_tokens_problem(batch_tokens: int) -> str | None:
-    """What the controller would say about this budget (its own check), or None."""
+def _server_problem(spec: TrialSpec) -> str | None:
+    """What the controller would say about the trial's server keys (its own checks)."""
     from edge_controller.config import ConfigError, load_config
 
     try:
-        load_config(None, server__batch_tokens=batch_tokens)
+        load_config(None, server__batch_tokens=spec.batch_tokens,
+                    server__predraft_len=spec.predraft_len)
     except ConfigError as exc:
         return str(exc)
     return None
@@ -167,8 +169,7 @@ def validate(spec: TrialSpec) -> None:
         (len(spec.policies) > 0, "policies must name at least one policy"),
         (len(spec.schedulers) > 0 and set(spec.schedulers) <= set(SCHEDULERS),
          f"schedulers must be among {', '.join(SCHEDULERS)}"),
-        (_batch_tokens_problem(spec.batch_tokens) is None,
-         f"{_batch_tokens_problem(spec.batch_tokens)}"),
+        (_server_problem(spec) is None, f"{_server_problem(spec)}"),
         (set(spec.policies) <= {"fixed", *POLICIES},
          f"policies must be among fixed, {', '.join(POLICIES)}"),
         (spec.acceptance in ACCEPTANCE_MODELS,
