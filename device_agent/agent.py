@@ -32,6 +32,7 @@ RESUME_FIRST_DELAY_S = 0.25  # reconnect backoff: doubling from this...
 RESUME_MAX_DELAY_S = 5.0  # ...up to this, with jitter
 LOST_STATE = frozenset({"not_registered", "stale", "idle"})  # a controller that forgot us
 RETRIED = frozenset({"capacity", "busy", "name_taken"})  # worth another try while resuming
+MAX_READ_PER_TOKEN = 64  # messages read between two pre-drafted tokens, at most
 
 
 class StateLost(LinkLost):
@@ -120,6 +121,49 @@ def confirmed_predraft(pre: DraftResult, uploaded: list[int],
     if verdict.done or verdict.tokens != uploaded + pre.tokens[:1]:
         return None
     return DraftResult(pre.tokens[1:], pre.q_ids[1:], pre.q_counts[1:])
+
+
+@dataclass
+class _Predrafts:
+    """The tokens a device drafted past its uploads, until each is settled: the right
+    guess (``predraft_paid``), uploaded in the next draft (``predraft_used``) or dropped
+    (``predraft_wasted``); so ``predrafted`` = paid + used + wasted however a request ends."""
+
+    stats: GenerationStats
+    pre: DraftResult | None = None  # drafted while the last upload is verified
+    ahead: DraftResult | None = None  # past a confirmed guess: the next draft starts with it
+
+    def drafted(self, pre: DraftResult | None) -> None:
+        if pre is not None:
+            s, self.pre = self.stats, pre
+            s.predraft_rounds += 1
+            s.predraft_cut += pre.stopped
+            s.predrafted += len(pre.tokens)
+            s.predraft_s += pre.seconds
+
+    def answered(self, uploaded: list[int], verdict: P.Verdict) -> None:
+        """The verdict of ``uploaded`` (checked): the pre-draft goes ahead or is dropped."""
+        if self.pre is not None:
+            self.ahead = confirmed_predraft(self.pre, uploaded, verdict)
+            if self.ahead is None:
+                self.stats.predraft_wasted += len(self.pre.tokens)
+            else:  # the guess was right; the rest is settled when the next draft goes up
+                self.stats.predraft_paid += 1
+            self.pre = None
+
+    def uploaded(self, used: int) -> None:
+        """A draft that began with ``used`` tokens of ``ahead`` went up; the rest is dropped."""
+        if self.ahead is not None:
+            self.stats.predraft_used += used
+            self.stats.predraft_wasted += len(self.ahead.tokens) - used
+            self.ahead = None
+
+    def drop(self) -> None:
+        """The request ends or the link was lost: nothing unsettled goes up any more."""
+        for result in (self.pre, self.ahead):
+            if result is not None:
+                self.stats.predraft_wasted += len(result.tokens)
+        self.pre = self.ahead = None
 
 
 @dataclass
@@ -293,7 +337,7 @@ class DeviceAgent:
             return GenerationResult(prompt_ids, list(tokens), text, stats, partial)
 
         first_draft_at = started
-        ahead: DraftResult | None = None  # drafted past a confirmed guess, not sent yet
+        book = _Predrafts(stats)
         try:
             draft_len = self._start(request)
             self.drafter.begin(prompt_ids)
@@ -302,15 +346,10 @@ class DeviceAgent:
                 # Without a drafter the controller decodes: each verdict answers a round
                 # with an empty draft that it made itself, one per forward.
                 draft, predrafted = (DraftResult([]), 0) if server_decode else self._draft(
-                    draft_len, sampling, ahead)
-                if ahead is not None:  # what the draft did not take of it is dropped
-                    stats.predraft_used += predrafted
-                    stats.predraft_wasted += len(ahead.tokens) - predrafted
-                    ahead = None
+                    draft_len, sampling, book.ahead)
                 draft_s += draft.seconds
                 self._draft_s += draft.seconds
                 self._drafted += len(draft.tokens) - predrafted
-                pre = None
                 try:
                     if not server_decode:
                         self.link.send(P.Draft(
@@ -318,26 +357,16 @@ class DeviceAgent:
                             draft.tokens, draft.q_ids, draft.q_counts, draft.seconds,
                             predrafted,
                         ))
-                        pre = self._predraft(request, draft.tokens, draft_len)
-                        if pre is not None:
-                            stats.predraft_rounds += 1
-                            stats.predraft_cut += pre.stopped
-                            stats.predrafted += len(pre.tokens)
-                            stats.predraft_s += pre.seconds
+                        book.uploaded(predrafted)
+                        book.drafted(self._predraft(request, draft.tokens, draft_len))
                     verdict = self._expect(P.Verdict)
                 except LinkLost as lost:
-                    if pre is not None:
-                        stats.predraft_wasted += len(pre.tokens)
+                    book.drop()
                     draft_len = self._resume(request, stats.rounds, lost)
                     continue  # the same round, drafted again (from the same transcript)
-                if pre is not None:  # settled before anything can end the request
-                    ahead = confirmed_predraft(pre, draft.tokens, verdict)
-                    if ahead is None:
-                        stats.predraft_wasted += len(pre.tokens)
-                    else:  # the guess was right: the rest is counted when it is drafted on
-                        stats.predraft_paid += 1
                 check_verdict(verdict, request.request_id, stats.rounds, draft.tokens,
                               self.welcome, self.drafter.vocab_size, max_new_tokens - len(tokens))
+                book.answered(draft.tokens, verdict)
                 self._progress_at = time.monotonic()
                 stats.rounds += 1
                 stats.drafted += len(draft.tokens)
@@ -356,8 +385,7 @@ class DeviceAgent:
             # Whatever ends it early: the controller frees it now (if the link can take a
             # word: a cancel is idempotent), and what it committed goes with the exception.
             self.link.send(P.Cancel(request.request_id), wait=False)
-            if ahead is not None:
-                stats.predraft_wasted += len(ahead.tokens)
+            book.drop()
             exc.partial_result = result(partial=True)
             raise
 
@@ -387,7 +415,10 @@ class DeviceAgent:
         room = request.max_new_tokens - len(request.committed) - len(uploaded)
         context = len(request.prompt_ids) + len(request.committed) + len(uploaded)
         n = min(cap, 1 + draft_len, room, self.drafter.n_ctx - context)
-        if n < 2 or self._held:  # the guess alone buys nothing
+        ends = set(self.welcome.eos_token_ids) if self.welcome is not None else set()
+        # The guess alone buys nothing; a draft that ends the request, if accepted, is never
+        # followed; a verdict already in is answered at once.
+        if n < 2 or ends.intersection(uploaded) or self._held or self._message_in():
             return None
         s = request.sampling
         pre = self.drafter.draft(n, temperature=s.temperature, top_k=s.draft_top_k,
@@ -397,9 +428,15 @@ class DeviceAgent:
         return pre
 
     def _message_in(self) -> bool:
-        """True once a message that ``_expect`` must see has arrived (it is held for it);
-        controls are applied and pongs dropped on the way."""
-        while self.link.pending():
+        """True once a message that ``_expect`` must see has arrived (it is held for it),
+        or the request is to end; controls are applied and pongs dropped on the way, at
+        most MAX_READ_PER_TOKEN of them per call, so no flood holds a pre-draft (it
+        ends after its tokens: ``_expect`` then deals with the flood, within its limits)."""
+        if self._cancelled() or self.interrupted():
+            return True
+        for _ in range(MAX_READ_PER_TOKEN):
+            if not self.link.pending():
+                return False
             msg = self.link.receive()
             if isinstance(msg, P.Control):
                 self._apply(msg)

@@ -467,9 +467,11 @@ class EdgeController:
     # ---- messages --------------------------------------------------------------------
     def _on_frames(self, peer: Peer, body: list[bytes]) -> None:
         now = time.monotonic()
-        version = P.PROTOCOL_VERSION  # of our answers, until the frame tells the device's
         msg: P.Message | None = None
         session = self.sessions.get(peer.identity)
+        # Our answers go in the device's version: the one it registered with, until the
+        # frame tells (a refused frame of a registered device is answered in its version).
+        version = session.version if session is not None else P.PROTOCOL_VERSION
         self.sessions.frame_on(peer.route, peer.identity)
         try:
             if self.transport.secure and peer.name is None:

@@ -46,6 +46,34 @@ def test_a_pre_draft_counts_only_when_the_verdict_confirms_the_guess():
     assert confirmed_predraft(pre, [], _verdict([7], 0)).tokens == [8, 9]  # L = 0 rounds too
 
 
+def test_every_pre_drafted_token_is_settled_however_the_request_ends():
+    """predrafted = paid + used + wasted: after a rejection, a partly used confirmed
+    pre-draft, and a request that ends (a cancel, a broken verdict, a lost link) with a
+    pre-draft in flight or a confirmed one not yet uploaded."""
+    from device_agent.agent import GenerationStats, _Predrafts
+
+    def balanced(s: GenerationStats) -> bool:
+        return s.predrafted == s.predraft_paid + s.predraft_used + s.predraft_wasted
+
+    stats = GenerationStats()
+    book = _Predrafts(stats)
+    book.drafted(DraftResult([7, 8, 9]))
+    book.answered([1, 2], _verdict([1, 5], 1))  # rejected
+    assert book.ahead is None and stats.predraft_wasted == 3 and balanced(stats)
+    book.drafted(DraftResult([7, 8, 9]))
+    book.answered([1, 2], _verdict([1, 2, 7], 2))  # confirmed: 8, 9 ahead
+    assert book.ahead.tokens == [8, 9] and stats.predraft_paid == 1
+    book.uploaded(1)  # the next draft took 8
+    assert (stats.predraft_used, stats.predraft_wasted) == (1, 4) and balanced(stats)
+    for end in ("in flight", "ahead"):
+        book.drafted(DraftResult([7, 8, 9]))
+        if end == "ahead":
+            book.answered([1, 2], _verdict([1, 2, 7], 2))
+        book.drop()
+        assert book.pre is None and book.ahead is None and balanced(stats), end
+    assert stats.predraft_rounds == 4 and stats.predrafted == 12
+
+
 def test_a_confirmed_pre_draft_is_the_draft_the_next_round_would_draft(drafter, default_models):
     prompt = drafter.tokenize(PROMPT)
     drafter.begin(prompt)
@@ -218,10 +246,13 @@ def test_proactive_devices_get_the_targets_output_and_use_only_confirmed_pre_dra
 
 
 def test_a_verdict_arriving_while_pre_drafting_ends_it_and_is_held_in_order(default_models):
-    """Real ZeroMQ: a controller-side ROUTER has a control, a pong and the verdict queued
-    for the device before it starts pre-drafting (paced 50 ms a token). The pre-draft ends
-    after its first token; the control is applied, the pong dropped, and the verdict (and
-    the error after it) wait in order for the agent's usual wait: nothing is lost."""
+    """Real ZeroMQ: a controller-side ROUTER sends a control, a pong, the verdict and an
+    error while the device pre-drafts (paced 50 ms a token, up to 4 tokens). The pre-draft
+    ends after the token in hand; the control is applied, the pong dropped, and the
+    verdict and the error wait in order for the agent's usual wait: nothing is lost. With
+    the verdict already in, no pre-draft starts at all."""
+    import threading
+
     import zmq
 
     from device_agent.agent import ControllerError, _Request
@@ -242,20 +273,31 @@ def test_a_verdict_arriving_while_pre_drafting_ends_it_and_is_held_in_order(defa
         drafter.begin(request.prompt_ids)
         uploaded = drafter.draft(3).tokens
         verdict = P.Verdict("r", 0, 3, uploaded + [7], False, 3)
-        for msg in (P.Control(5, 0.5, 0.0), P.Pong(0.0), verdict,
-                    P.Error("invalid", "later", request_id="r")):
-            router.send_multipart([route, P.encode(msg)])
-        deadline = time.monotonic() + 5
-        while not link.pending() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        answers = (P.Control(5, 0.5, 0.0), P.Pong(0.0), verdict,
+                   P.Error("invalid", "later", request_id="r"))
 
+        def answer(after_s: float) -> None:
+            time.sleep(after_s)
+            for msg in answers:
+                router.send_multipart([route, P.encode(msg)])
+
+        sender = threading.Thread(target=answer, args=(0.08,))  # while token 2 is drafted
+        sender.start()
         pre = agent._predraft(request, uploaded, 3)
+        sender.join()
 
-        assert pre is not None and pre.stopped and len(pre.tokens) == 1
+        assert pre is not None and pre.stopped and 1 < len(pre.tokens) < 4, pre
         assert agent.control == P.Control(5, 0.5, 0.0)
         assert agent._expect(P.Verdict) == verdict
         with pytest.raises(ControllerError, match="later"):
             agent._expect(P.Verdict)
+
+        answer(0.0)  # the next verdict already waits: nothing is pre-drafted
+        deadline = time.monotonic() + 5
+        while not link.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert agent._predraft(request, uploaded, 3) is None
+        assert agent._expect(P.Verdict) == verdict
     finally:
         link.close()
         router.close(0)

@@ -175,10 +175,12 @@ def test_without_keys_a_second_connection_cannot_take_a_name(run_controller, tar
 def test_the_previous_protocol_version_is_served_and_older_refused(run_controller,
                                                                    target_info, lab_keys):
     def raw_hello(version: int) -> dict:
-        link.send_raw([msgpack.packb({
-            "v": version, "type": "hello", "device_id": "", "draft_model": "old",
-            "tokenizer_fingerprint": target_info.fingerprint,
-            "vocab_size": target_info.vocab_size, "capabilities": {}})])
+        return raw({"v": version, "type": "hello", "device_id": "", "draft_model": "old",
+                    "tokenizer_fingerprint": target_info.fingerprint,
+                    "vocab_size": target_info.vocab_size, "capabilities": {}})
+
+    def raw(body: dict) -> dict:
+        link.send_raw([msgpack.packb(body)])
         deadline = time.monotonic() + 30
         while not link._socket.poll(100):
             assert time.monotonic() < deadline
@@ -190,6 +192,11 @@ def test_the_previous_protocol_version_is_served_and_older_refused(run_controlle
         assert served["v"] == P.PROTOCOL_VERSION - 1 and served["type"] == "welcome"
         assert served["device_id"] == "old"
         assert controller.sessions.named("old").version == P.PROTOCOL_VERSION - 1
+        # A frame it gets wrong is refused in the version it reads (its field, its limits).
+        bad = raw({"v": P.PROTOCOL_VERSION - 1, "type": "start", "request_id": "r",
+                   "prompt_ids": [1, 2], "max_new_tokens": 4, "temperature": 500.0})
+        assert bad["v"] == P.PROTOCOL_VERSION - 1 and bad["type"] == "error", bad
+        assert "temperature" in bad["message"]
         refused = raw_hello(P.PROTOCOL_VERSION - 2)
         assert refused["type"] == "error" and refused["code"] == "version" and refused["fatal"]
         assert f"version {P.PROTOCOL_VERSION - 2}" in refused["message"]
