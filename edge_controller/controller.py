@@ -99,7 +99,9 @@ class EdgeController:
         self.verifier = verifier
         self.target = target
         self.draft_control = DraftController(config.control, verify_time or AffineFit(),
-                                             max_delay_s=config.server.round_deadline_s)
+                                             max_delay_s=config.server.round_deadline_s,
+                                             scheduler=config.server.scheduler,
+                                             predraft_len=config.server.predraft_len)
         self.continuous = config.server.scheduler in ("continuous", "proactive")
         self.scheduler: Scheduler = (
             ContinuousScheduler(config.server.batch_tokens) if self.continuous

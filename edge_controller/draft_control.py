@@ -46,6 +46,7 @@ from edge_controller.control.bandit import (
     round_credit,
 )
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
+from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, serving_plan
 from edge_controller.control.solvers import WARM_STARTED, equal_share_plan
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
@@ -93,8 +94,13 @@ class DeviceEstimates:
 
 class DraftController:
     def __init__(self, config: ControlConfig, verify_time: AffineFit,
-                 max_delay_s: float = float("inf")):
+                 max_delay_s: float = float("inf"), scheduler: str = "sync",
+                 predraft_len: int = DEFAULT_PREDRAFT_LEN):
         self.config = config
+        # The serving the plans are for: synchronous rounds, or continuous batching and
+        # proactive drafting with their own model (control/serving.py).
+        self.scheduler = scheduler
+        self.predraft_len = predraft_len
         self.verify_time = verify_time
         # The round waits for no device longer than its deadline, so no plan may either: a
         # device slower than that (or claiming to be) must not stretch everyone's round.
@@ -251,7 +257,10 @@ class DraftController:
             else:
                 options = ({"fixed_draft_len": self.config.draft_len}
                            if self.config.policy == "fixed-L" else {})
-                plan = solve(self.config.policy, *problem, warm=warm, **options)
+                plan = (solve(self.config.policy, *problem, warm=warm, **options)
+                        if self.scheduler == "sync" else
+                        serving_plan(self.config.policy, *problem, self.scheduler,
+                                     self.predraft_len, warm=warm, **options))
             solve_s = time.perf_counter() - started
             if not (np.isfinite(plan.bandwidth_share).all() and np.isfinite(plan.goodput_tok_s)):
                 raise ValueError("the solver returned a plan with non-finite numbers")

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from device_agent.agent import DeviceAgent, SamplingOptions, confirmed_predraft
 from device_agent.drafter import Drafter, DraftResult
@@ -20,6 +18,7 @@ from edge_controller.verifier.engine import Verifier
 from edge_controller.verifier.sampling import process_logits
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
 from models.target import greedy_mismatch
+from tests.test_sampling_e2e import assert_follows
 
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -189,18 +188,7 @@ def test_sampling_after_a_confirmed_guess_follows_the_target(target, default_mod
     assert len(tokens) >= 150, {p: len(t) for p, t in by_prefix.items()}
     with torch.no_grad():
         logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1:].float()
-    p = process_logits(logits, [SamplingParams(**params)])[0].double().numpy()
-    support = np.flatnonzero(p > 0)
-    assert set(tokens) <= set(support.tolist()), "a token the target can never emit"
-    observed = np.array([tokens.count(t) for t in support])
-    expected = p[support] / p[support].sum() * len(tokens)
-    keep = expected >= 5
-    observed = np.append(observed[keep], observed[~keep].sum())
-    expected = np.append(expected[keep], expected[~keep].sum())
-    if expected[-1] == 0:
-        observed, expected = observed[:-1], expected[:-1]
-    result = stats.chisquare(observed, expected)
-    assert result.pvalue > 1e-3, f"chi-square p={result.pvalue:.2e}: {observed} vs {expected}"
+    assert_follows(tokens, process_logits(logits, [SamplingParams(**params)])[0].double().numpy())
 
 
 @pytest.mark.slow

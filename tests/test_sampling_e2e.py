@@ -25,6 +25,22 @@ BATCH = 32
 PARAMS = dict(temperature=1.0, top_p=1.0, top_k=6)
 
 
+def assert_follows(tokens: list[int], p: np.ndarray) -> None:
+    """The drawn ``tokens`` follow the distribution ``p`` ([V]): none outside its support,
+    and chi-square (rare tokens lumped into one bin) above p = 1e-3."""
+    support = np.flatnonzero(p > 0)
+    assert set(tokens) <= set(support.tolist()), "a token the target can never emit"
+    observed = np.array([tokens.count(t) for t in support])
+    expected = p[support] / p[support].sum() * len(tokens)
+    keep = expected >= 5  # lump rare tokens into one bin, as chi-square needs
+    observed = np.append(observed[keep], observed[~keep].sum())
+    expected = np.append(expected[keep], expected[~keep].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    result = stats.chisquare(observed, expected)
+    assert result.pvalue > 1e-3, f"chi-square p={result.pvalue:.2e}: {observed} vs {expected}"
+
+
 def target_first_token_distribution(model, prompt_ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids])).logits[0, -1:].float()
@@ -58,17 +74,7 @@ def test_first_tokens_follow_the_target_distribution(target, default_models):
             first_tokens.append(first)
             verifier.close(item.slot)
 
-    support = np.flatnonzero(p_target > 0)
-    assert set(first_tokens) <= set(support.tolist()), "a token the target can never emit"
-    observed = np.array([first_tokens.count(t) for t in support])
-    expected = p_target[support] / p_target[support].sum() * DRAWS
-    keep = expected >= 5  # lump rare tokens into one bin, as chi-square needs
-    observed = np.append(observed[keep], observed[~keep].sum())
-    expected = np.append(expected[keep], expected[~keep].sum())
-    if expected[-1] == 0:
-        observed, expected = observed[:-1], expected[:-1]
-    result = stats.chisquare(observed, expected)
-    assert result.pvalue > 1e-3, f"chi-square p={result.pvalue:.2e}: {observed} vs {expected}"
+    assert_follows(first_tokens, p_target)
     # Speculative sampling accepts the first draft token with probability sum_x min(p, q)
     # (= 1 - TV(p, q)); q is the same at the first position of every draw.
     q = np.zeros_like(p_target)

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from edge_controller.config import SCHEDULERS
+
 POLICY_NAMES = (
     "homogeneous",
     "heterogeneous",
@@ -27,17 +29,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("scenario", help="scenario TOML file (see configs/scenarios/)")
     parser.add_argument("--policy", choices=POLICY_NAMES, default="heterogeneous")
+    add_scheduler_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="sync",
+                        help="the serving the plan is for: synchronous rounds (the default), "
+                        "continuous batching or proactive drafting, each with its own model "
+                        "(docs/system-model.md); heterogeneous is solved for it, the other "
+                        "policies' synchronous plans are scored by it")
+    parser.add_argument("--predraft-len", type=int, default=16, metavar="N",
+                        help="proactive: tokens a device drafts past its upload at most "
+                        "(default 16, as server.predraft_len)")
 
 
 def run(args: argparse.Namespace) -> int:
     from edge_controller.control.scenario import ScenarioError, load_scenario
+    from edge_controller.control.serving import serving_plan
     from edge_controller.control.solvers import solve
 
     try:
         scenario = load_scenario(args.scenario)
         start = time.perf_counter()
-        plan = solve(args.policy, scenario.system, scenario.users)
+        if args.scheduler == "sync":
+            plan = solve(args.policy, scenario.system, scenario.users)
+        else:
+            plan = serving_plan(args.policy, scenario.system, scenario.users, args.scheduler,
+                                args.predraft_len)
         solve_s = time.perf_counter() - start
     except (ScenarioError, ValueError) as err:
         print(f"edge-controller plan: {err}", file=sys.stderr)
@@ -61,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "scenario": scenario.name,
             "policy": plan.policy,
+            "scheduler": args.scheduler,
             "goodput_tok_s": plan.goodput_tok_s,
             "round_time_s": plan.round_time_s,
             "solve_s": solve_s,
@@ -68,15 +88,17 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(report, indent=2))
         return 0
-    print(f"scenario {scenario.name}: policy {plan.policy}, {len(users)} users")
+    print(f"scenario {scenario.name}: policy {plan.policy}, {len(users)} users, "
+          f"{args.scheduler}")
     print(f"{'user':<20} {'L':>3} {'share':>7} {'tok/s':>9}")
     for user in users:
         print(
             f"{user['name']:<20} {user['draft_len']:>3} {user['bandwidth_share']:>7.3f} "
             f"{user['goodput_tok_s']:>9.2f}"
         )
+    what = "round" if args.scheduler == "sync" else "mean cycle"
     print(
-        f"goodput {plan.goodput_tok_s:.2f} tok/s, round {plan.round_time_s * 1e3:.1f} ms, "
+        f"goodput {plan.goodput_tok_s:.2f} tok/s, {what} {plan.round_time_s * 1e3:.1f} ms, "
         f"solved in {solve_s * 1e3:.2f} ms"
     )
     return 0

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from edge_controller.cli.plan import POLICY_NAMES
+from edge_controller.cli.plan import POLICY_NAMES, add_scheduler_arguments
 from edge_controller.config import ACCEPTANCE_MODELS
 
 BEST_FIXED = "best-fixed-L"  # edge_controller.simulator.runs (not imported: --help stays fast)
@@ -22,7 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "with the live controller's draft control running POLICY on what it measures, and "
         "the oracle (who knows the true parameters at every moment and re-solves) on the "
         f"same scenario. {BEST_FIXED}: fixed-L with the L best on the scenario's first "
-        "phase. docs/simulator.md.",
+        "phase. --scheduler continuous|proactive: each device cycles on its own and the "
+        "verifier batches what is in; POLICY's plan for that serving is solved once on the "
+        "first phase's truth and held, the oracle re-solves at every change. "
+        "docs/simulator.md.",
     )
     parser.add_argument("scenario", help="scenario TOML file (see configs/scenarios/)")
     parser.add_argument("--policy", choices=(*POLICY_NAMES, *ONLINE_POLICY_NAMES, BEST_FIXED),
@@ -33,6 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--acceptance", choices=ACCEPTANCE_MODELS, default="geometric",
                         help="the acceptance model the controller plans with (the truth is "
                         "the scenario's)")
+    add_scheduler_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -63,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         scenario = load_scenario(args.scenario)
         report = simulate_scenario(scenario, args.policy, args.seconds, args.seed,
-                                   args.acceptance, progress)
+                                   args.acceptance, progress, args.scheduler,
+                                   args.predraft_len)
     except (ScenarioError, ValueError) as err:
         print(f"edge-controller simulate: {err}", file=sys.stderr)
         return 2
@@ -73,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     ratio = report["ratio_to_oracle"]
-    print(f"scenario {report['scenario']}: policy {args.policy}, {args.seconds:g} simulated "
-          f"s, {report['rounds']} rounds")
+    rounds = "rounds" if args.scheduler == "sync" else "forwards"
+    print(f"scenario {report['scenario']}: policy {args.policy}, {args.scheduler}, "
+          f"{args.seconds:g} simulated s, {report['rounds']} {rounds}, verifier busy "
+          f"{report['verifier_busy']:.0%}")
     print(f"{'user':<24} {'tok/s':>8} {'oracle':>8} {'mean L':>7}")
     for user in report["users"]:
         print(f"{user['name']:<24} {user['goodput_tok_s']:>8.2f} "

@@ -17,6 +17,7 @@ import numpy as np
 from edge_controller.config import ControlConfig
 from edge_controller.control import Plan, SystemParams, UserParams, solve
 from edge_controller.control.estimators import AffineFit
+from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, serving_plan
 from edge_controller.draft_control import DraftController, seed_from_law
 from edge_controller.simulator.engine import Decisions, RoundRecord
 
@@ -36,14 +37,20 @@ class FixedPlan:
 
 
 class Oracle:
-    """Solves ``policy`` on the true parameters at the start and at every change."""
+    """Solves ``policy`` on the true parameters at the start and at every change, for
+    ``scheduler``'s serving (continuous and proactive: control/serving.py)."""
 
-    def __init__(self, policy: str = "heterogeneous") -> None:
+    def __init__(self, policy: str = "heterogeneous", scheduler: str = "sync",
+                 predraft_len: int = DEFAULT_PREDRAFT_LEN) -> None:
         self.policy = policy
+        self.scheduler = scheduler
+        self.predraft_len = predraft_len
         self.system: SystemParams | None = None
 
     def _solve(self, users: UserParams) -> Decisions:
-        plan = solve(self.policy, self.system, users)
+        plan = (solve(self.policy, self.system, users) if self.scheduler == "sync" else
+                serving_plan(self.policy, self.system, users, self.scheduler,
+                             self.predraft_len))
         return Decisions(plan.draft_len, plan.bandwidth_share)
 
     def start(self, system: SystemParams, users: UserParams) -> Decisions:

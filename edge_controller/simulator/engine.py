@@ -1,6 +1,7 @@
-"""The discrete-event simulator of synchronous rounds: the project's one simulator.
+"""The discrete-event simulator: the project's one simulator, of synchronous rounds
+(SyncSimulation) and of continuous batching and proactive drafting (ServingSimulation).
 
-Events, on one simulated clock (seconds):
+Events of synchronous rounds, on one simulated clock (seconds):
 
     DRAFTED k    device k finished drafting its L_k tokens (L_k t_k after the round began)
     ARRIVED k    its upload of b0 + L_k b bits at beta_k B s_k bit/s and its delay d_k
@@ -9,6 +10,22 @@ Events, on one simulated clock (seconds):
                  tokens was verified (T_v); every device gets its accepted drafts and one
                  correction/bonus token, and the next round begins
     DRIFT        the scenario's true parameters change ([[drift]] entries)
+
+Events of continuous batching (each device cycles on its own, docs/scheduling.md):
+
+    DRAFTED k    device k finished drafting (less what it pre-drafted, if proactive)
+    ARRIVED k    its upload and delay are behind it: the draft waits at the verifier
+    FORWARDED    the forward in flight is done: its devices get their verdicts and start
+                 drafting again; every draft waiting (oldest first, within the token
+                 budget) goes into the next forward at once
+    DRIFT        as above
+
+Proactive drafting: between its upload and its verdict a device drafts on (its guess,
+then up to L more, within the cap, at its drafting speed); the verdict confirms the guess
+when all of the draft was accepted and the draft's guess matches the bonus token, which
+happens as often as a draft token at the next position is accepted (drawn from the
+acceptance model; a trace replays it); the next draft then starts with what was drafted
+past the guess.
 
 Each leg uses the parameters true when it starts. Acceptance is drawn position by position
 from the device's true acceptance model (geometric or a curve), or replayed from a
@@ -30,6 +47,7 @@ import numpy as np
 from edge_controller.control.model import SystemParams, UserParams
 
 DRAFTED, ARRIVED, VERIFIED, DRIFT = "drafted", "arrived", "verified", "drift"
+FORWARDED = "forwarded"
 MAX_ROUNDS = 5_000_000  # every round lasts at least T_v's base: seconds / base_s bounds them
 
 
@@ -95,6 +113,8 @@ class SimulationResult:
     # (P, K) tokens delivered in each phase: before the first change time, between each
     # change time and the next, after the last
     phase_tokens: np.ndarray = field(default_factory=lambda: np.zeros((1, 0)))
+    busy_s: float = 0.0  # time the verifier spent in forwards
+    predraft_paid: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (K,) proactive
 
     @property
     def user_goodput_tok_s(self) -> np.ndarray:
@@ -115,9 +135,8 @@ def _draw_accepted(
     return np.cumprod(accepted & within, axis=0).sum(axis=0)
 
 
-class SyncSimulation:
-    """Synchronous rounds of ``system`` whose users' truth at time t is ``users_at(t)``,
-    changing at ``change_times``; lengths and shares from ``decider``."""
+class _Simulation:
+    """What both simulations share: the event queue, acceptance, decisions, the start."""
 
     def __init__(
         self,
@@ -151,30 +170,58 @@ class SyncSimulation:
         return np.array([min(int(runs[round_index % runs.size]), int(length))
                          for runs, length in zip(self.trace.runs, draft_len, strict=True)])
 
-    def run(self, seconds: float,
-            progress: Callable[[float], None] | None = None) -> SimulationResult:
-        """Simulate ``seconds`` of simulated time; tokens count when their verdict is out.
-        ``progress(now)`` is called after every round."""
+    def _start(self, seconds: float) -> tuple[UserParams, Decisions, SimulationResult]:
+        """A run starts from nothing (runs may repeat): the first truth and decisions, an
+        empty result, the drifts queued."""
         if not 0 < seconds < np.inf:
             raise ValueError(f"simulated seconds must be finite and > 0, got {seconds}")
         most = seconds / self.system.verify_time.base_s
         if most > MAX_ROUNDS:
             raise ValueError(
-                f"{seconds:g} simulated s of rounds as short as T_v's base "
-                f"({self.system.verify_time.base_s:g} s) could be {most:.3g} rounds, more than "
-                f"{MAX_ROUNDS:,}: simulate less time")
-        self._events.clear()  # a run starts from nothing: runs may repeat
+                f"{seconds:g} simulated s of forwards as short as T_v's base "
+                f"({self.system.verify_time.base_s:g} s) could be {most:.3g} of them, more "
+                f"than {MAX_ROUNDS:,}: simulate less time")
+        self._events.clear()
         users = self.users_at(0.0)
         k = users.num_users
         if self.trace is not None and len(self.trace.runs) != k:
             raise ValueError(f"the trace holds {len(self.trace.runs)} devices, not {k}")
-        now_in_force = self._checked(self.decider.start(self.system, users), k)
-        pending: Decisions | None = None  # takes effect when the next round begins
+        decisions = self._checked(self.decider.start(self.system, users), k)
         result = SimulationResult(seconds, np.zeros(k), 0, np.zeros(k), np.zeros(k),
-                                  phase_tokens=np.zeros((len(self.change_times) + 1, k)))
-        result.draft_len_changes.append((0.0, now_in_force.draft_len))
+                                  phase_tokens=np.zeros((len(self.change_times) + 1, k)),
+                                  predraft_paid=np.zeros(k))
+        result.draft_len_changes.append((0.0, decisions.draft_len))
         for t in self.change_times:
             self._push(t, DRIFT)
+        return users, decisions, result
+
+    def _checked(self, decisions: Decisions, k: int) -> Decisions:
+        draft_len = np.asarray(decisions.draft_len, dtype=int).reshape(-1)
+        share = np.asarray(decisions.share, dtype=float).reshape(-1)
+        if draft_len.shape != (k,) or share.shape != (k,):
+            raise ValueError(f"decisions for {draft_len.size} devices, expected {k}")
+        if (draft_len < 0).any() or (draft_len > self.system.max_draft_len).any():
+            raise ValueError(f"draft lengths {draft_len.tolist()} outside 0..L_max")
+        return Decisions(draft_len, share)
+
+    def _upload_s(self, users: UserParams, decisions: Decisions, device: int,
+                  bits: float) -> float:
+        rate = (decisions.share[device] * self.system.bandwidth_hz
+                * users.spectral_efficiency[device])
+        return 0.0 if bits <= 0 else bits / rate if rate > 0 else np.inf  # no share: never
+
+
+class SyncSimulation(_Simulation):
+    """Synchronous rounds of ``system`` whose users' truth at time t is ``users_at(t)``,
+    changing at ``change_times``; lengths and shares from ``decider``."""
+
+    def run(self, seconds: float,
+            progress: Callable[[float], None] | None = None) -> SimulationResult:
+        """Simulate ``seconds`` of simulated time; tokens count when their verdict is out.
+        ``progress(now)`` is called after every round."""
+        users, now_in_force, result = self._start(seconds)
+        k = users.num_users
+        pending: Decisions | None = None  # takes effect when the next round begins
         started, arrived = 0.0, np.full(k, np.nan)
         draft_s = bits = np.zeros(k)
 
@@ -201,10 +248,7 @@ class SyncSimulation:
                 changed = self.decider.on_drift(now, users)
                 pending = pending if changed is None else self._checked(changed, k)
             elif kind == DRAFTED:
-                rate = (now_in_force.share[device] * self.system.bandwidth_hz
-                        * users.spectral_efficiency[device])
-                upload_s = (0.0 if bits[device] <= 0 else bits[device] / rate if rate > 0
-                            else np.inf)  # no share for a non-empty upload: it never arrives
+                upload_s = self._upload_s(users, now_in_force, device, bits[device])
                 self._push(now + upload_s + users.delay_s[device], ARRIVED, device)
             elif kind == ARRIVED:
                 arrived[device] = now
@@ -219,6 +263,7 @@ class SyncSimulation:
                 result.drafted += draft_len
                 result.accepted += accepted
                 result.rounds += 1
+                result.busy_s += now - float(arrived.max())
                 record = RoundRecord(started, draft_len, draft_s, bits, arrived.copy(),
                                      now - float(arrived.max()), accepted)
                 changed = self.decider.after_round(now, record)
@@ -228,11 +273,129 @@ class SyncSimulation:
                     progress(now)
         return result
 
-    def _checked(self, decisions: Decisions, k: int) -> Decisions:
-        draft_len = np.asarray(decisions.draft_len, dtype=int).reshape(-1)
-        share = np.asarray(decisions.share, dtype=float).reshape(-1)
-        if draft_len.shape != (k,) or share.shape != (k,):
-            raise ValueError(f"decisions for {draft_len.size} devices, expected {k}")
-        if (draft_len < 0).any() or (draft_len > self.system.max_draft_len).any():
-            raise ValueError(f"draft lengths {draft_len.tolist()} outside 0..L_max")
-        return Decisions(draft_len, share)
+
+class ServingSimulation(_Simulation):
+    """Continuous batching (and with ``proactive``, proactive drafting up to
+    ``predraft_len`` tokens past an upload) of ``system``; the truth and decisions as
+    SyncSimulation's, a device taking new decisions at its next draft. Deciders see no
+    rounds here (``after_round`` is not called): fixed plans and the oracle."""
+
+    def __init__(self, system: SystemParams, users_at: Callable[[float], UserParams],
+                 decider: Decider, change_times: Sequence[float] = (), seed: int = 0,
+                 trace: AcceptanceTrace | None = None, proactive: bool = False,
+                 predraft_len: int = 16, batch_tokens: int = 256) -> None:
+        super().__init__(system, users_at, decider, change_times, seed, trace)
+        if batch_tokens < system.max_draft_len + 1:
+            raise ValueError("batch_tokens must hold the longest draft (max_draft_len + 1)")
+        self.proactive = proactive
+        self.predraft_len = predraft_len
+        self.batch_tokens = batch_tokens
+
+    def _verdict(self, users: UserParams, device: int, draft_len: int,
+                 index: int) -> tuple[int, bool]:
+        """(leading drafts accepted, the guess of the bonus token right) for one draft."""
+        if self.trace is not None:
+            runs, drafted = self.trace.runs[device], int(self.trace.drafted[device])
+            if draft_len > drafted:
+                raise ValueError(f"the trace holds {drafted} drafts per round for device "
+                                 f"{device}; cannot replay draft length {draft_len}")
+            run = int(runs[index % runs.size])
+            return min(run, draft_len), draft_len < drafted and run > draft_len
+        probs = users.acceptance.position_probs(draft_len + 1)[:, device]
+        passed = self.rng.random(draft_len + 1) < probs
+        accepted = int(np.cumprod(passed[:draft_len]).sum())
+        return accepted, accepted == draft_len and bool(passed[draft_len])
+
+    def run(self, seconds: float,
+            progress: Callable[[float], None] | None = None) -> SimulationResult:
+        """Simulate ``seconds``; tokens count when their verdict is out. ``progress(now)``
+        is called after every forward."""
+        users, in_force, result = self._start(seconds)
+        k = users.num_users
+        length = np.zeros(k, dtype=int)  # of the draft each device has in flight
+        sent_at = np.zeros(k)  # when its upload went out (pre-drafting starts)
+        ahead = np.zeros(k, dtype=int)  # drafted past a confirmed guess
+        drafts = np.zeros(k, dtype=int)  # drafts verified per device (trace replay)
+        waiting: list[int] = []  # devices whose draft is in, oldest first
+        in_forward: list[int] = []
+
+        def start_draft(device: int, now: float) -> None:
+            length[device] = in_force.draft_len[device]
+            used = min(int(length[device]), int(ahead[device]))
+            ahead[device] = 0
+            self._push(now + (length[device] - used) * users.draft_s_per_token[device],
+                       DRAFTED, device)
+
+        def launch(now: float) -> None:
+            tokens = 0
+            while waiting and (not in_forward or tokens + length[waiting[0]] + 1
+                               <= self.batch_tokens):
+                device = waiting.pop(0)
+                in_forward.append(device)
+                tokens += int(length[device]) + 1
+            forward_s = float(self.system.verify_time.of_tokens(tokens))
+            result.busy_s += forward_s
+            self._push(now + forward_s, FORWARDED)
+
+        for device in range(k):
+            start_draft(device, 0.0)
+        while self._events:
+            now, _, kind, device = heapq.heappop(self._events)
+            if now > seconds:
+                break
+            if kind == DRIFT:
+                users = self.users_at(now)
+                changed = self.decider.on_drift(now, users)
+                if changed is not None:
+                    in_force = self._checked(changed, k)
+                    result.draft_len_changes.append((now, in_force.draft_len))
+            elif kind == DRAFTED:
+                bits = float(self.system.upload_bits(length[device]))
+                upload_s = self._upload_s(users, in_force, device, bits)
+                sent_at[device] = now + upload_s
+                self._push(now + upload_s + users.delay_s[device], ARRIVED, device)
+            elif kind == ARRIVED:
+                waiting.append(device)
+                if not in_forward:
+                    launch(now)
+            else:  # FORWARDED: verdicts out; those drafts' devices draft again
+                phase = bisect.bisect_right(self.change_times, now)
+                for member in in_forward:
+                    draft_len = int(length[member])
+                    accepted, guessed = self._verdict(users, member, draft_len,
+                                                      int(drafts[member]))
+                    drafts[member] += 1
+                    result.tokens[member] += accepted + 1
+                    result.phase_tokens[phase, member] += accepted + 1
+                    result.drafted[member] += draft_len
+                    result.accepted[member] += accepted
+                    free_at = now
+                    if self.proactive:
+                        done = self._predrafted(users, member, draft_len,
+                                                now - sent_at[member])
+                        # the token in hand when the verdict came is finished first
+                        free_at = max(now, sent_at[member]
+                                      + done * float(users.draft_s_per_token[member]))
+                        if done and guessed:
+                            ahead[member] = done - 1
+                            result.predraft_paid[member] += 1
+                    start_draft(member, free_at)
+                in_forward.clear()
+                result.rounds += 1
+                if waiting:
+                    launch(now)
+                if progress is not None:
+                    progress(now)
+        return result
+
+    def _predrafted(self, users: UserParams, device: int, draft_len: int,
+                    window_s: float) -> int:
+        """Tokens drafted past an upload whose verdict came ``window_s`` after it, the
+        guess included: every token begun before the verdict (the agent finishes the one
+        in hand), at most 1 + L within the cap; none where the agent would not pre-draft
+        (fewer than 2 allowed)."""
+        most = min(1 + draft_len, self.predraft_len)
+        if most < 2:
+            return 0
+        t = float(users.draft_s_per_token[device])
+        return most if t <= 0 else min(most, int(window_s // t) + 1)

@@ -13,8 +13,14 @@ from edge_controller.config import ControlConfig
 from edge_controller.control import POLICIES, Plan, SystemParams, UserParams, solve
 from edge_controller.control.bandit import ONLINE_POLICIES
 from edge_controller.control.scenario import Scenario
+from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, serving_plan
 from edge_controller.simulator.deciders import Controlled, FixedPlan, Oracle
-from edge_controller.simulator.engine import Decider, SimulationResult, SyncSimulation
+from edge_controller.simulator.engine import (
+    Decider,
+    ServingSimulation,
+    SimulationResult,
+    SyncSimulation,
+)
 
 BEST_FIXED = "best-fixed-L"  # fixed-L with the L tuned on the scenario's first phase
 SIMULATED_POLICIES = (*POLICIES, *ONLINE_POLICIES, BEST_FIXED)
@@ -49,10 +55,32 @@ def _decider(scenario: Scenario, policy: str, acceptance: str) -> tuple[Decider,
     return Controlled(config), extra
 
 
+def _serving_decider(scenario: Scenario, policy: str, scheduler: str,
+                     predraft_len: int) -> tuple[Decider, dict]:
+    """The policy's plan for continuous or proactive serving, on the first phase's truth."""
+    if policy in ONLINE_POLICIES:
+        raise ValueError("the online policies learn from synchronous rounds: --scheduler sync")
+    if policy not in SIMULATED_POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {list(SIMULATED_POLICIES)}")
+    extra: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    if policy == BEST_FIXED:
+        extra["fixed_draft_len"] = options["fixed_draft_len"] = best_fixed_len(scenario)
+        policy = "fixed-L"
+    plan = serving_plan(policy, scenario.system, scenario.users_at(0.0), scheduler,
+                        predraft_len, **options)
+    return FixedPlan(plan), extra
+
+
 def _run(scenario: Scenario, decider: Decider, seconds: float, seed: int,
-         progress: Callable[[float], None] | None) -> SimulationResult:
-    return SyncSimulation(scenario.system, scenario.users_at, decider,
-                          scenario.change_times(), seed).run(seconds, progress)
+         progress: Callable[[float], None] | None, scheduler: str = "sync",
+         predraft_len: int = DEFAULT_PREDRAFT_LEN) -> SimulationResult:
+    if scheduler == "sync":
+        return SyncSimulation(scenario.system, scenario.users_at, decider,
+                              scenario.change_times(), seed).run(seconds, progress)
+    return ServingSimulation(scenario.system, scenario.users_at, decider,
+                             scenario.change_times(), seed, proactive=scheduler == "proactive",
+                             predraft_len=predraft_len).run(seconds, progress)
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -61,18 +89,26 @@ def _ratio(a: float, b: float) -> float | None:
 
 def simulate_scenario(scenario: Scenario, policy: str, seconds: float, seed: int = 0,
                       acceptance: str = "geometric",
-                      progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
-    """Run ``policy`` (through the live DraftController, estimating everything) and the
-    oracle on the scenario for ``seconds`` simulated seconds; the report of ``simulate
-    --json``. ``progress(run, now)``: after every round of the run ("policy", "oracle").
-    Raises ValueError on a policy or scenario it cannot run."""
+                      progress: Callable[[str, float], None] | None = None,
+                      scheduler: str = "sync",
+                      predraft_len: int = DEFAULT_PREDRAFT_LEN) -> dict[str, Any]:
+    """Run ``policy`` and the oracle on the scenario for ``seconds`` simulated seconds; the
+    report of ``simulate --json``. Synchronous rounds: the policy through the live
+    DraftController, estimating everything. Continuous or proactive (``scheduler``): the
+    policy's plan for that serving, solved on the first phase's truth and held; the
+    oracle re-solves it at every change. ``progress(run, now)``: after every round (or
+    forward) of the run ("policy", "oracle"). Raises ValueError on a policy or scenario
+    it cannot run."""
     if not 0 < seconds <= MAX_SECONDS:
         raise ValueError(f"simulated seconds must be in (0, {MAX_SECONDS:g}], got {seconds}")
-    decider, extra = _decider(scenario, policy, acceptance)
+    if scheduler == "sync":
+        decider, extra = _decider(scenario, policy, acceptance)
+    else:
+        decider, extra = _serving_decider(scenario, policy, scheduler, predraft_len)
     ours = _run(scenario, decider, seconds, seed,
-                progress and (lambda now: progress("policy", now)))
-    oracle = _run(scenario, Oracle(ORACLE_POLICY), seconds, seed,
-                  progress and (lambda now: progress("oracle", now)))
+                progress and (lambda now: progress("policy", now)), scheduler, predraft_len)
+    oracle = _run(scenario, Oracle(ORACLE_POLICY, scheduler, predraft_len), seconds, seed,
+                  progress and (lambda now: progress("oracle", now)), scheduler, predraft_len)
     names = scenario.users.names
     bounds = [0.0, *[t for t in scenario.change_times() if t < seconds], seconds]
     phases = []
@@ -87,6 +123,7 @@ def simulate_scenario(scenario: Scenario, policy: str, seconds: float, seed: int
     return {
         "scenario": scenario.name,
         "policy": policy,
+        "scheduler": scheduler,
         **extra,
         "acceptance": acceptance,
         "seconds": seconds,
@@ -96,6 +133,7 @@ def simulate_scenario(scenario: Scenario, policy: str, seconds: float, seed: int
         "ratio_to_oracle": _ratio(ours.goodput_tok_s, oracle.goodput_tok_s),
         "rounds": ours.rounds,
         "oracle_rounds": oracle.rounds,
+        "verifier_busy": ours.busy_s / seconds,
         "users": [
             {"name": name, "goodput_tok_s": float(ours.user_goodput_tok_s[i]),
              "oracle_goodput_tok_s": float(oracle.user_goodput_tok_s[i]),

@@ -111,7 +111,8 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
     events = [json.loads(line) for line in timeline.read_text().splitlines()]
     users = [_user_summary(d, runs, events, server_decode)
              for d, runs in zip(spec.devices, results, strict=True)]
-    steady = steady_state(events, [d.name for d in spec.devices], spec.bandwidth_hz, policy)
+    steady = steady_state(events, [d.name for d in spec.devices], spec.bandwidth_hz, policy,
+                          scheduler, spec.predraft_len)
     summary = {
         "scheduler": scheduler,
         "goodput_tok_s": steady.get("measured_tok_s", sum(u["goodput_tok_s"] for u in users)),
@@ -293,8 +294,9 @@ _SIMULATED_ROUNDS = 2000  # of the last plan, to score it in the simulator
 
 
 def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
-                 policy: str) -> dict:
-    """Goodput while every device was generating, measured and as the model predicts it.
+                 policy: str, scheduler: str = "sync", predraft_len: int = 16) -> dict:
+    """Goodput while every device was generating, measured and as the model predicts it
+    (the model of ``scheduler``'s serving: the controller plans with it).
 
     The window runs from the first round by which every device had been in a round to the
     first device's last round. Measured: committed tokens of the rounds in it / its length
@@ -305,6 +307,8 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     from edge_controller.control import evaluate
     from edge_controller.draft_control import problem_from_snapshot
     from edge_controller.simulator import simulate_plan
+    from edge_controller.simulator.deciders import FixedPlan
+    from edge_controller.simulator.engine import ServingSimulation
 
     rounds = [e for e in events if "devices" in e]
     first: dict[str, float] = {}
@@ -340,7 +344,11 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
                     [decisions[i]["bandwidth_share"] for i in ids])
     if plan.round_time_s < float("inf"):
         seconds = _SIMULATED_ROUNDS * plan.round_time_s
-        result["simulated_tok_s"] = simulate_plan(system, users, plan, seconds).goodput_tok_s
+        result["simulated_tok_s"] = (
+            simulate_plan(system, users, plan, seconds) if scheduler == "sync" else
+            ServingSimulation(system, lambda _: users, FixedPlan(plan),
+                              proactive=scheduler == "proactive",
+                              predraft_len=predraft_len).run(seconds)).goodput_tok_s
     return result
 
 
