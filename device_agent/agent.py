@@ -412,6 +412,8 @@ class DeviceAgent:
         request's room. Stops at the first message that is not a pong or a control
         (the verdict, most likely), which is held for ``_expect``."""
         cap = self.welcome.predraft_len if self.welcome is not None else 0
+        if not cap:
+            return None
         room = request.max_new_tokens - len(request.committed) - len(uploaded)
         context = len(request.prompt_ids) + len(request.committed) + len(uploaded)
         n = min(cap, 1 + draft_len, room, self.drafter.n_ctx - context)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from difflib import SequenceMatcher
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device_agent.drafter import DraftResult
+from edge_controller.protocol import MAX_PROMPT_TOKENS
 from edge_controller.verifier.slots import NEAR_TIE_MARGIN
 from models.traces import TRACES_DIR, Trace, TraceSet
 
@@ -47,6 +49,7 @@ class ReplayDrafter:
         self.vocab_size = traces.vocab_size
         self.eos_token_ids = list(traces.eos_token_ids)
         self.speed = speed
+        self.n_ctx = MAX_PROMPT_TOKENS + 1  # no context of its own: the wire's limit
         self.sequence: list[int] = []
         self._trace: Trace | None = None
 
@@ -66,22 +69,31 @@ class ReplayDrafter:
             raise ValueError("no trace was recorded for this prompt")
         self._trace, self.sequence = trace, list(prompt_ids)
 
-    def draft(self, n: int, *, temperature: float = 0.0, top_k: int = 32,
-              seed: int = 0) -> DraftResult:
-        """The recorded draft after the committed output, ``n`` tokens of it; past the end
-        of the recording, or once the output left the truth, the draft is empty."""
+    def draft(self, n: int, *, temperature: float = 0.0, top_k: int = 32, seed: int = 0,
+              after: Sequence[int] = (), stop: Callable[[], bool] | None = None) -> DraftResult:
+        """The recorded draft after the committed output and ``after`` (pre-drafting past
+        an upload), ``n`` tokens of it, each taking its recorded time; ``stop()``, asked
+        after each token, ends it early. Past the end of the recording, or once the output
+        left the truth, the draft is empty."""
         if self._trace is None:
             raise RuntimeError("draft() before begin()")
         if temperature != 0:
             raise ValueError("synthetic devices replay greedy drafts only")
         trace = self._trace
-        output = self.sequence[len(trace.prompt_ids):]
+        output = self.sequence[len(trace.prompt_ids):] + list(after)
         p = len(output)
         follows = p < len(trace.drafts) and output == trace.truth[:p]
-        tokens = trace.drafts[p][:n] if follows else []
-        seconds = len(tokens) * trace.draft_s_per_token / self.speed
-        time.sleep(seconds)
-        return DraftResult(tokens=list(tokens), seconds=seconds)
+        recorded = trace.drafts[p][:n] if follows else []
+        per_token = trace.draft_s_per_token / self.speed
+        result = DraftResult(tokens=[])
+        for i, token in enumerate(recorded):
+            time.sleep(per_token)
+            result.tokens.append(token)
+            if stop is not None and i + 1 < len(recorded) and stop():
+                result.stopped = True
+                break
+        result.seconds = len(result.tokens) * per_token
+        return result
 
     def accept(self, committed: list[int]) -> None:
         self.sequence.extend(committed)

@@ -218,16 +218,17 @@ def test_proactive_devices_get_the_targets_output_and_use_only_confirmed_pre_dra
         assert problem is None, (spec.device_id, problem)
         s = result["stats"]
         assert s["predraft_rounds"] > 0 and s["predraft_paid"] > 0, (spec.device_id, s)
-        assert s["predraft_used"] > 0
         assert s["predrafted"] == (s["predraft_used"] + s["predraft_wasted"]
                                    + s["predraft_paid"])
-    assert results[1]["stats"]["predraft_cut"] > 0  # verdicts came while it pre-drafted
+    assert results[0]["stats"]["predraft_used"] > 0  # the fast device's pre-drafts went up
+    # The paced one's verdicts came while it pre-drafted (often after its guess alone).
+    assert results[1]["stats"]["predraft_cut"] > 0
     rounds = [json.loads(line) for line in timeline.read_text().splitlines()
               if '"verify_s"' in line]
     for device in ("fast", "paced"):
         mine = [d for r in rounds for d in r["devices"] if d["device"] == device]
         used = [i for i, d in enumerate(mine) if d["predrafted"]]
-        assert used, device
+        assert used or device == "paced", device
         assert all(mine[i - 1]["accepted"] == mine[i - 1]["draft_len"] for i in used)
         assert sum(d["predrafted"] for d in mine) == results[
             [s.device_id for s in specs].index(device)]["stats"]["predraft_used"]

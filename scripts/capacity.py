@@ -1,0 +1,137 @@
+"""How many devices one verifier serves: the capacity of four ways of serving, in the simulator.
+
+    .venv/bin/python scripts/capacity.py [--rate 5] [--max-devices 48] [--seconds 30]
+        [--plot docs/img/capacity.png] [--json out/capacity.json]
+
+N devices of a stated mix (the hetero-3 trial's three kinds of board, repeated: a code
+board, a chat laptop, a translating phone; drafting paced as in the trial, acceptance as
+measured there, its links) share one uplink band and one verifier. For each way of
+serving: synchronous rounds, continuous batching, proactive drafting (each with
+`heterogeneous` solved for it: docs/system-model.md) and server-side decoding (no
+drafts: the verifier decodes every device, one token per forward), N grows until the
+slowest device's goodput in the simulator falls below --rate. Two verify laws: the CPU
+verifier of this project's trials (fitted on their forwards, 135M target on one core:
+MEASURED) and a GPU-class law (ASSUMED, as configs/scenarios: a 7B-class target on an edge
+GPU). The capacity is the largest N at which every device still gets the rate.
+
+What it leaves out: the drafters' cores are the devices' own (a trial on one host shares
+them); prompts and prefill; the model's and simulator's simplifications
+(docs/system-model.md, docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_controller.control import SystemParams, UserParams, VerifyTime, solve  # noqa: E402
+from edge_controller.control.serving import serving_plan  # noqa: E402
+from edge_controller.simulator.deciders import FixedPlan  # noqa: E402
+from edge_controller.simulator.engine import ServingSimulation, SyncSimulation  # noqa: E402
+
+# The hetero-3 trial's devices (configs/trials/hetero-3.toml): drafting s/token (the
+# trial's pace, the drafter's own speed being faster), acceptance measured in its runs
+# (docs/results.md), spectral efficiency and one-way delay as its links (x 2: round trip).
+MIX = (  # name, t_k, a_k, s_k, d_k
+    ("code", 0.02, 0.95, 5.0, 0.010),
+    ("chat", 0.03, 0.65, 2.5, 0.020),
+    ("translate", 0.12, 0.55, 0.8, 0.060),
+)
+LAWS = {
+    "CPU (measured)": VerifyTime(0.0455, 0.0071),  # fit on 1,139 trial forwards, 1-24 tokens
+    "GPU (assumed)": VerifyTime(0.030, 0.0002),
+}
+SERVING = ("sync", "continuous", "proactive", "server-decode")
+BANDWIDTH_HZ = 1e6  # one 1 MHz uplink band for all of them
+BITS_PER_TOKEN, OVERHEAD_BITS = 16.0, 800.0  # greedy ids; ~100 bytes of framing
+
+
+def devices(n: int) -> UserParams:
+    rows = [MIX[i % len(MIX)] for i in range(n)]
+    return UserParams([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+                      [r[4] for r in rows], names=tuple(f"{r[0]}-{i}" for i, r in enumerate(rows)))
+
+
+def slowest_goodput(serving: str, law: VerifyTime, n: int, seconds: float) -> float:
+    """The lowest per-device goodput (tok/s) of n devices served this way, simulated."""
+    system = SystemParams(BANDWIDTH_HZ, BITS_PER_TOKEN, law, OVERHEAD_BITS, max_draft_len=16)
+    users = devices(n)
+    if serving == "server-decode":  # nothing drafted or uploaded, no link in the loop
+        users = UserParams(np.zeros(n), users.acceptance, users.spectral_efficiency, 0.0)
+        system = SystemParams(BANDWIDTH_HZ, BITS_PER_TOKEN, law, 0.0, max_draft_len=0)
+        plan = solve("fixed-L", system, users, fixed_draft_len=0)
+        result = ServingSimulation(system, lambda _: users, FixedPlan(plan)).run(seconds)
+    elif serving == "sync":
+        plan = solve("heterogeneous", system, users)
+        result = SyncSimulation(system, lambda _: users, FixedPlan(plan)).run(seconds)
+    else:
+        plan = serving_plan("heterogeneous", system, users, serving)
+        result = ServingSimulation(system, lambda _: users, FixedPlan(plan),
+                                   proactive=serving == "proactive").run(seconds)
+    return float(result.user_goodput_tok_s.min())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=5.0, help="tok/s every device must get")
+    parser.add_argument("--max-devices", type=int, default=48)
+    parser.add_argument("--seconds", type=float, default=30.0, help="simulated per point")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "capacity.png")
+    parser.add_argument("--json", type=Path, help="write every point here")
+    args = parser.parse_args(argv)
+    counts = sorted({1, 2, 3, *range(3, args.max_devices + 1, 3)})
+    curves: dict[str, dict[str, list[float]]] = {}
+    capacity: dict[str, dict[str, int]] = {}
+    for law_name, law in LAWS.items():
+        curves[law_name], capacity[law_name] = {}, {}
+        for serving in SERVING:
+            points = []
+            for n in tqdm(counts, desc=f"{law_name}, {serving}", unit="N", leave=False):
+                points.append(slowest_goodput(serving, law, n, args.seconds))
+                if points[-1] < args.rate / 2:  # far below: the rest only falls
+                    break
+            curves[law_name][serving] = points
+            ok = [n for n, g in zip(counts, points, strict=False) if g >= args.rate]
+            capacity[law_name][serving] = max(ok, default=0)
+            print(f"{law_name:>15} {serving:>13}: {capacity[law_name][serving]:>3} devices "
+                  f"at >= {args.rate:g} tok/s each")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rate": args.rate, "counts": counts,
+                                         "curves": curves, "capacity": capacity}, indent=2))
+    plot(curves, counts, args.rate, args.plot)
+    return 0
+
+
+def plot(curves: dict, counts: list[int], rate: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(11, 4), sharey=False)
+    for ax, (law_name, by_serving) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+        for serving, points in by_serving.items():
+            ax.plot(counts[: len(points)], points, marker="o", ms=3, label=serving)
+        ax.axhline(rate, color="k", ls="--", lw=0.8, label=f"{rate:g} tok/s")
+        ax.set(title=f"verifier: {law_name}", xlabel="devices (the hetero-3 mix, repeated)",
+               ylabel="slowest device's goodput (tok/s)", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Capacity of one verifier, simulated (heterogeneous plans for each serving)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
