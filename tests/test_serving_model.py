@@ -145,3 +145,14 @@ def test_simulate_and_plan_take_a_scheduler(scheduler):
                               "online", "--scheduler", scheduler],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "synchronous rounds" in refused.stderr
+
+
+def test_per_device_upload_laws_as_trials_measure_them():
+    """A trial's problem has each device's own b0 and b (its measured upload law)."""
+    system = SystemParams(1e5, np.array([16.0, 20.0]), VerifyTime(0.02, 0.001),
+                          overhead_bits=np.array([300.0, 500.0]))
+    users = UserParams([0.01, 0.02], [0.8, 0.6], [3.0, 2.0], [0.01, 0.02])
+    for scheduler in ("continuous", "proactive"):
+        plan = serving_plan("heterogeneous", system, users, scheduler)
+        simulated = _simulated(system, users, plan, scheduler, seconds=120).goodput_tok_s
+        assert plan.goodput_tok_s == pytest.approx(simulated, rel=0.1), scheduler

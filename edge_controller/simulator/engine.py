@@ -350,7 +350,8 @@ class ServingSimulation(_Simulation):
                     in_force = self._checked(changed, k)
                     result.draft_len_changes.append((now, in_force.draft_len))
             elif kind == DRAFTED:
-                bits = float(self.system.upload_bits(length[device]))
+                # b0 and b may be per device (a trial's measured upload laws)
+                bits = float(np.broadcast_to(self.system.upload_bits(length), (k,))[device])
                 upload_s = self._upload_s(users, in_force, device, bits)
                 sent_at[device] = now + upload_s
                 self._push(now + upload_s + users.delay_s[device], ARRIVED, device)
