@@ -274,8 +274,9 @@ class DraftController:
         self._planned |= set(ids)
         for i, device_id in enumerate(ids):
             share = min(max(float(plan.bandwidth_share[i]), 0.0), 1.0)  # solver float noise
-            # A zero share only happens when the model charges the upload nothing; the
-            # device then goes unpaced (rate 0) rather than at a crawl.
+            # A zero share only happens when the model charges the upload nothing (the
+            # serving model gives every uploading device a minimum share); the device
+            # then goes unpaced (rate 0) rather than at a crawl.
             rate = share * self.config.bandwidth_hz * self.devices[device_id].spectral_efficiency
             decision = Decision(int(plan.draft_len[i]), share, rate)
             if decision != self.decisions.get(device_id):

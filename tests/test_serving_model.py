@@ -156,3 +156,58 @@ def test_per_device_upload_laws_as_trials_measure_them():
         plan = serving_plan("heterogeneous", system, users, scheduler)
         simulated = _simulated(system, users, plan, scheduler, seconds=120).goodput_tok_s
         assert plan.goodput_tok_s == pytest.approx(simulated, rel=0.1), scheduler
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "proactive"])
+def test_the_live_draft_control_plans_with_the_model_of_its_scheduler(scheduler):
+    """A DraftController for a controller running ``scheduler``: fed two devices' drafts
+    and verdicts, its plan is serving_plan's on its own estimates, not the round's."""
+    from edge_controller.config import ControlConfig
+    from edge_controller.control.estimators import AffineFit
+    from edge_controller.draft_control import DraftController, problem_from_snapshot
+
+    fit = AffineFit()
+    for tokens in (2, 6, 12, 20):
+        fit.update(tokens, 0.02 + 0.002 * tokens)
+    control = DraftController(ControlConfig(policy="heterogeneous", bandwidth_hz=2e5), fit,
+                              scheduler=scheduler)
+    devices = {"fast": (0.01, 0.9, 4.0), "slow": (0.05, 0.5, 1.0)}  # t, a, s
+    rng = np.random.default_rng(0)
+    for name, (t, _, s) in devices.items():
+        control.join(name)
+        control.on_telemetry(name, s, t)
+        control.on_request_start(name)
+    for step in range(40):
+        for name, (t, a, _) in devices.items():
+            control.on_draft(name, 4, 4 * t, 60, 4 * t + 0.02, first_round=step == 0)
+            accepted = int(np.cumprod(rng.random(4) < a).sum())
+            control.on_verdict(name, accepted, 4, accepted + 1, step * 0.2)
+        control.on_round(10, 0.04)
+    changed = control.maybe_resolve(now=100.0)
+    assert changed
+    estimates = {d: e for d, e in control.snapshot().items()}
+    system, users = problem_from_snapshot(estimates, fit.coefficients(), 2e5, 16)
+    expected = serving_plan("heterogeneous", system, users, scheduler)
+    assert control.plan_goodput_tok_s == pytest.approx(expected.goodput_tok_s, rel=1e-6)
+    assert [control.decisions[d].draft_len for d in sorted(devices)] == expected.draft_len.tolist()
+    sync = solve("heterogeneous", system, users)
+    assert control.plan_goodput_tok_s != pytest.approx(sync.goodput_tok_s, rel=1e-3)
+
+
+def test_every_uploading_device_gets_a_share():
+    """A radio so weak that the optimum would give it nothing still gets MIN_SHARE: a
+    share of 0 would starve it in the model and leave it unpaced in the field."""
+    from edge_controller.control.serving import MIN_SHARE
+
+    shares = _shares(np.array([5.0, 1.0, 2.0]), np.array([0.05, 0.05, 0.05]),
+                     np.array([0.001, 10.0, 0.0]))
+    assert shares[1] >= MIN_SHARE / 1.01 and shares[2] == 0
+    assert shares.sum() == pytest.approx(1.0)
+
+
+def test_the_verifier_is_never_busy_more_than_the_run():
+    scenario = load_scenario(ROOT / "configs/scenarios/edge-cell-16.toml")
+    users = scenario.users_at(0.0)
+    plan = serving_plan("heterogeneous", scenario.system, users, "continuous")
+    result = _simulated(scenario.system, users, plan, "continuous", seconds=5.0)
+    assert 0.9 < result.busy_s / 5.0 <= 1.0

@@ -8,6 +8,7 @@ import sys
 import time
 
 from edge_controller.config import SCHEDULERS
+from edge_controller.protocol import MAX_DRAFT_TOKENS
 
 POLICY_NAMES = (
     "homogeneous",
@@ -39,9 +40,16 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
                         "continuous batching or proactive drafting, each with its own model "
                         "(docs/system-model.md); heterogeneous is solved for it, the other "
                         "policies' synchronous plans are scored by it")
-    parser.add_argument("--predraft-len", type=int, default=16, metavar="N",
+    parser.add_argument("--predraft-len", type=_predraft_len, default=16, metavar="N",
                         help="proactive: tokens a device drafts past its upload at most "
                         "(default 16, as server.predraft_len)")
+
+
+def _predraft_len(text: str) -> int:
+    value = int(text)
+    if not 2 <= value <= MAX_DRAFT_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be in 2..{MAX_DRAFT_TOKENS}, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,10 +30,8 @@ min(L_k, m_k - 1) tokens drafted:
 Goodput G = sum_k E[N_k(L_k)] / C_k. F is a fixed point (C_k grows with F, F with the
 drafts per forward): iterated, damped, from the forward of one draft.
 
-Left out (docs/system-model.md says how much each costs, where measured): the spread of
-forward sizes (F is a mean); the token budget per forward (devices x (L_max + 1) is far
-below it here); the drafting work pre-drafting adds to cores that drafters share; the
-one-token finish when a verdict arrives mid pre-drafted token.
+rho_-k is a heuristic, not a derivation: it is checked against the simulator
+(docs/system-model.md). Left out there, with what each costs where measured.
 """
 
 from __future__ import annotations
@@ -44,14 +42,18 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from edge_controller.control.model import Plan, SystemParams, UserParams, upload_s_full_band
-from edge_controller.control.solvers import solve
+from edge_controller.control.solvers import _usable_warm_start, solve
 
 SERVING_SCHEDULERS = ("continuous", "proactive")
 DEFAULT_PREDRAFT_LEN = 16  # the controller's server.predraft_len default
-_STEPS = 500
-_BISECTIONS = 100  # of the band price mu, in log space: far below float resolution
+_STEPS = 200
+_BISECTIONS = 64  # of the band price mu, in log space: ~1e-16 of its range of decades
 _BALANCING_ROUNDS = 4
-MAX_SWEEPS = 20  # coordinate ascent over draft lengths: sweeps at most
+MAX_MOVES = 200  # coordinate ascent over draft lengths: single changes at most
+# Every device that uploads gets at least this share of the band (then renormalised):
+# the optimum may give a device with a hopeless radio nothing, and a share of 0 would
+# starve it in the model and leave it unpaced in the field.
+MIN_SHARE = 1e-3
 _RTOL = 1e-10
 
 
@@ -145,7 +147,7 @@ def _shares(tokens: np.ndarray, fixed_s: np.ndarray, upload_s: np.ndarray) -> np
     marginal E_k w_k / (A_k beta_k + w_k)^2 = mu over the devices that get a share:
     beta_k(mu) = max(0, (sqrt(E_k w_k / mu) - w_k) / A_k), and mu is found by bisection
     in log space (sum_k beta_k(mu) falls as mu rises). Devices that upload nothing get
-    nothing."""
+    nothing; every other device at least MIN_SHARE."""
     sends = upload_s > 0
     w = np.where(sends, upload_s, 0.0)
     ew = tokens * w
@@ -161,11 +163,8 @@ def _shares(tokens: np.ndarray, fixed_s: np.ndarray, upload_s: np.ndarray) -> np
         mid = np.sqrt(lo * hi)
         above = at(mid).sum(axis=-1) > 1.0
         lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
-    beta = at(hi)
-    total = beta.sum(axis=-1, keepdims=True)
-    even = sends / np.maximum(sends.sum(axis=-1, keepdims=True), 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, beta / total, even)
+    beta = np.where(sends, np.maximum(at(hi), MIN_SHARE), 0.0)
+    return beta / np.maximum(beta.sum(axis=-1, keepdims=True), 1e-300)
 
 
 def balanced(system: SystemParams, users: UserParams, draft_len: np.ndarray, scheduler: str,
@@ -196,33 +195,30 @@ def serving_plan(policy: str, system: SystemParams, users: UserParams, scheduler
                  **options) -> Plan:
     """A plan for serving under ``scheduler``, scored by the serving model (its
     ``round_time_s``: the devices' mean cycle). ``heterogeneous`` is solved for it: from
-    the synchronous plan's lengths (or ``warm``'s), coordinate ascent over each device's
-    L in 0..L_max, every candidate with its best shares (balanced, all of one device's
-    candidates in one batch), until no single change gains. Every other policy keeps its
-    synchronous plan, scored here."""
-    sync = solve(policy, system, users, warm=warm, **options)
-    draft_len = np.asarray(sync.draft_len, dtype=int)
+    ``warm``'s lengths where usable, else the synchronous plan's, steepest ascent over
+    single changes: every device's every L in 0..L_max, each with its best shares
+    (balanced), scored in one batch; the best change is made, until none gains. Every
+    other policy keeps its synchronous plan, scored here."""
     if policy != "heterogeneous":
+        sync = solve(policy, system, users, warm=warm, **options)
+        draft_len = np.asarray(sync.draft_len, dtype=int)
         share = np.asarray(sync.bandwidth_share, dtype=float)
         best = serving_goodput(system, users, draft_len, share, scheduler, predraft_len)
         return Plan(policy, draft_len, share, best.user_goodput_tok_s,
                     float(best.goodput_tok_s), float(best.cycle_s.mean()))
-    if warm is not None and warm.draft_len.shape == draft_len.shape:
-        draft_len = np.asarray(warm.draft_len, dtype=int)
+    draft_len = np.asarray(warm.draft_len if _usable_warm_start(system, users, warm)
+                           else solve(policy, system, users).draft_len, dtype=int)
     share, best = balanced(system, users, draft_len, scheduler, predraft_len)
-    lengths = np.arange(system.max_draft_len + 1)
-    for _ in range(MAX_SWEEPS):
-        improved = False
-        for device in range(users.num_users):
-            candidates = np.repeat(draft_len[None], lengths.size, axis=0)
-            candidates[:, device] = lengths
-            shares, predictions = balanced(system, users, candidates, scheduler, predraft_len)
-            pick = int(np.argmax(predictions.goodput_tok_s))
-            if predictions.goodput_tok_s[pick] > best.goodput_tok_s * (1 + 1e-9):
-                draft_len, share, improved = candidates[pick], shares[pick], True
-                best = serving_goodput(system, users, draft_len, share, scheduler,
-                                       predraft_len)
-        if not improved:
+    k, lengths = users.num_users, np.arange(system.max_draft_len + 1)
+    for _ in range(MAX_MOVES):
+        candidates = np.repeat(draft_len[None], k * lengths.size, axis=0)
+        candidates[np.arange(candidates.shape[0]), np.repeat(np.arange(k), lengths.size)] = (
+            np.tile(lengths, k))
+        shares, predictions = balanced(system, users, candidates, scheduler, predraft_len)
+        pick = int(np.argmax(predictions.goodput_tok_s))
+        if predictions.goodput_tok_s[pick] <= best.goodput_tok_s * (1 + 1e-9):
             break
+        draft_len, share = candidates[pick], shares[pick]
+        best = serving_goodput(system, users, draft_len, share, scheduler, predraft_len)
     return Plan(policy, draft_len, share, best.user_goodput_tok_s, float(best.goodput_tok_s),
                 float(best.cycle_s.mean()))

@@ -17,7 +17,10 @@ Events of continuous batching (each device cycles on its own, docs/scheduling.md
     ARRIVED k    its upload and delay are behind it: the draft waits at the verifier
     FORWARDED    the forward in flight is done: its devices get their verdicts and start
                  drafting again; every draft waiting (oldest first, within the token
-                 budget) goes into the next forward at once
+                 budget) goes into the next forward
+    LAUNCH       an idle verifier starts a forward, after everything else at the same
+                 instant (the controller takes every message in before its next forward:
+                 drafts that arrive together go together)
     DRIFT        as above
 
 Proactive drafting: between its upload and its verdict a device drafts on (its guess,
@@ -47,7 +50,7 @@ import numpy as np
 from edge_controller.control.model import SystemParams, UserParams
 
 DRAFTED, ARRIVED, VERIFIED, DRIFT = "drafted", "arrived", "verified", "drift"
-FORWARDED = "forwarded"
+FORWARDED, LAUNCH = "forwarded", "launch"
 MAX_ROUNDS = 5_000_000  # every round lasts at least T_v's base: seconds / base_s bounds them
 
 
@@ -105,7 +108,7 @@ class Decider(Protocol):
 class SimulationResult:
     seconds: float  # simulated time
     tokens: np.ndarray  # (K,) target tokens delivered by ``seconds``
-    rounds: int
+    rounds: int  # synchronous rounds; forwards under continuous or proactive serving
     drafted: np.ndarray  # (K,) draft tokens uploaded
     accepted: np.ndarray  # (K,) of them accepted
     # (t, draft lengths) whenever the lengths in force changed, the first at t = 0
@@ -299,8 +302,12 @@ class ServingSimulation(_Simulation):
             if draft_len > drafted:
                 raise ValueError(f"the trace holds {drafted} drafts per round for device "
                                  f"{device}; cannot replay draft length {draft_len}")
+            if self.proactive and draft_len >= drafted:
+                raise ValueError(f"the trace holds {drafted} drafts per round for device "
+                                 f"{device}: whether a guess after {draft_len} is right "
+                                 "needs one more; replay shorter drafts")
             run = int(runs[index % runs.size])
-            return min(run, draft_len), draft_len < drafted and run > draft_len
+            return min(run, draft_len), run > draft_len
         probs = users.acceptance.position_probs(draft_len + 1)[:, device]
         passed = self.rng.random(draft_len + 1) < probs
         accepted = int(np.cumprod(passed[:draft_len]).sum())
@@ -334,7 +341,7 @@ class ServingSimulation(_Simulation):
                 in_forward.append(device)
                 tokens += int(length[device]) + 1
             forward_s = float(self.system.verify_time.of_tokens(tokens))
-            result.busy_s += forward_s
+            result.busy_s += min(forward_s, seconds - now)  # within the run
             self._push(now + forward_s, FORWARDED)
 
         for device in range(k):
@@ -357,7 +364,12 @@ class ServingSimulation(_Simulation):
                 self._push(now + upload_s + users.delay_s[device], ARRIVED, device)
             elif kind == ARRIVED:
                 waiting.append(device)
-                if not in_forward:
+                if not in_forward and len(waiting) == 1:
+                    # after whatever else happens at this instant, as the controller's
+                    # loop takes every message in before its next forward
+                    self._push(now, LAUNCH)
+            elif kind == LAUNCH:
+                if waiting and not in_forward:
                     launch(now)
             else:  # FORWARDED: verdicts out; those drafts' devices draft again
                 phase = bisect.bisect_right(self.change_times, now)
@@ -384,7 +396,7 @@ class ServingSimulation(_Simulation):
                 in_forward.clear()
                 result.rounds += 1
                 if waiting:
-                    launch(now)
+                    self._push(now, LAUNCH)
                 if progress is not None:
                     progress(now)
         return result

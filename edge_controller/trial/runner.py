@@ -112,7 +112,7 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
     users = [_user_summary(d, runs, events, server_decode)
              for d, runs in zip(spec.devices, results, strict=True)]
     steady = steady_state(events, [d.name for d in spec.devices], spec.bandwidth_hz, policy,
-                          scheduler, spec.predraft_len)
+                          scheduler, spec.predraft_len, spec.batch_tokens)
     summary = {
         "scheduler": scheduler,
         "goodput_tok_s": steady.get("measured_tok_s", sum(u["goodput_tok_s"] for u in users)),
@@ -294,7 +294,8 @@ _SIMULATED_ROUNDS = 2000  # of the last plan, to score it in the simulator
 
 
 def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
-                 policy: str, scheduler: str = "sync", predraft_len: int = 16) -> dict:
+                 policy: str, scheduler: str = "sync", predraft_len: int = 16,
+                 batch_tokens: int = 256) -> dict:
     """Goodput while every device was generating, measured and as the model predicts it
     (the model of ``scheduler``'s serving: the controller plans with it).
 
@@ -347,8 +348,8 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
         result["simulated_tok_s"] = (
             simulate_plan(system, users, plan, seconds) if scheduler == "sync" else
             ServingSimulation(system, lambda _: users, FixedPlan(plan),
-                              proactive=scheduler == "proactive",
-                              predraft_len=predraft_len).run(seconds)).goodput_tok_s
+                              proactive=scheduler == "proactive", predraft_len=predraft_len,
+                              batch_tokens=batch_tokens).run(seconds)).goodput_tok_s
     return result
 
 
