@@ -302,7 +302,8 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     The window runs from the first round by which every device had been in a round to the
     first device's last round. Measured: committed tokens of the rounds in it / its length
     (prefills and gaps between requests included). Predicted: the plans in force, weighted
-    by time, where every device took part in the plan with every estimate measured.
+    by time, where every device took part in the plan with every estimate measured (over
+    the part of the window such a plan was in force).
     Simulated: the simulator run on the last such plan with the estimates it was made from.
     """
     from edge_controller.control import evaluate
@@ -332,11 +333,13 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
                  value is not None for e in event["estimates"].values() for value in e.values())]
     if not plans:
         return result
-    weighted = 0.0
+    weighted = covered = 0.0  # over the part of the window a full plan was in force
     for (t, _, event), t_next in zip(plans, [p[0] for p in plans[1:]] + [end], strict=True):
-        weighted += event["predicted_goodput_tok_s"] * max(min(t_next, end) - max(t, start), 0)
+        span = max(min(t_next, end) - max(t, start), 0)
+        weighted += event["predicted_goodput_tok_s"] * span
+        covered += span
     _, decisions, event = plans[-1]
-    result["predicted_tok_s"] = (weighted / (end - start) if weighted
+    result["predicted_tok_s"] = (weighted / covered if covered
                                  else event["predicted_goodput_tok_s"])
     system, users = problem_from_snapshot(event["estimates"], event["verify_time"], bandwidth_hz,
                                           max_delay_s=event.get("max_delay_s", float("inf")))
