@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from device_agent.synthetic import DEVICES_PER_PROCESS  # noqa: E402
-from edge_controller.config import TargetConfig  # noqa: E402
+from edge_controller.config import SCHEDULERS, TargetConfig  # noqa: E402
 from edge_controller.launch import (  # noqa: E402
     LabKeys,
     free_endpoint,
@@ -59,6 +59,7 @@ def controller_config(args: argparse.Namespace, traces: TraceSet, out: Path) -> 
     config = out / "controller.toml"
     config.write_text(
         f"{target}[server]\ntimeline = {json.dumps(str(out / 'timeline.jsonl'))}\n"
+        f"scheduler = {json.dumps(args.scheduler)}\n"
         f"[limits]\nmax_sessions = {slots}\nmax_devices = {max(args.devices, 16)}\n"
         f"max_len = {max_len}\nmax_new_tokens = {max_len - 18}\n[control]\n{control}")
     return config
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                         "says of each forward's draft lengths and contexts (e.g. a sweep "
                         "measured on a GPU) instead")
     parser.add_argument("--policy", default="heterogeneous")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="sync",
+                        help="the controller's scheduler (docs/scheduling.md); under "
+                        "proactive the synthetic devices pre-draft from their recordings")
     parser.add_argument("--traces", type=Path, default=TRACES_DIR / "smollm2-135m.json.gz")
     parser.add_argument("--warmup-s", type=float, default=None,
                         help="RSS after warm-up is taken this long in (default: a fifth)")
@@ -160,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "devices": args.devices,
         "minutes": args.minutes,
         "verifier": args.verifier,
+        "scheduler": args.scheduler,
         "devices_finished": len(tallies),
         "requests": sum(t["requests"] for t in tallies),
         "rounds": len(rounds),

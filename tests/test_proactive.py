@@ -153,7 +153,7 @@ def test_sampling_after_a_confirmed_guess_follows_the_target(target, default_mod
     prompt = drafter.tokenize(" We", add_bos=False)[:1]
     verifier = Verifier(model, max_sessions=32, max_len=16)
     by_prefix: dict[tuple[int, int], list[int]] = {}
-    for start in range(0, 640, 32):
+    for start in range(0, 480, 32):
         first, second = [], []
         for seed in range(start, start + 32):
             sampling.seed = seed
@@ -185,7 +185,7 @@ def test_sampling_after_a_confirmed_guess_follows_the_target(target, default_mod
             verifier.close(item.slot)
 
     prefix, tokens = max(by_prefix.items(), key=lambda kv: len(kv[1]))
-    assert len(tokens) >= 150, {p: len(t) for p, t in by_prefix.items()}
+    assert len(tokens) >= 120, {p: len(t) for p, t in by_prefix.items()}
     with torch.no_grad():
         logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1:].float()
     assert_follows(tokens, process_logits(logits, [SamplingParams(**params)])[0].double().numpy())

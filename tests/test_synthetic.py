@@ -133,13 +133,16 @@ def test_synthetic_devices_against_a_replaying_controller_lose_nothing(lab_keys)
 
 @pytest.mark.slow
 def test_the_soak_script_runs_a_short_sample(tmp_path):
-    """CI's sample of the soak (docs/soak.md has the long runs): a few devices, 30 s."""
+    """CI's sample of the soak (docs/soak.md has the long runs): a few devices, 30 s,
+    under proactive drafting (the synthetic devices pre-draft from their recordings)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--devices", "6",
-         "--minutes", "0.5", "--verifier", "stub", "--json", "--out", str(tmp_path)],
+         "--minutes", "0.5", "--verifier", "stub", "--scheduler", "proactive", "--json",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
+    assert result["scheduler"] == "proactive"
     assert result["devices_finished"] == 6 and result["rounds"] > 50 and result["tokens"] > 0
     assert (result["lost_tokens"], result["duplicated_tokens"], result["errors"]) == (0, 0, 0)
     assert result["rss_mib_end"] > 0 and result["round_p99_ms"] >= result["round_p50_ms"] > 0
