@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -198,6 +198,20 @@ class _Simulation:
             self._push(t, DRIFT)
         return users, decisions, result
 
+    def _happenings(self, seconds: float) -> Iterator[tuple[float, str, int]]:
+        """(time, kind, device) of each event in time order, up to ``seconds``."""
+        while self._events:
+            now, _, kind, device = heapq.heappop(self._events)
+            if now > seconds:
+                return
+            yield now, kind, device
+
+    def _drifted(self, now: float, k: int) -> tuple[UserParams, Decisions | None]:
+        """The truth at a drift, and the decider's new decisions (None: unchanged)."""
+        users = self.users_at(now)
+        changed = self.decider.on_drift(now, users)
+        return users, None if changed is None else self._checked(changed, k)
+
     def _checked(self, decisions: Decisions, k: int) -> Decisions:
         draft_len = np.asarray(decisions.draft_len, dtype=int).reshape(-1)
         share = np.asarray(decisions.share, dtype=float).reshape(-1)
@@ -242,14 +256,10 @@ class SyncSimulation(_Simulation):
                 self._push(now + draft_s[device], DRAFTED, device)
 
         begin_round(0.0)
-        while self._events:
-            now, _, kind, device = heapq.heappop(self._events)
-            if now > seconds:
-                break
+        for now, kind, device in self._happenings(seconds):
             if kind == DRIFT:
-                users = self.users_at(now)
-                changed = self.decider.on_drift(now, users)
-                pending = pending if changed is None else self._checked(changed, k)
+                users, changed = self._drifted(now, k)
+                pending = pending if changed is None else changed
             elif kind == DRAFTED:
                 upload_s = self._upload_s(users, now_in_force, device, bits[device])
                 self._push(now + upload_s + users.delay_s[device], ARRIVED, device)
@@ -346,15 +356,11 @@ class ServingSimulation(_Simulation):
 
         for device in range(k):
             start_draft(device, 0.0)
-        while self._events:
-            now, _, kind, device = heapq.heappop(self._events)
-            if now > seconds:
-                break
+        for now, kind, device in self._happenings(seconds):
             if kind == DRIFT:
-                users = self.users_at(now)
-                changed = self.decider.on_drift(now, users)
+                users, changed = self._drifted(now, k)
                 if changed is not None:
-                    in_force = self._checked(changed, k)
+                    in_force = changed
                     result.draft_len_changes.append((now, in_force.draft_len))
             elif kind == DRAFTED:
                 # b0 and b may be per device (a trial's measured upload laws)
