@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         "errors": sum(t["errors"] for t in tallies) + (args.devices - len(tallies)),
         "worker_failures": failed_workers,
         "near_ties": sum(t["near_ties"] for t in tallies),
+        # each device's committed tokens over the run: the slowest one's is the capacity
+        # criterion of scripts/capacity.py
+        "device_tok_s_min": round(min((t["tokens"] for t in tallies), default=0) / duration, 2),
+        "device_tok_s_mean": round(sum(t["tokens"] for t in tallies)
+                                   / max(len(tallies), 1) / duration, 2),
         "first_error": next((t["first_error"] for t in tallies if t["first_error"]), ""),
         "rss_mib_after_warmup": round(after_warmup[0], 1) if after_warmup else None,
         "rss_mib_max": round(max(m for _, m in rss), 1),

@@ -143,6 +143,7 @@ def test_the_soak_script_runs_a_short_sample(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["scheduler"] == "proactive"
+    assert 0 < result["device_tok_s_min"] <= result["device_tok_s_mean"]
     assert result["devices_finished"] == 6 and result["rounds"] > 50 and result["tokens"] > 0
     assert (result["lost_tokens"], result["duplicated_tokens"], result["errors"]) == (0, 0, 0)
     assert result["rss_mib_end"] > 0 and result["round_p99_ms"] >= result["round_p50_ms"] > 0
