@@ -37,7 +37,6 @@ from edge_controller.control import (
     SystemParams,
     UserParams,
     VerifyTime,
-    solve,
 )
 from edge_controller.control.bandit import (
     ONLINE_POLICIES,
@@ -46,7 +45,7 @@ from edge_controller.control.bandit import (
     round_credit,
 )
 from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
-from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, serving_plan
+from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, plan_for
 from edge_controller.control.solvers import WARM_STARTED, equal_share_plan
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
@@ -257,10 +256,8 @@ class DraftController:
             else:
                 options = ({"fixed_draft_len": self.config.draft_len}
                            if self.config.policy == "fixed-L" else {})
-                plan = (solve(self.config.policy, *problem, warm=warm, **options)
-                        if self.scheduler == "sync" else
-                        serving_plan(self.config.policy, *problem, self.scheduler,
-                                     self.predraft_len, warm=warm, **options))
+                plan = plan_for(self.scheduler, self.config.policy, *problem,
+                                self.predraft_len, warm=warm, **options)
             solve_s = time.perf_counter() - started
             if not (np.isfinite(plan.bandwidth_share).all() and np.isfinite(plan.goodput_tok_s)):
                 raise ValueError("the solver returned a plan with non-finite numbers")

@@ -37,9 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge_controller.control import Plan, SystemParams, UserParams, VerifyTime, solve  # noqa: E402
-from edge_controller.control.serving import serving_plan  # noqa: E402
-from edge_controller.simulator.deciders import FixedPlan  # noqa: E402
-from edge_controller.simulator.engine import ServingSimulation, SyncSimulation  # noqa: E402
+from edge_controller.control.serving import plan_for  # noqa: E402
+from edge_controller.simulator import simulate_plan  # noqa: E402
 
 # The hetero-3 trial's devices (configs/trials/hetero-3.toml): drafting s/token (the
 # trial's pace, the drafter's own speed being faster), acceptance measured in its runs
@@ -88,14 +87,11 @@ def goodputs(serving: str, law: VerifyTime, n: int, seconds: float,
         users = UserParams(np.zeros(n), users.acceptance, users.spectral_efficiency, 0.0)
         system = SystemParams(BANDWIDTH_HZ, BITS_PER_TOKEN, law, 0.0, max_draft_len=0)
         plan = solve("fixed-L", system, users, fixed_draft_len=0)
-        result = ServingSimulation(system, lambda _: users, FixedPlan(plan)).run(seconds)
-    elif serving == "sync":
-        plan = solve("heterogeneous", system, users)
-        result = SyncSimulation(system, lambda _: users, FixedPlan(plan)).run(seconds)
+        result = simulate_plan(system, users, plan, seconds, scheduler="continuous")
     else:
-        plan = serving_plan("heterogeneous", system, users, serving, warm=warm_plan(warm, n))
-        result = ServingSimulation(system, lambda _: users, FixedPlan(plan),
-                                   proactive=serving == "proactive").run(seconds)
+        plan = plan_for(serving, "heterogeneous", system, users,  # serving: from the last N
+                        warm=None if serving == "sync" else warm_plan(warm, n))
+        result = simulate_plan(system, users, plan, seconds, scheduler=serving)
     return result.user_goodput_tok_s, plan
 
 

@@ -54,17 +54,13 @@ def _predraft_len(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from edge_controller.control.scenario import ScenarioError, load_scenario
-    from edge_controller.control.serving import serving_plan
-    from edge_controller.control.solvers import solve
+    from edge_controller.control.serving import plan_for
 
     try:
         scenario = load_scenario(args.scenario)
         start = time.perf_counter()
-        if args.scheduler == "sync":
-            plan = solve(args.policy, scenario.system, scenario.users)
-        else:
-            plan = serving_plan(args.policy, scenario.system, scenario.users, args.scheduler,
-                                args.predraft_len)
+        plan = plan_for(args.scheduler, args.policy, scenario.system, scenario.users,
+                        args.predraft_len)
         solve_s = time.perf_counter() - start
     except (ScenarioError, ValueError) as err:
         print(f"edge-controller plan: {err}", file=sys.stderr)

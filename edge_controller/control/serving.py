@@ -36,6 +36,7 @@ rho_-k is a heuristic, not a derivation: it is checked against the simulator
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,8 +187,30 @@ def balanced(system: SystemParams, users: UserParams, draft_len: np.ndarray, sch
         if not better.any():
             break
         best_share = np.where(better[..., None], share, best_share)
-        best = serving_goodput(system, users, draft_len, best_share, scheduler, predraft_len)
+        best = _where(better, trial, best)
     return best_share, best
+
+
+def _where(pick: np.ndarray, a: ServingPrediction, b: ServingPrediction) -> ServingPrediction:
+    """Per plan (``pick``, shape (...)), ``a``'s prediction where True, else ``b``'s."""
+    fields = {}
+    for f in dataclasses.fields(ServingPrediction):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            mask = pick.reshape(pick.shape + (1,) * (np.ndim(x) - pick.ndim))
+            x = np.where(mask, x, y)
+        fields[f.name] = x
+    return ServingPrediction(**fields)
+
+
+def plan_for(scheduler: str, policy: str, system: SystemParams, users: UserParams,
+             predraft_len: int = DEFAULT_PREDRAFT_LEN, warm: Plan | None = None,
+             **options) -> Plan:
+    """The plan ``policy`` makes for ``scheduler``'s serving: the synchronous round's
+    solvers for ``sync``, serving_plan for continuous and proactive."""
+    if scheduler == "sync":
+        return solve(policy, system, users, warm=warm, **options)
+    return serving_plan(policy, system, users, scheduler, predraft_len, warm=warm, **options)
 
 
 def serving_plan(policy: str, system: SystemParams, users: UserParams, scheduler: str,

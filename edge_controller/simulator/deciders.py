@@ -15,9 +15,9 @@ from dataclasses import replace
 import numpy as np
 
 from edge_controller.config import ControlConfig
-from edge_controller.control import Plan, SystemParams, UserParams, solve
+from edge_controller.control import Plan, SystemParams, UserParams
 from edge_controller.control.estimators import AffineFit
-from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, serving_plan
+from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, plan_for
 from edge_controller.draft_control import DraftController, seed_from_law
 from edge_controller.simulator.engine import Decisions, RoundRecord
 
@@ -48,9 +48,7 @@ class Oracle:
         self.system: SystemParams | None = None
 
     def _solve(self, users: UserParams) -> Decisions:
-        plan = (solve(self.policy, self.system, users) if self.scheduler == "sync" else
-                serving_plan(self.policy, self.system, users, self.scheduler,
-                             self.predraft_len))
+        plan = plan_for(self.scheduler, self.policy, self.system, users, self.predraft_len)
         return Decisions(plan.draft_len, plan.bandwidth_share)
 
     def start(self, system: SystemParams, users: UserParams) -> Decisions:

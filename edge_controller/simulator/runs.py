@@ -13,7 +13,7 @@ from edge_controller.config import ControlConfig
 from edge_controller.control import POLICIES, Plan, SystemParams, UserParams, solve
 from edge_controller.control.bandit import ONLINE_POLICIES
 from edge_controller.control.scenario import Scenario
-from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, serving_plan
+from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, plan_for
 from edge_controller.simulator.deciders import Controlled, FixedPlan, Oracle
 from edge_controller.simulator.engine import (
     Decider,
@@ -26,13 +26,28 @@ BEST_FIXED = "best-fixed-L"  # fixed-L with the L tuned on the scenario's first 
 SIMULATED_POLICIES = (*POLICIES, *ONLINE_POLICIES, BEST_FIXED)
 ORACLE_POLICY = "heterogeneous"  # within 0.1% of brute force (docs/benchmarks.md)
 MAX_REPORTED_CHANGES = 500
+DEFAULT_BATCH_TOKENS = 256  # the controller's server.batch_tokens default
 MAX_SECONDS = 86_400.0  # a simulated day: minutes of real time for a handful of devices
 
 
 def simulate_plan(system: SystemParams, users: UserParams, plan: Plan, seconds: float,
-                  seed: int = 0) -> SimulationResult:
-    """One plan, held for ``seconds`` of steady parameters."""
-    return SyncSimulation(system, lambda _: users, FixedPlan(plan), seed=seed).run(seconds)
+                  seed: int = 0, scheduler: str = "sync",
+                  predraft_len: int = DEFAULT_PREDRAFT_LEN,
+                  batch_tokens: int = DEFAULT_BATCH_TOKENS) -> SimulationResult:
+    """One plan, held for ``seconds`` of steady parameters, under ``scheduler``."""
+    return _simulation(system, lambda _: users, FixedPlan(plan), (), seed, scheduler,
+                       predraft_len, batch_tokens).run(seconds)
+
+
+def _simulation(system: SystemParams, users_at: Callable[[float], UserParams],
+                decider: Decider, change_times: list[float], seed: int, scheduler: str,
+                predraft_len: int, batch_tokens: int = DEFAULT_BATCH_TOKENS):
+    """The simulation of ``scheduler``'s serving: rounds, or continuous / proactive."""
+    if scheduler == "sync":
+        return SyncSimulation(system, users_at, decider, change_times, seed)
+    return ServingSimulation(system, users_at, decider, change_times, seed,
+                             proactive=scheduler == "proactive", predraft_len=predraft_len,
+                             batch_tokens=batch_tokens)
 
 
 def best_fixed_len(scenario: Scenario) -> int:
@@ -67,20 +82,16 @@ def _serving_decider(scenario: Scenario, policy: str, scheduler: str,
     if policy == BEST_FIXED:
         extra["fixed_draft_len"] = options["fixed_draft_len"] = best_fixed_len(scenario)
         policy = "fixed-L"
-    plan = serving_plan(policy, scenario.system, scenario.users_at(0.0), scheduler,
-                        predraft_len, **options)
+    plan = plan_for(scheduler, policy, scenario.system, scenario.users_at(0.0), predraft_len,
+                    **options)
     return FixedPlan(plan), extra
 
 
 def _run(scenario: Scenario, decider: Decider, seconds: float, seed: int,
          progress: Callable[[float], None] | None, scheduler: str = "sync",
          predraft_len: int = DEFAULT_PREDRAFT_LEN) -> SimulationResult:
-    if scheduler == "sync":
-        return SyncSimulation(scenario.system, scenario.users_at, decider,
-                              scenario.change_times(), seed).run(seconds, progress)
-    return ServingSimulation(scenario.system, scenario.users_at, decider,
-                             scenario.change_times(), seed, proactive=scheduler == "proactive",
-                             predraft_len=predraft_len).run(seconds, progress)
+    return _simulation(scenario.system, scenario.users_at, decider, scenario.change_times(),
+                       seed, scheduler, predraft_len).run(seconds, progress)
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -309,8 +309,6 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
     from edge_controller.control import evaluate
     from edge_controller.draft_control import problem_from_snapshot
     from edge_controller.simulator import simulate_plan
-    from edge_controller.simulator.deciders import FixedPlan
-    from edge_controller.simulator.engine import ServingSimulation
 
     rounds = [e for e in events if "devices" in e]
     first: dict[str, float] = {}
@@ -348,11 +346,9 @@ def steady_state(events: list[dict], devices: list[str], bandwidth_hz: float,
                     [decisions[i]["bandwidth_share"] for i in ids])
     if plan.round_time_s < float("inf"):
         seconds = _SIMULATED_ROUNDS * plan.round_time_s
-        result["simulated_tok_s"] = (
-            simulate_plan(system, users, plan, seconds) if scheduler == "sync" else
-            ServingSimulation(system, lambda _: users, FixedPlan(plan),
-                              proactive=scheduler == "proactive", predraft_len=predraft_len,
-                              batch_tokens=batch_tokens).run(seconds)).goodput_tok_s
+        result["simulated_tok_s"] = simulate_plan(
+            system, users, plan, seconds, scheduler=scheduler, predraft_len=predraft_len,
+            batch_tokens=batch_tokens).goodput_tok_s
     return result
 
 
