@@ -94,7 +94,8 @@ class _Round:
 
 class EdgeController:
     def __init__(self, config: ControllerConfig, verifier: SlotTable, target: TargetInfo,
-                 verify_time: AffineFit | None = None, transport: Transport | None = None):
+                 verify_time: AffineFit | None = None, transport: Transport | None = None,
+                 torch_threads: int | None = None):
         self.config = config
         self.verifier = verifier
         self.target = target
@@ -106,7 +107,7 @@ class EdgeController:
         self.scheduler: Scheduler = (
             ContinuousScheduler(config.server.batch_tokens) if self.continuous
             else SyncScheduler(config.server.round_deadline_s))
-        self.worker = VerifierWorker(verifier)
+        self.worker = VerifierWorker(verifier, torch_threads)  # every forward runs there
         self._round: _Round | None = None  # continuous: the round whose forward is in flight
         self._close_after_forward: list[int] = []  # slots of requests ended mid-forward
         self._deferred: list[tuple[Peer, list[bytes]]] = []  # resumes of slots in a forward...
@@ -146,7 +147,7 @@ class EdgeController:
                 seed_verify_time(fit, self.config.control.verify_time_file,
                                  context=self.config.limits.max_len // 4)
             else:
-                calibrate_verify_time(self.verifier, self.target.vocab_size, fit)
+                self.worker.call(calibrate_verify_time, self.verifier, self.target.vocab_size, fit)
         try:
             self.endpoint = self.transport.open()
             server = self.config.server
@@ -369,7 +370,7 @@ class EdgeController:
                 outcomes.append(None)
                 continue
             try:
-                outcomes.extend(self.verifier.verify([item]))
+                outcomes.extend(self.worker.call(self.verifier.verify, [item]))
             except Exception as exc:
                 self._warnings(session.device_id, "verification failed: %r", exc,
                                exc_info=True)

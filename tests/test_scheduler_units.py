@@ -139,6 +139,33 @@ def test_the_worker_runs_one_forward_in_its_thread_and_wakes_the_loop():
         worker.close()
 
 
+def test_every_forward_and_every_call_runs_in_the_verifiers_thread():
+    """Synchronous rounds and calls (calibration, isolating a failed batch) wait for the
+    verifier's thread, as continuous forwards do: torch runs in one thread only."""
+    table = _Slow()
+    table.go.set()
+    ran_in = []
+    run = table._run
+    table._run = lambda items, chunk: ran_in.append(threading.current_thread()) or run(
+        items, chunk)
+    slot = table.open([1, 2, 3], prefill=False)
+    table._cached[slot] = 2
+    worker = VerifierWorker(table)
+    try:
+        forward = worker.run(Forward([VerifyItem(slot, [4], table_sampling())]))
+        assert forward.outcomes[0].accepted == 1 and not worker.busy
+        outcomes = worker.call(table.verify, [VerifyItem(slot, [], table_sampling())])
+        assert outcomes[0].next_token == 7
+        assert len(ran_in) == 2 and all(t.name == "verifier" for t in ran_in)
+        assert threading.current_thread() not in ran_in
+        with pytest.raises(ZeroDivisionError):  # raised in the caller, the worker goes on
+            worker.call(lambda: 1 / 0)
+        assert not worker.busy
+        assert worker.call(lambda: threading.current_thread().name) == "verifier"
+    finally:
+        worker.close()
+
+
 def table_sampling():
     from edge_controller.verifier.slots import SamplingParams
 

@@ -178,13 +178,17 @@ def build_controller(
         gguf, name = materialized.target_gguf, config.target.model
         if name == "default":  # devices (and serve's /v1/models) see the model's own name
             name = materialized.target.name
+    # Torch runs multi-threaded in the verifier's thread only (VerifierWorker's docstring):
+    # this thread keeps one intra-op thread from before the model is loaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model, tokenizer = load_target(gguf, dtype=config.target.dtype, device=config.target.device)
     verifier = Verifier(
         model, max_sessions=config.limits.max_sessions, max_len=config.limits.max_len,
         device=torch.device(config.target.device), dtype=getattr(torch, config.target.dtype),
     )
     return EdgeController(config, verifier, TargetInfo.from_model(name, model, tokenizer),
-                          transport=transport)
+                          transport=transport, torch_threads=threads)
 
 
 def replay_controller(config: ControllerConfig, transport: Transport | None = None

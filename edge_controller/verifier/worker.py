@@ -4,8 +4,17 @@ Under continuous batching the controller's loop goes on receiving drafts, answer
 and doing its bookkeeping while a forward runs (vLLM separates its engine core from the
 API server the same way); torch releases the GIL while it computes. One forward at a time:
 the loop hands over a :class:`Forward`, and learns that it is done through ``wake_fd``,
-which it polls next to its socket. Under synchronous rounds the loop runs each forward
-itself (``run``), as before.
+which it polls next to its socket. Under synchronous rounds the loop hands a forward over
+and waits for it (``run``).
+
+Every forward, and any other torch work of the loop (``call``: calibration, verifying
+sessions one by one), runs in this one thread, under every scheduler. On a CPU that
+matters: torch's OpenMP keeps a team of threads per calling thread, and once the loop's
+thread had a team of its own (loading the model builds one), forwards in a second thread
+ran 1.3-1.8x slower on this project's 2-core host (docs/scheduling.md, "One thread for
+torch"). So the caller that loads the model keeps one intra-op thread
+(``torch.set_num_threads(1)`` before loading; edge_controller/cli/start.py) and hands the
+machine's count to this thread (``threads``).
 
 What the loop must not do while a forward runs: touch the slots in it (their K/V and
 sequences are the forward's). It closes them after the forward instead
@@ -19,7 +28,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from edge_controller.verifier.slots import SlotTable, VerifyItem, VerifyOutcome
 
@@ -60,13 +71,35 @@ class Forward:
         return self
 
 
-class VerifierWorker:
-    """Runs forwards on ``verifier`` in a daemon thread, one at a time."""
+class _Job(Protocol):
+    def run(self, verifier: SlotTable) -> Any: ...
 
-    def __init__(self, verifier: SlotTable):
+
+@dataclass
+class _Call:
+    """``fn()`` as a job of the verifier's thread: its result or what it raised."""
+
+    fn: Callable[[], Any]
+    result: Any = None
+    error: BaseException | None = None
+
+    def run(self, verifier: SlotTable) -> _Call:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            self.error = exc
+        return self
+
+
+class VerifierWorker:
+    """Runs forwards on ``verifier`` in a daemon thread, one at a time. ``threads``: torch's
+    intra-op threads in that thread (None: leave torch as it is, e.g. no torch at all)."""
+
+    def __init__(self, verifier: SlotTable, threads: int | None = None):
         self.verifier = verifier
-        self.in_flight: Forward | None = None
-        self._queue: queue.SimpleQueue[Forward | None] = queue.SimpleQueue()
+        self.threads = threads
+        self.in_flight: _Job | None = None
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._done = threading.Event()
         self._wake: tuple[int, int] | None = None  # (read, write) pipe, with the thread
         self._thread: threading.Thread | None = None  # started by the first submit
@@ -87,12 +120,21 @@ class VerifierWorker:
         return self._done.is_set()
 
     def run(self, forward: Forward) -> Forward:
-        """Run ``forward`` in the caller's thread (synchronous rounds)."""
-        assert not self.busy, "one forward at a time"
-        return forward.run(self.verifier)
+        """Run ``forward`` and wait for it (synchronous rounds)."""
+        self.submit(forward)
+        return self.collect(timeout_s=None)
 
-    def submit(self, forward: Forward) -> None:
-        """Start ``forward`` in the worker thread."""
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the verifier's thread, waited for; what it raises is raised here."""
+        job = _Call(lambda: fn(*args))
+        self.submit(job)
+        self.collect(timeout_s=None)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def submit(self, forward: _Job) -> None:
+        """Start ``forward`` (or another job) in the worker thread."""
         assert not self.busy, "one forward at a time"
         if self._thread is None:
             self._wake = os.pipe()
@@ -102,8 +144,9 @@ class VerifierWorker:
         self.in_flight = forward
         self._queue.put(forward)
 
-    def collect(self, timeout_s: float = 0.0) -> Forward | None:
-        """The forward in flight once it is done (waiting up to ``timeout_s``), else None."""
+    def collect(self, timeout_s: float | None = 0.0) -> Forward | None:
+        """The forward in flight once it is done (waiting up to ``timeout_s``; None: until
+        it is), else None."""
         if self.in_flight is None or not self._done.wait(timeout_s):
             return None
         forward, self.in_flight = self.in_flight, None
@@ -122,6 +165,10 @@ class VerifierWorker:
             os.close(self._wake[1])
 
     def _serve(self) -> None:
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         while (forward := self._queue.get()) is not None:
             forward.run(self.verifier)
             os.write(self._wake[1], b"!")  # first: a collect that sees the event finds it
