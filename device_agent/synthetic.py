@@ -34,11 +34,10 @@ DEVICES_PER_PROCESS = 50  # threads of one ``python -m device_agent.synthetic``
 
 class ReplayDrafter:
     """The :class:`~device_agent.drafter.Drafter` interface, drafting from ``traces`` (all
-    of one draft model) at ``speed`` times the recorded speed."""
+    of one draft model) at ``speed`` times the recorded speed; with ``drafts=False`` it
+    drafts nothing and the controller decodes its requests (as ``--draft none``)."""
 
-    drafts = True
-
-    def __init__(self, traces: TraceSet, draft: str, speed: float = 1.0):
+    def __init__(self, traces: TraceSet, draft: str, speed: float = 1.0, drafts: bool = True):
         self.traces = {tuple(t.prompt_ids): t for t in traces.of_draft(draft)}
         if not self.traces:
             raise ValueError(f"no traces of draft {draft!r}")
@@ -49,6 +48,7 @@ class ReplayDrafter:
         self.vocab_size = traces.vocab_size
         self.eos_token_ids = list(traces.eos_token_ids)
         self.speed = speed
+        self.drafts = drafts
         self.n_ctx = MAX_PROMPT_TOKENS + 1  # no context of its own: the wire's limit
         self.sequence: list[int] = []
         self._trace: Trace | None = None
@@ -140,13 +140,13 @@ class DeviceTally:
 
 def run_device(name: str, endpoint: str, curve: CurveClient | None, traces: TraceSet,
                draft: str, until: float, speed: float = 1.0,
-               spectral_efficiency: float = 3.0) -> DeviceTally:
+               spectral_efficiency: float = 3.0, drafts: bool = True) -> DeviceTally:
     """One synthetic device: register, then run requests (the recorded prompts in turn)
     until the wall clock passes ``until``. A failed request counts as an error and the
     device goes on with the next; whatever else fails ends the device, counted too."""
     tally = DeviceTally(name)
     try:
-        _run(tally, endpoint, curve, ReplayDrafter(traces, draft, speed), until,
+        _run(tally, endpoint, curve, ReplayDrafter(traces, draft, speed, drafts), until,
              spectral_efficiency)
     except Exception as exc:  # the device itself failed: one error, said
         tally.failed(f"{name}: {exc!r}")
@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--traces", type=Path, default=TRACES_DIR / "smollm2-135m.json.gz")
     parser.add_argument("--until", type=float, required=True, help="wall-clock end (epoch s)")
     parser.add_argument("--speed", type=float, default=1.0, help="drafting speed factor")
+    parser.add_argument("--server-decode", action="store_true",
+                        help="draft nothing: the controller decodes every request")
     args = parser.parse_args(argv)
     traces = TraceSet.load(args.traces)
     drafts = sorted({t.draft for t in traces.traces})
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             tally.failed(f"{name}: keys: {exc!r}")
             return tally
         return run_device(name, args.controller, curve, traces, drafts[index % len(drafts)],
-                          args.until, args.speed)
+                          args.until, args.speed, drafts=not args.server_decode)
 
     with ThreadPoolExecutor(len(names)) as pool:
         for tally in pool.map(one, range(len(names))):

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="sync",
                         help="the controller's scheduler (docs/scheduling.md); under "
                         "proactive the synthetic devices pre-draft from their recordings")
+    parser.add_argument("--server-decode", action="store_true",
+                        help="the synthetic devices draft nothing: the controller decodes "
+                        "every request, one token per forward (as --draft none)")
     parser.add_argument("--traces", type=Path, default=TRACES_DIR / "smollm2-135m.json.gz")
     parser.add_argument("--warmup-s", type=float, default=None,
                         help="RSS after warm-up is taken this long in (default: a fifth)")
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--names", ",".join(names[i:i + DEVICES_PER_PROCESS]),
                  "--keys-root", str(keys.root / "devices"),
                  f"--controller-key={keys.controller_key}", "--traces", str(args.traces),
-                 "--until", str(until)],
+                 "--until", str(until)] + (["--server-decode"] if args.server_decode else []),
                 stdout=subprocess.PIPE,
                 stderr=logs.enter_context((args.out / f"worker-{i}.log").open("w")),
                 text=True, cwd=ROOT)
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": args.minutes,
         "verifier": args.verifier,
         "scheduler": args.scheduler,
+        "server_decode": args.server_decode,
         "devices_finished": len(tallies),
         "requests": sum(t["requests"] for t in tallies),
         "rounds": len(rounds),
