@@ -4,10 +4,10 @@ draft control together.
 It owns what a message means: it decodes what the transport hands up, registers devices
 (:mod:`edge_controller.sessions`), feeds drafts to the scheduler, runs the batch the
 scheduler closes through the verifier in one forward, commits and answers each device, and
-pushes draft control's decisions. Handlers run between polls in one thread. Under
-synchronous rounds the loop runs each forward itself; under continuous batching forwards
-run in the verifier's thread (:mod:`edge_controller.verifier.worker`) while the loop goes
-on with messages, and land (are answered) when done.
+pushes draft control's decisions. Handlers run between polls in one thread. Forwards run
+in the verifier's thread (:mod:`edge_controller.verifier.worker`): under synchronous rounds
+the loop waits for each; under continuous batching it goes on with messages, and forwards
+land (are answered) when done.
 """
 
 from __future__ import annotations
@@ -142,13 +142,14 @@ class EdgeController:
         """Bind and serve until ``stop`` is set (or KeyboardInterrupt)."""
         stop = stop or threading.Event()
         fit = self.draft_control.verify_time
-        if self.config.control.policy != FIXED_POLICY and not fit.ready:
-            if self.config.control.verify_time_file:
-                seed_verify_time(fit, self.config.control.verify_time_file,
-                                 context=self.config.limits.max_len // 4)
-            else:
-                self.worker.call(calibrate_verify_time, self.verifier, self.target.vocab_size, fit)
         try:
+            if self.config.control.policy != FIXED_POLICY and not fit.ready:
+                if self.config.control.verify_time_file:
+                    seed_verify_time(fit, self.config.control.verify_time_file,
+                                     context=self.config.limits.max_len // 4)
+                else:
+                    self.worker.call(calibrate_verify_time, self.verifier,
+                                     self.target.vocab_size, fit)
             self.endpoint = self.transport.open()
             server = self.config.server
             if server.metrics_port:
@@ -235,7 +236,7 @@ class EdgeController:
 
     def _launch(self, round_: _Round, inline: bool = False) -> None:
         """Under continuous batching, start the forward in the verifier's thread (answered
-        when it lands); else (or ``inline``) run it here and answer at once."""
+        when it lands); else (or ``inline``) wait for it there and answer at once."""
         if self.continuous and not inline:
             self._round = round_
             self.worker.submit(round_.forward)

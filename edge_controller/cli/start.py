@@ -157,7 +157,9 @@ def stop_on_signals() -> threading.Event:
 def build_controller(
     config: ControllerConfig, transport: Transport | None = None
 ) -> EdgeController:
-    """Load the configured target and return a ready (not yet serving) controller."""
+    """Load the configured target and return a ready (not yet serving) controller. Leaves
+    torch at one intra-op thread in the calling thread (the verifier's thread gets the
+    default count: VerifierWorker)."""
     from pathlib import Path
 
     from edge_controller.controller import EdgeController, TargetInfo

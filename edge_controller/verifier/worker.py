@@ -13,8 +13,8 @@ matters: torch's OpenMP keeps a team of threads per calling thread, and once the
 thread had a team of its own (loading the model builds one), forwards in a second thread
 ran 1.3-1.8x slower on this project's 2-core host (docs/scheduling.md, "One thread for
 torch"). So the caller that loads the model keeps one intra-op thread
-(``torch.set_num_threads(1)`` before loading; edge_controller/cli/start.py) and hands the
-machine's count to this thread (``threads``).
+(``torch.set_num_threads(1)`` before loading; edge_controller/cli/start.py) and hands
+torch's default count to this thread (``threads``).
 
 What the loop must not do while a forward runs: touch the slots in it (their K/V and
 sequences are the forward's). It closes them after the forward instead
@@ -122,7 +122,8 @@ class VerifierWorker:
     def run(self, forward: Forward) -> Forward:
         """Run ``forward`` and wait for it (synchronous rounds)."""
         self.submit(forward)
-        return self.collect(timeout_s=None)
+        self.collect(timeout_s=None)
+        return forward
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in the verifier's thread, waited for; what it raises is raised here."""
@@ -133,18 +134,18 @@ class VerifierWorker:
             raise job.error
         return job.result
 
-    def submit(self, forward: _Job) -> None:
-        """Start ``forward`` (or another job) in the worker thread."""
+    def submit(self, job: _Job) -> None:
+        """Start ``job`` (a :class:`Forward`, or a call) in the worker thread."""
         assert not self.busy, "one forward at a time"
         if self._thread is None:
             self._wake = os.pipe()
             os.set_blocking(self._wake[0], False)
             self._thread = threading.Thread(target=self._serve, name="verifier", daemon=True)
             self._thread.start()
-        self.in_flight = forward
-        self._queue.put(forward)
+        self.in_flight = job
+        self._queue.put(job)
 
-    def collect(self, timeout_s: float | None = 0.0) -> Forward | None:
+    def collect(self, timeout_s: float | None = 0.0) -> _Job | None:
         """The forward in flight once it is done (waiting up to ``timeout_s``; None: until
         it is), else None."""
         if self.in_flight is None or not self._done.wait(timeout_s):
@@ -163,13 +164,21 @@ class VerifierWorker:
         if not self._thread.is_alive():  # else it may still write: leave its pipe open
             os.close(self._wake[0])
             os.close(self._wake[1])
+            self._thread = self._wake = None  # a later submit starts a new one
 
     def _serve(self) -> None:
         if self.threads is not None:
-            import torch
+            try:
+                import torch
 
-            torch.set_num_threads(self.threads)
-        while (forward := self._queue.get()) is not None:
-            forward.run(self.verifier)
-            os.write(self._wake[1], b"!")  # first: a collect that sees the event finds it
-            self._done.set()
+                torch.set_num_threads(self.threads)
+            except Exception as exc:  # slower, not wrong: serve at torch's own count
+                log.error("verifier thread: cannot set %d torch threads: %r", self.threads, exc)
+        while (job := self._queue.get()) is not None:
+            try:  # a Forward keeps its own errors; whatever escapes must not hang the loop
+                job.run(self.verifier)
+            except BaseException as exc:
+                log.error("verifier thread: %r escaped a job", exc)
+            finally:
+                os.write(self._wake[1], b"!")  # first: a collect that sees the event finds it
+                self._done.set()
