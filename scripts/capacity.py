@@ -49,8 +49,8 @@ MIX = (  # name, t_k, a_k, s_k, d_k
     ("translate", 0.12, 0.55, 0.8, 0.060),
 )
 LAWS = {
-    "CPU (measured)": VerifyTime(0.0455, 0.0071),  # fit on 1,139 trial forwards, 1-24 tokens
-    "GPU (assumed)": VerifyTime(0.030, 0.0002),
+    "CPU (measured law)": VerifyTime(0.0455, 0.0071),  # fit on 1,139 trial forwards, 1-24 tokens
+    "GPU (assumed law)": VerifyTime(0.030, 0.0002),
 }
 SERVING = ("sync", "continuous", "proactive", "server-decode")
 BANDWIDTH_HZ = 1e6  # one 1 MHz uplink band for all of them

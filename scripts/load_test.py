@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_p50_ms": round(float(np.percentile(gaps_ms, 50)), 1) if gaps_ms else None,
         "round_p99_ms": round(float(np.percentile(gaps_ms, 99)), 1) if gaps_ms else None,
         "verify_time_fit": verify_time_fit(args, source),
+        **forward_stats(events),
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     plot_rss(rss, warmup, args.out / "rss.png", f"{args.devices} devices, {args.verifier}")
@@ -198,6 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     clean = not (result["lost_tokens"] or result["duplicated_tokens"] or result["errors"]
                  or failed_workers)
     return 0 if clean else 1
+
+
+def forward_stats(events: list[dict]) -> dict:
+    """The verifier's side of a run, from its timeline: the busy fraction, draft tokens per
+    forward, and forward seconds fitted on them (ms + ms per token; prompt chunks riding
+    along are in the seconds, not in the tokens)."""
+    forwards = [e for e in events if "verify_s" in e]
+    if len(forwards) < 2:
+        return {}
+    tokens = np.array([sum(d["draft_len"] + 1 for d in e["devices"]) for e in forwards])
+    seconds = np.array([e["verify_s"] for e in forwards])
+    start, end = forwards[0]["started"], forwards[-1]["started"] + forwards[-1]["verify_s"]
+    busy = seconds.sum() + sum(e["prefill_s"] for e in events
+                               if "prefill_s" in e and start <= e["started"] < end)
+    per_token, base = np.polyfit(tokens, seconds, 1) if np.ptp(tokens) else (0.0, seconds.mean())
+    return {"verifier_busy": round(float(busy / (end - start)), 3),
+            "tokens_per_forward": round(float(tokens.mean()), 1),
+            "forward_fit_ms": [round(float(base) * 1e3, 1), round(float(per_token) * 1e3, 2)]}
 
 
 def plot_rss(rss: list[tuple[float, float]], warmup: float, path: Path, title: str) -> None:

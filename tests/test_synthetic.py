@@ -120,15 +120,18 @@ def test_synthetic_devices_against_a_replaying_controller_lose_nothing(lab_keys)
     controller = replay_controller(config)
     assert isinstance(controller.verifier, Replay)
     drafts = sorted({t.draft for t in traces.traces})
-    clients = [lab_keys.client(f"syn-{i}") for i in range(3)]
-    with controller.running(), ThreadPoolExecutor(3) as pool:
+    clients = [lab_keys.client(f"syn-{i}") for i in range(4)]
+    with controller.running(), ThreadPoolExecutor(4) as pool:
         until = time.time() + 8.0
-        tallies = list(pool.map(
+        tallies = list(pool.map(  # the fourth drafts nothing: the controller decodes it
             lambda i: run_device(f"syn-{i}", controller.endpoint, clients[i], traces,
-                                 drafts[i % len(drafts)], until, speed=4.0), range(3)))
+                                 drafts[i % len(drafts)], until, speed=4.0, drafts=i < 3),
+            range(4)))
     for tally in tallies:
         assert tally.requests >= 1 and tally.tokens > 0, tally
         assert (tally.lost_tokens, tally.duplicated_tokens, tally.errors) == (0, 0, 0), tally
+    assert tallies[3].rounds == tallies[3].tokens  # decoded here: one token per verdict
+    assert all(t.rounds < t.tokens for t in tallies[:3])  # drafts got accepted
 
 
 @pytest.mark.slow
@@ -148,3 +151,5 @@ def test_the_soak_script_runs_a_short_sample(tmp_path):
     assert (result["lost_tokens"], result["duplicated_tokens"], result["errors"]) == (0, 0, 0)
     assert result["rss_mib_end"] > 0 and result["round_p99_ms"] >= result["round_p50_ms"] > 0
     assert (tmp_path / "rss.png").stat().st_size > 0
+    assert 0 < result["verifier_busy"] <= 1 and result["tokens_per_forward"] >= 1
+    assert len(result["forward_fit_ms"]) == 2 and result["forward_fit_ms"][0] > 0
