@@ -84,7 +84,8 @@ def link_round_trips(keys: LabKeys, frames: int) -> dict[str, list[float]]:
     return out
 
 
-def controller_rounds(keys: LabKeys, target, target_info, rounds: int) -> list[float]:
+def controller_rounds(keys: LabKeys, target, target_info, rounds: int,
+                      threads: int | None = None) -> list[float]:
     from edge_controller.config import load_config
     from edge_controller.controller import EdgeController
     from edge_controller.verifier.engine import Verifier
@@ -92,7 +93,7 @@ def controller_rounds(keys: LabKeys, target, target_info, rounds: int) -> list[f
     config = load_config(None, server__bind="tcp://127.0.0.1:*", control__policy="fixed",
                          **keys.config_overrides())
     controller = EdgeController(config, Verifier(target[0], max_sessions=2, max_len=512),
-                                target_info)
+                                target_info, torch_threads=threads)
     times = []
     with controller.running(), ControllerLink(controller.endpoint, curve=keys.client("bench"),
                                               timeout_s=60) as link:
@@ -132,8 +133,10 @@ def main() -> int:
 
     import models
     from edge_controller.controller import TargetInfo
+    from edge_controller.verifier.worker import torch_to_the_verifier
     from models.target import load_target
 
+    threads = torch_to_the_verifier()  # as edge-controller start does
     target = load_target(models.ensure().target_gguf)
     target_info = TargetInfo.from_model("smollm2-135m", *target)
     result: dict = {"link": {}, "round": {}}
@@ -147,7 +150,7 @@ def main() -> int:
                 for kind, times in link_round_trips(keys, args.frames).items():
                     link_times.setdefault(kind, {}).setdefault(label, []).extend(times)
                 round_times.setdefault(label, []).extend(
-                    controller_rounds(keys, target, target_info, args.rounds))
+                    controller_rounds(keys, target, target_info, args.rounds, threads))
     for kind, by_label in link_times.items():
         result["link"][kind] = {label: summary(t) for label, t in by_label.items()}
     result["round"] = {label: summary(t) for label, t in round_times.items()}

@@ -91,8 +91,10 @@ def main() -> int:
     from edge_controller.config import load_config
     from edge_controller.controller import EdgeController, TargetInfo
     from edge_controller.verifier.engine import Verifier
+    from edge_controller.verifier.worker import torch_to_the_verifier
     from models.target import load_target
 
+    threads = torch_to_the_verifier()  # as edge-controller start does
     model, tokenizer = load_target(models.ensure().target_gguf)
     info = TargetInfo.from_model("smollm2-135m", model, tokenizer)
     keys = LabKeys()
@@ -101,7 +103,8 @@ def main() -> int:
                          limits__max_len=args.prompt_tokens + 48, **chunk,
                          **keys.config_overrides())
     controller = EdgeController(config, Verifier(model, max_sessions=args.devices + 1,
-                                                 max_len=config.limits.max_len), info)
+                                                 max_len=config.limits.max_len), info,
+                                torch_threads=threads)
     stop = threading.Event()
     with controller.running():
         others = [Rounds(controller.endpoint, keys, f"dev{i}", info.fingerprint,

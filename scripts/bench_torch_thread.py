@@ -33,21 +33,19 @@ def measure(mode: str, users: int, draft_len: int, context: int, reps: int) -> l
     import numpy as np
     import torch
 
-    threads = torch.get_num_threads()
-    if mode == "worker-one":
-        torch.set_num_threads(1)
     from edge_controller.verifier.engine import Verifier
     from edge_controller.verifier.slots import SamplingParams, VerifyItem
-    from edge_controller.verifier.worker import Forward, VerifierWorker
+    from edge_controller.verifier.worker import Forward, VerifierWorker, torch_to_the_verifier
     from models import ensure
     from models.target import load_target
 
+    threads = torch_to_the_verifier() if mode == "worker-one" else None
     model, _ = load_target(ensure().target_gguf, dtype="float32", device="cpu")
     verifier = Verifier(model, max_sessions=users, max_len=context + draft_len + 8,
                         device=torch.device("cpu"), dtype=torch.float32)
     rng, vocab = np.random.default_rng(0), verifier.vocab_size
     slots = [verifier.open(rng.integers(0, vocab, context).tolist()) for _ in range(users)]
-    worker = VerifierWorker(verifier, threads if mode == "worker-one" else None)
+    worker = VerifierWorker(verifier, threads)
     seconds = []
     try:
         for _ in range(reps + 2):  # two warm-up forwards

@@ -170,6 +170,7 @@ def build_controller(
     import torch
 
     from edge_controller.verifier.engine import Verifier
+    from edge_controller.verifier.worker import torch_to_the_verifier
     from models import ensure
     from models.target import load_target
 
@@ -180,10 +181,7 @@ def build_controller(
         gguf, name = materialized.target_gguf, config.target.model
         if name == "default":  # devices (and serve's /v1/models) see the model's own name
             name = materialized.target.name
-    # Torch runs multi-threaded in the verifier's thread only (VerifierWorker's docstring):
-    # this thread keeps one intra-op thread from before the model is loaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = torch_to_the_verifier()  # before loading: VerifierWorker's docstring says why
     model, tokenizer = load_target(gguf, dtype=config.target.dtype, device=config.target.device)
     verifier = Verifier(
         model, max_sessions=config.limits.max_sessions, max_len=config.limits.max_len,

@@ -12,9 +12,9 @@ sessions one by one), runs in this one thread, under every scheduler. On a CPU t
 matters: torch's OpenMP keeps a team of threads per calling thread, and once the loop's
 thread had a team of its own (loading the model builds one), forwards in a second thread
 ran 1.3-1.8x slower on this project's 2-core host (docs/scheduling.md, "One thread for
-torch"). So the caller that loads the model keeps one intra-op thread
-(``torch.set_num_threads(1)`` before loading; edge_controller/cli/start.py) and hands
-torch's default count to this thread (``threads``).
+torch"). So the caller that loads the model keeps one intra-op thread and hands torch's
+default count to this thread (``threads``): :func:`torch_to_the_verifier`, called before
+loading (edge-controller start, and the benchmarks that run a controller in-process).
 
 What the loop must not do while a forward runs: touch the slots in it (their K/V and
 sequences are the forward's). It closes them after the forward instead
@@ -69,6 +69,16 @@ class Forward:
             self.error = exc
         self.finished = time.monotonic()
         return self
+
+
+def torch_to_the_verifier() -> int:
+    """Leave this thread one torch intra-op thread and return torch's default count, for the
+    verifier's thread (``VerifierWorker(threads=...)``). Call it before loading the model."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
 
 
 class _Job(Protocol):
