@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from device_agent.board import BoardMonitor
-from device_agent.drafter import Drafter, DraftResult, TokenizerOnly
+from device_agent.draft_engine import DraftEngine, DraftResult
 from device_agent.link import ControllerLink, LinkLost, LinkTimeout
 from device_agent.telemetry import LinkProbe, LinkReport, host_state
 from edge_controller import protocol as P
@@ -226,7 +226,7 @@ def device_name(given: str | None, secure: bool) -> str | None:
 
 
 class DeviceAgent:
-    def __init__(self, drafter: Drafter | TokenizerOnly, link: ControllerLink,
+    def __init__(self, drafter: DraftEngine, link: ControllerLink,
                  device_id: str | None = None, telemetry: TelemetryOptions | None = None,
                  resume_timeout_s: float = 60.0, keepalive_s: float = 2.0,
                  board: BoardMonitor | None = None):

@@ -1,4 +1,5 @@
-"""The device's drafter: a small GGUF model in llama.cpp behind ``begin / draft / accept``.
+"""The device's drafter: a small GGUF model in llama.cpp behind ``begin / draft / accept``
+(the :class:`~device_agent.draft_engine.DraftEngine` interface).
 
 KV cache reuse. The llama.cpp context lives across rounds. Two sequences matter: the
 *committed* one (prompt + every round's committed tokens, ``self.sequence``) and the
@@ -47,53 +48,16 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
-from edge_controller.protocol import MAX_PROMPT_TOKENS, MAX_TOP_K, Q_SCALE
+from device_agent.draft_engine import DraftResult, position_rng, sample_sparse, sparse_q
+from edge_controller.protocol import MAX_PROMPT_TOKENS, MAX_TOP_K
 from models.fingerprint import fingerprint_llama, llama_token_pieces
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DraftResult:
-    tokens: list[int]  # [L] draft token ids
-    q_ids: list[list[int]] = field(default_factory=list)  # [L][<=k] sampling mode; [] greedy
-    q_counts: list[list[int]] = field(default_factory=list)  # [L][<=k]; q = count / sum
-    seconds: float = 0.0  # wall time of draft(), incl. evaluating committed tokens
-    stopped: bool = False  # ended early by draft()'s ``stop``
-
-
-def sparse_q(logits: np.ndarray, temperature: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The draft's sparse distribution at one position, as it travels on the wire.
-
-    logits: [V] float. Returns (ids, counts), most likely first: the top-k of
-    ``softmax(logits / temperature)``, renormalised and rounded to integer counts summing
-    to about ``Q_SCALE``; zero counts are dropped. q(id) = count / counts.sum() exactly.
-    """
-    k = min(top_k, logits.size)
-    ids = np.argpartition(logits, -k)[-k:]
-    ids = ids[np.argsort(-logits[ids], kind="stable")]
-    scaled = logits[ids].astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled[0])
-    counts = np.rint(probs / probs.sum() * Q_SCALE).astype(np.int64)
-    keep = counts > 0
-    return ids[keep], counts[keep]
-
-
-def sample_sparse(ids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw one id with probability exactly count / counts.sum() (integer arithmetic)."""
-    r = rng.integers(counts.sum())
-    return int(ids[np.searchsorted(np.cumsum(counts), r, side="right")])
-
-
-def position_rng(seed: int, position: int) -> np.random.Generator:
-    """The draft's random numbers for one absolute sequence position of a seeded request."""
-    return np.random.default_rng([seed, position])
 
 
 @functools.cache
@@ -180,6 +144,9 @@ class TokenizerOnly(_Vocabulary):
 
     def begin(self, prompt_ids: list[int]) -> None:
         """Nothing to evaluate: the controller holds the sequence."""
+
+    def draft(self, n: int, **options) -> DraftResult:
+        raise RuntimeError("no drafter here (--draft none): the controller decodes")
 
     def accept(self, committed: list[int]) -> None:
         """Nothing to keep in step with."""

@@ -21,7 +21,7 @@ from difflib import SequenceMatcher
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from device_agent.drafter import DraftResult
+from device_agent.draft_engine import DraftResult
 from edge_controller.protocol import MAX_PROMPT_TOKENS
 from edge_controller.verifier.slots import NEAR_TIE_MARGIN
 from models.traces import TRACES_DIR, Trace, TraceSet
@@ -33,9 +33,9 @@ DEVICES_PER_PROCESS = 50  # threads of one ``python -m device_agent.synthetic``
 
 
 class ReplayDrafter:
-    """The :class:`~device_agent.drafter.Drafter` interface, drafting from ``traces`` (all
-    of one draft model) at ``speed`` times the recorded speed; with ``drafts=False`` it
-    drafts nothing and the controller decodes its requests (as ``--draft none``)."""
+    """A :class:`~device_agent.draft_engine.DraftEngine` drafting from ``traces`` (all of one
+    draft model) at ``speed`` times the recorded speed; with ``drafts=False`` it drafts
+    nothing and the controller decodes its requests (as ``--draft none``)."""
 
     def __init__(self, traces: TraceSet, draft: str, speed: float = 1.0, drafts: bool = True):
         self.traces = {tuple(t.prompt_ids): t for t in traces.of_draft(draft)}
@@ -59,6 +59,9 @@ class ReplayDrafter:
 
     def trace(self, prompt_ids: list[int]) -> Trace:
         return self.traces[tuple(prompt_ids)]
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        raise NotImplementedError("a synthetic device has no tokenizer: it replays token ids")
 
     def detokenize(self, ids: list[int]) -> bytes:
         return " ".join(map(str, ids)).encode()  # no tokenizer here: the ids themselves

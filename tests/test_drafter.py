@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from device_agent.drafter import Drafter, load_llama, position_rng, sample_sparse, sparse_q
+from device_agent.draft_engine import DraftEngine, position_rng, sample_sparse, sparse_q
+from device_agent.drafter import Drafter, TokenizerOnly, load_llama
 from edge_controller.protocol import Q_SCALE
 from models.fingerprint import fingerprint_gguf
 
@@ -33,6 +34,31 @@ def test_identity_matches_the_registry(default_models):
         assert drafter.model_id == default_models.draft_models[key].name
         assert drafter.vocab_size == 49152
         assert 2 in drafter.eos_token_ids  # <|im_end|>
+
+
+def test_every_drafter_is_a_draft_engine_and_the_interface_needs_no_llama_cpp(q4_path):
+    """The agent's one interface (device_agent/draft_engine.py): the llama.cpp drafter,
+    the tokenizer-only device and the soak's replay all implement it; a device running
+    another engine imports it without llama.cpp or torch installed."""
+    import subprocess
+    import sys
+
+    from device_agent.synthetic import ReplayDrafter
+    from models.traces import TRACES_DIR, TraceSet
+
+    traces = TraceSet.load(TRACES_DIR / "smollm2-135m.json.gz")
+    replay = ReplayDrafter(traces, traces.traces[0].draft)
+    none = TokenizerOnly(q4_path)
+    for engine in (Drafter(q4_path, n_ctx=64), none, replay):
+        assert isinstance(engine, DraftEngine), type(engine)
+    assert not none.drafts and replay.drafts
+    with pytest.raises(RuntimeError, match="no drafter"):
+        none.draft(4)
+    blocked = ("import sys; sys.modules.update(llama_cpp=None, torch=None, transformers=None);"
+               "import device_agent.draft_engine as m; print(m.DraftEngine.__name__)")
+    out = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "DraftEngine"
 
 
 def test_tokenize_parses_special_tokens_and_detokenize_renders_text(drafter):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from device_agent.agent import DeviceAgent, SamplingOptions, confirmed_predraft
-from device_agent.drafter import Drafter, DraftResult
+from device_agent.draft_engine import DraftResult
+from device_agent.drafter import Drafter
 from edge_controller import protocol as P
 from edge_controller.launch import AgentSpec, run_agents
 from edge_controller.verifier.engine import Verifier
