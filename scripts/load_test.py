@@ -36,6 +36,7 @@ from edge_controller.launch import (  # noqa: E402
     start_controller,
     stop_controller,
 )
+from edge_controller.trial.runner import busy_fraction  # noqa: E402
 from models.traces import TRACES_DIR, TraceSet  # noqa: E402
 
 RSS_EVERY_S = 2.0
@@ -210,11 +211,8 @@ def forward_stats(events: list[dict]) -> dict:
         return {}
     tokens = np.array([sum(d["draft_len"] + 1 for d in e["devices"]) for e in forwards])
     seconds = np.array([e["verify_s"] for e in forwards])
-    start, end = forwards[0]["started"], forwards[-1]["started"] + forwards[-1]["verify_s"]
-    busy = seconds.sum() + sum(e["prefill_s"] for e in events
-                               if "prefill_s" in e and start <= e["started"] < end)
     per_token, base = np.polyfit(tokens, seconds, 1) if np.ptp(tokens) else (0.0, seconds.mean())
-    return {"verifier_busy": round(float(busy / (end - start)), 3),
+    return {"verifier_busy": round(busy_fraction(events), 3),
             "tokens_per_forward": round(float(tokens.mean()), 1),
             "forward_fit_ms": [round(float(base) * 1e3, 1), round(float(per_token) * 1e3, 2)]}
 
