@@ -1,4 +1,6 @@
-"""The device agent: drafts with a small llama.cpp model, talks to the edge controller.
+"""The device agent: drafts with a small model (llama.cpp, or ONNX Runtime), talks to the
+edge controller.
 
-Installed on boards with ``pip install .[device]``: nothing here imports torch.
+Installed on boards with ``pip install .[device]`` (``.[device,onnx]`` for ONNX drafts):
+nothing here imports torch.
 """

@@ -23,8 +23,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="device-agent",
-        description="Device agent of multispin-edge: drafts tokens with a small llama.cpp "
-        "model and has the edge controller verify them with the target model.",
+        description="Device agent of multispin-edge: drafts tokens with a small model "
+        "(llama.cpp, or ONNX Runtime) and has the edge controller verify them with the "
+        "target model.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--controller", required=True, metavar="tcp://HOST:PORT")
     add_link_arguments(gen)
     gen.add_argument("--draft", default="q4_0",
-                     help="draft model: a name from configs/models.toml (q8_0, q5_0, q4_0, ...), "
-                     "or none (no drafter: the controller decodes) "
-                     "or a path to a GGUF file (default: q4_0)")
+                     help="draft model: a name from configs/models.toml (q8_0, q5_0, q4_0, "
+                     "onnx, ...), a GGUF file (llama.cpp), an ONNX model directory (ONNX "
+                     "Runtime), or none (no drafter: the controller decodes) (default: q4_0)")
     gen.add_argument("--tokenizer", default="q4_0", metavar="NAME_OR_GGUF",
                      help="with --draft none: the GGUF whose vocabulary (no weights) "
                      "tokenizes; it must match the target's (default q4_0)")
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device-id", help="with keys: the name this device's key is listed "
                      "under (checked; default: whatever it is); with --insecure: the name to "
                      "register (default: host-random)")
-    gen.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    gen.add_argument("--threads", type=int, default=1, help="drafting threads")
+    add_provider_argument(gen)
     gen.add_argument("--draft-pace", type=float, default=0.0, metavar="S",
                      help="emulate a slower board: at least S seconds per drafted token")
     gen.add_argument("--spectral-efficiency", type=float, default=0.0, metavar="BIT_S_HZ",
@@ -103,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="measure this board's drafting speed, alone",
                            description="Draft greedily with the draft model, no controller, "
                            "and print tokens/s (the speed telemetry reports in a session).")
-    bench.add_argument("--draft", default="q4_0", help="registry name or GGUF path")
+    bench.add_argument("--draft", default="q4_0",
+                       help="registry name, GGUF file or ONNX model directory")
     bench.add_argument("--tokens", type=int, default=64, help="tokens to draft (default 64)")
     bench.add_argument("--threads", type=int, default=1)
+    add_provider_argument(bench)
     bench.add_argument("--draft-pace", type=float, default=0.0, metavar="S")
     bench.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -131,11 +135,13 @@ SERVE_FLAGS = [
      "lost (default 10)"),
     ("--resume-timeout", "controller__resume_timeout_s", float, "after a lost link, reconnect "
      "and resume until nothing was committed for --timeout + this; then 503 (default 60)"),
-    ("--draft", "draft__model", str, "draft model: registry name or GGUF path (default "
-     "q4_0), or none: no drafter, the controller decodes"),
+    ("--draft", "draft__model", str, "draft model: registry name, GGUF file or ONNX model "
+     "directory (default q4_0), or none: no drafter, the controller decodes"),
     ("--tokenizer", "draft__tokenizer", str, "with --draft none: the GGUF whose vocabulary "
      "tokenizes (default q4_0)"),
-    ("--threads", "draft__threads", int, "llama.cpp threads (default 1)"),
+    ("--threads", "draft__threads", int, "drafting threads (default 1)"),
+    ("--execution-provider", "draft__provider", str, "an ONNX draft's ONNX Runtime "
+     "execution provider (default cpu; the others untested here)"),
     ("--draft-pace", "draft__pace_s", float, "emulate a slower board: s per drafted token"),
     ("--http", "http__bind", str, "HOST:PORT of the API (default 127.0.0.1:8080); beyond "
      "loopback it needs --api-key-file, --tls-cert and --tls-key"),
@@ -221,12 +227,24 @@ def bench_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_provider_argument(parser: argparse.ArgumentParser) -> None:
+    from device_agent.onnx_drafter import PROVIDERS
+
+    parser.add_argument("--execution-provider", default="cpu", choices=PROVIDERS,
+                        help="with an ONNX draft: ONNX Runtime's execution provider (default "
+                        "cpu, the only one tested here; the others need their hardware)")
+
+
 def resolve_draft(name_or_path: str) -> Path:
-    """A GGUF path as given, or the named draft from the model registry (built if needed)."""
+    """A GGUF file or ONNX model directory as given, or the named draft from the model
+    registry (built if needed)."""
+    from device_agent.onnx_drafter import is_onnx_model
+
     path = Path(name_or_path)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"draft file {path} does not exist")
+    if path.suffix == ".gguf" or len(path.parts) > 1 or is_onnx_model(path):
+        if not (path.is_file() and path.suffix == ".gguf") and not is_onnx_model(path):
+            raise FileNotFoundError(f"draft {path} is neither a GGUF file nor an ONNX model "
+                                    "directory")
         return path
     import models
 
@@ -240,22 +258,31 @@ def resolve_draft(name_or_path: str) -> Path:
 NO_DRAFTER = "none"  # --draft none: --tokenizer's vocabulary only; the controller decodes
 
 
-def open_drafter(name: str, threads: int = 1, pace_s: float = 0.0, tokenizer: str = "q4_0"):
-    """The drafter ``name`` (registry name or GGUF path), or with ``none`` the vocabulary
-    of ``tokenizer`` (a registry name or GGUF path) alone: the controller then decodes
-    (server_decode)."""
-    from device_agent.drafter import Drafter, TokenizerOnly
+def open_drafter(name: str, threads: int = 1, pace_s: float = 0.0, tokenizer: str = "q4_0",
+                 provider: str = "cpu"):
+    """The drafter ``name`` (registry name, GGUF file or ONNX model directory: the engine
+    is chosen by what the artifact is), or with ``none`` the vocabulary of ``tokenizer``
+    (a registry name or GGUF path) alone: the controller then decodes (server_decode)."""
+    from device_agent.onnx_drafter import OnnxDrafter, is_onnx_model
 
     if name == NO_DRAFTER:
+        from device_agent.drafter import TokenizerOnly
+
         return TokenizerOnly(resolve_draft(tokenizer))
-    return Drafter(resolve_draft(name), n_threads=threads, pace_s_per_token=pace_s)
+    path = resolve_draft(name)
+    if is_onnx_model(path):
+        return OnnxDrafter(path, n_threads=threads, pace_s_per_token=pace_s, provider=provider)
+    from device_agent.drafter import Drafter
+
+    return Drafter(path, n_threads=threads, pace_s_per_token=pace_s)
 
 
 def load_drafter(args: argparse.Namespace, tokenizer: str = "q4_0"):
     """The drafter named by --draft, or None after printing why it cannot be loaded."""
     try:
-        return open_drafter(args.draft, args.threads, args.draft_pace, tokenizer)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+        return open_drafter(args.draft, args.threads, args.draft_pace, tokenizer,
+                            args.execution_provider)
+    except (FileNotFoundError, KeyError, ValueError, ImportError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError quotes its str
         print(f"device-agent: {reason}", file=sys.stderr)
         return None
@@ -344,9 +371,9 @@ def serve(args: argparse.Namespace) -> int:
         if problem:
             raise ConfigError(problem)
         d = config.draft
-        drafter = open_drafter(d.model, d.threads, d.pace_s, d.tokenizer)
+        drafter = open_drafter(d.model, d.threads, d.pace_s, d.tokenizer, d.provider)
         return run_service(config, drafter, curve)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, ImportError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) else exc
         print(f"device-agent serve: {reason}", file=sys.stderr)
         return EXIT_USAGE

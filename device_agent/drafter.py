@@ -1,44 +1,10 @@
-"""The device's drafter: a small GGUF model in llama.cpp behind ``begin / draft / accept``
-(the :class:`~device_agent.draft_engine.DraftEngine` interface).
+"""The device's default drafter: a small GGUF model in llama.cpp behind ``begin / draft /
+accept`` (the :class:`~device_agent.draft_engine.DraftEngine` interface).
 
-KV cache reuse. The llama.cpp context lives across rounds. Two sequences matter: the
-*committed* one (prompt + every round's committed tokens, ``self.sequence``) and the
-*evaluated* one (what the KV cache holds: ``llm.input_ids[:llm.n_tokens]``, which also
-holds last round's draft tokens). ``draft`` truncates the cache to their longest common
-prefix, capped at ``len(sequence) - 1`` so the newest committed token is evaluated again
-and its logits are fresh, evaluates the rest of the committed sequence, then n times:
-read the newest logits, pick a draft token, evaluate it (all but the last one, which the
-next round evaluates only if it was accepted). Worked example, 5-token prompt P, L = 3::
-
-    round 1  evaluate P (5) + d1 d2 (2)                           7 evaluations
-             verdict: d1 accepted, correction c -> sequence P d1 c
-    round 2  keep P d1 (6), evaluate c (1) + e1 e2 (2)            3 = L
-             verdict: all accepted, bonus b -> sequence P d1 c e1 e2 e3 b
-    round 3  keep up to e2 (9), evaluate e3 b (2) + 2 drafts      4 = L + 1
-
-After the first round a round evaluates at most L + 1 tokens (DESIGN.md allows L + 2),
-plus one for each L = 0 round just before it: a round with L = 0 evaluates nothing, so an
-idle device uploads at once, and its committed token joins the next round's batch.
-
-Sampling (temperature > 0) is lossless only if the uploaded q is exactly what the token
-was drawn from (DESIGN.md, "Lossless sampling with a compact upload"): :func:`sparse_q`
-quantises the top-k of ``softmax(logits / temperature)`` to the wire's integer counts,
-and :func:`sample_sparse` draws from exactly ``counts / sum(counts)`` with a numpy
-generator keyed by (seed, absolute position), never through llama.cpp's sampler chain.
-A position's random numbers only ever decide draft tokens at that position, and a draft
-token that is not committed is discarded, so reusing them when a position is drafted
-again after a rejection keeps drafts independent of the verifier's coins.
-
-Pre-drafting (proactive drafting, docs/scheduling.md). While a draft is verified, the
-agent drafts on past it: ``draft(n, after=uploaded)`` drafts after the committed sequence
-*followed by* ``after``, as if it were committed: first the guess for the bonus token,
-then the tokens after it. If the verdict commits exactly ``after`` + the guess, the
-tokens past the guess are what the next round would draft: the same context, the same
-positions, so the same random numbers (sampling) and the same greedy choices. Otherwise
-they are dropped, and the next ``draft`` rolls the cache back to the committed sequence
-like any rejected draft: the pre-draft leaves no trace. ``stop`` is asked after each
-token, so that a verdict arriving while the device pre-drafts ends the pre-draft after
-the token in hand (a paced token still takes its whole time, as on a slower board).
+The round loop, cache bookkeeping and sampling are
+:class:`~device_agent.draft_engine.KVCacheDrafter`'s (the same for every runtime); this
+module supplies llama.cpp's cache primitives and its vocabulary, and the no-drafter
+device's tokenizer (:class:`TokenizerOnly`).
 """
 
 from __future__ import annotations
@@ -46,15 +12,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
-from device_agent.draft_engine import DraftResult, position_rng, sample_sparse, sparse_q
-from edge_controller.protocol import MAX_PROMPT_TOKENS, MAX_TOP_K
+from device_agent.draft_engine import DraftResult, KVCacheDrafter
+from edge_controller.protocol import MAX_PROMPT_TOKENS
 from models.fingerprint import fingerprint_llama, llama_token_pieces
 
 log = logging.getLogger(__name__)
@@ -152,14 +117,8 @@ class TokenizerOnly(_Vocabulary):
         """Nothing to keep in step with."""
 
 
-class Drafter(_Vocabulary):
-    """A GGUF draft model with a KV cache reused across rounds.
-
-    Counters (read by telemetry): ``evaluated_tokens`` (total evaluated by llama.cpp),
-    ``last_round_evaluated``, ``rounds`` (draft calls), ``drafted_tokens``.
-    """
-
-    drafts = True
+class Drafter(_Vocabulary, KVCacheDrafter):
+    """A GGUF draft model in llama.cpp, its context (KV cache) reused across rounds."""
 
     def __init__(
         self,
@@ -169,6 +128,7 @@ class Drafter(_Vocabulary):
         n_threads: int = 1,
         pace_s_per_token: float = 0.0,
     ):
+        KVCacheDrafter.__init__(self, pace_s_per_token)
         gguf_path = Path(gguf_path)
         if not gguf_path.is_file():
             raise FileNotFoundError(f"draft model {gguf_path} does not exist")
@@ -188,12 +148,6 @@ class Drafter(_Vocabulary):
             )
         self._load_vocabulary(llm, gguf_path)
         self.n_ctx = self.llm.n_ctx()
-        self.pace_s_per_token = pace_s_per_token
-        self.sequence: list[int] = []  # prompt + committed tokens
-        self.evaluated_tokens = 0
-        self.last_round_evaluated = 0
-        self.rounds = 0
-        self.drafted_tokens = 0
         log.info(
             "drafter %s: vocab %d, context %d, %d thread(s), fingerprint %s",
             self.model_id,
@@ -203,75 +157,8 @@ class Drafter(_Vocabulary):
             self.fingerprint,
         )
 
-    def begin(self, prompt_ids: list[int]) -> None:
-        """Start a request. Nothing is evaluated yet: the first draft evaluates the prompt,
-        reusing whatever prefix the cache shares with it."""
-        if not 0 < len(prompt_ids) < self.n_ctx:
-            raise ValueError(f"prompt must hold 1..{self.n_ctx - 1} tokens")
-        self.sequence = list(prompt_ids)
-
-    def draft(
-        self, n: int, *, temperature: float = 0.0, top_k: int = 32, seed: int = 0,
-        after: Sequence[int] = (), stop: Callable[[], bool] | None = None,
-    ) -> DraftResult:
-        """Draft ``n`` tokens after the committed sequence and ``after`` (greedy if
-        temperature == 0). ``stop()``, asked after each token, ends the draft early by
-        returning True."""
-        started = time.perf_counter()
-        if not self.sequence:
-            raise RuntimeError("draft() before begin()")
-        context = self.sequence + list(after)
-        if len(context) + n > self.n_ctx:
-            raise ValueError(
-                f"{len(context)} + {n} tokens exceed the context of {self.n_ctx}"
-            )
-        if temperature < 0 or not 1 <= top_k <= MAX_TOP_K:
-            raise ValueError(f"need temperature >= 0 and 1 <= top_k <= {MAX_TOP_K}")
-        evaluated_before = self.evaluated_tokens
-        result = DraftResult(tokens=[])
-        for i in range(n):
-            token_started = time.perf_counter()
-            if i == 0:
-                self._sync(context)
-            else:
-                self._eval(result.tokens[-1:])
-            logits = np.ctypeslib.as_array(
-                llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_size,)
-            )
-            if temperature == 0:
-                token = int(np.argmax(logits))
-            else:
-                ids, counts = sparse_q(logits, temperature, top_k)
-                position = len(context) + i
-                token = sample_sparse(ids, counts, position_rng(seed, position))
-                result.q_ids.append(ids.tolist())
-                result.q_counts.append(counts.tolist())
-            result.tokens.append(token)
-            spare = self.pace_s_per_token - (time.perf_counter() - token_started)
-            if spare > 0:  # a paced token takes its time, whatever arrives meanwhile
-                time.sleep(spare)
-            if stop is not None and i + 1 < n and stop():
-                result.stopped = True
-                break
-        self.rounds += 1
-        self.drafted_tokens += len(result.tokens)
-        self.last_round_evaluated = self.evaluated_tokens - evaluated_before
-        result.seconds = time.perf_counter() - started
-        return result
-
-    def accept(self, committed: list[int]) -> None:
-        """Append the round's committed tokens (accepted drafts + correction or bonus)."""
-        self.sequence.extend(committed)
-
-    def _sync(self, context: list[int]) -> None:
-        """Make the cache hold ``context``, its newest token freshly evaluated."""
-        evaluated = self.llm.input_ids[: self.llm.n_tokens]
-        shared = np.asarray(context[: len(evaluated)])
-        mismatch = np.flatnonzero(evaluated[: len(shared)] != shared)
-        keep = min(int(mismatch[0]) if mismatch.size else len(shared), len(context) - 1)
-        if keep < self.llm.n_tokens:
-            self._truncate(keep)
-        self._eval(context[keep:])
+    def _cached(self) -> np.ndarray:
+        return self.llm.input_ids[: self.llm.n_tokens]
 
     def _truncate(self, pos: int) -> None:
         """Drop cache positions >= pos (llama-cpp-python 0.3.x)."""
@@ -280,6 +167,10 @@ class Drafter(_Vocabulary):
             raise RuntimeError(f"llama.cpp cannot roll {self.model_id} back to position {pos}")
         self.llm.n_tokens = pos
 
-    def _eval(self, tokens: list[int]) -> None:
+    def _evaluate(self, tokens: list[int]) -> None:
         self.llm.eval(tokens)
-        self.evaluated_tokens += len(tokens)
+
+    def _logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_size,)
+        )

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         "ensure",
         help="build missing or corrupted models, verify checksums, print paths",
         description="Materialise the target and the default drafts (plus --include ones) "
-        "in the cache: requantize, assemble, verify sha256, compute tokenizer fingerprints.",
+        "in the cache: requantize, assemble, build ONNX drafts, verify sha256, compute "
+        "tokenizer fingerprints.",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.add_argument(
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="DRAFT",
-        help="also materialise this optional draft (e.g. gemma3-270m); repeatable",
+        help="also materialise this optional draft (e.g. gemma3-270m, onnx); repeatable",
     )
     sub.add_parser("list", help="show the registry's models and where they come from")
     p = sub.add_parser("fingerprint", help="print the tokenizer fingerprint of a GGUF file")
@@ -83,7 +84,8 @@ def _summary(materialized: Materialized, seconds: float) -> str:
     lines = [f"models ready in {materialized.cache_dir} ({seconds:.1f} s)"]
     rows = [("target", materialized.target)] + list(materialized.draft_models.items())
     for key, artifact in rows:
-        size = artifact.path.stat().st_size / 1e6 if artifact.format == "gguf" else 0.0
+        files = [artifact.path] if artifact.path.is_file() else artifact.path.rglob("*")
+        size = sum(f.stat().st_size for f in files if f.is_file()) / 1e6
         lines.append(f"  {key:12} {artifact.name:32} {size:7.1f} MB  {artifact.fingerprint}")
         lines.append(f"  {'':12} {artifact.path}")
     return "\n".join(lines)

@@ -4,12 +4,16 @@ A draft is only useful to a target that reads its token ids the same way. Each s
 renders every id of its *own* tokenizer to the bytes it stands for (special tokens as
 their text) and hashes that list with :func:`fingerprint_pieces`:
 
-- device side, llama.cpp only: :func:`fingerprint_llama` (a loaded ``Llama``) or
+- device side, llama.cpp: :func:`fingerprint_llama` (a loaded ``Llama``) or
   :func:`fingerprint_gguf` (a GGUF file, vocabulary loaded alone);
+- device side, ONNX Runtime drafts: :func:`tokenizer_json_pieces` reads the model
+  directory's ``tokenizer.json`` with the standard library alone (no transformers, no
+  tokenizers, no llama.cpp);
 - edge side, transformers: :func:`fingerprint_hf` (byte-level BPE pieces through the GPT-2
   byte decoder; SentencePiece pieces with ``▁`` as a space and ``<0xNN>`` byte tokens).
 
-The two agree for the same vocabulary (tested for SmolLM2 and Gemma 3), whatever file
+llama.cpp is imported only where it is used: a device drafting with ONNX Runtime may have
+none. They all agree for the same vocabulary (tested for SmolLM2 and Gemma 3), whatever file
 or quantization it came in, which file hashes would not. Padded vocabularies carry extra
 ids past the real ones that render to nothing and are never produced; trailing empty
 pieces are dropped before hashing, so a padded and an unpadded copy match.
@@ -25,8 +29,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import llama_cpp
 
 FINGERPRINT_VERSION = "tok1"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -49,6 +51,8 @@ def llama_token_pieces(vocab: Any, ids: Iterable[int], *, special: bool) -> list
 
     ``special`` renders control tokens as their text (otherwise they render to nothing).
     """
+    import llama_cpp
+
     buf = ctypes.create_string_buffer(64)
     pieces = []
     for token in ids:
@@ -61,18 +65,24 @@ def llama_token_pieces(vocab: Any, ids: Iterable[int], *, special: bool) -> list
 
 
 def _fingerprint_vocab(vocab: Any) -> str:
+    import llama_cpp
+
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     return fingerprint_pieces(llama_token_pieces(vocab, range(n_vocab), special=True))
 
 
-def fingerprint_llama(llama: llama_cpp.Llama) -> str:
+def fingerprint_llama(llama: Any) -> str:
     """Device side: the fingerprint of a loaded llama-cpp-python model's vocabulary."""
+    import llama_cpp
+
     return _fingerprint_vocab(llama_cpp.llama_model_get_vocab(llama.model))
 
 
 @contextmanager
 def gguf_vocab(path: str | Path) -> Iterator[Any]:
     """The llama.cpp vocabulary of a GGUF file, loaded without its weights."""
+    import llama_cpp
+
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
@@ -103,15 +113,35 @@ def hf_token_pieces(tokenizer: Any) -> list[bytes]:
         raise TypeError(f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer")
     added = {i: token.content.encode() for i, token in tokenizer.added_tokens_decoder.items()}
     decoder = backend.decoder
-    byte_level = decoder is not None and "ByteLevel" in _component_types(
-        json.loads(decoder.__getstate__())
-    )
-    piece_bytes = _byte_level_bytes if byte_level else _sentencepiece_bytes
+    piece_bytes = _piece_decoder(json.loads(decoder.__getstate__()) if decoder else None)
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     return [
         added[i] if i in added else piece_bytes(token) if token is not None else b""
         for i, token in enumerate(tokens)
     ]
+
+
+def tokenizer_json_pieces(path: str | Path) -> tuple[list[bytes], set[int]]:
+    """The bytes of every id of a ``tokenizer.json`` (special tokens as their text), and
+    the ids of its special (control) tokens; read with the standard library alone."""
+    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    vocab: dict[str, int] = config["model"]["vocab"]
+    if isinstance(vocab, list):  # Unigram models list [piece, score] pairs by id
+        vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+    added = {token["id"]: token for token in config.get("added_tokens", [])}
+    piece_bytes = _piece_decoder(config.get("decoder"))
+    pieces = [b""] * (max([*vocab.values(), *added, -1]) + 1)
+    for token, i in vocab.items():
+        pieces[i] = piece_bytes(token)
+    for i, token in added.items():
+        pieces[i] = token["content"].encode()
+    return pieces, {i for i, token in added.items() if token.get("special")}
+
+
+def _piece_decoder(decoder: dict[str, Any] | None):
+    """How a vocabulary's pieces map to bytes: byte-level BPE or SentencePiece."""
+    byte_level = decoder is not None and "ByteLevel" in _component_types(decoder)
+    return _byte_level_bytes if byte_level else _sentencepiece_bytes
 
 
 def _component_types(config: dict[str, Any]) -> set[str]:

@@ -14,6 +14,10 @@ override it), parsed once into typed dataclasses; a bad entry raises
 ``requantize = ...``,              built locally with llama.cpp: ``requantize`` names another
 ``qtype = "q4_0"``                 entry (``"target"`` or a draft key) or is an inline table
                                    holding a ``path`` or ``package``/``file`` source
+``onnx_from = "target"``,          drafts only: an onnxruntime-genai model directory built
+``precision = "int4"``             locally from that GGUF entry's weights (dequantized by
+                                   transformers, rebuilt by onnxruntime-genai's model
+                                   builder: the edge's extras, ``[edge,onnx-build]``)
 =================================  =========================================================
 
 Other fields: ``name`` (the model id: built files are ``<name>.gguf`` in the cache and
@@ -36,6 +40,9 @@ TARGET = "target"  # the key under which requantize references the target
 
 # llama_ftype values of llama.h that llama_model_quantize can produce from a GGUF.
 # K-quants need rows that are a multiple of 256 (SmolLM2's hidden size 576 is not).
+# Precisions of onnxruntime-genai's model builder that its CPU provider runs.
+ONNX_PRECISIONS = ("int4", "int8", "fp32")
+
 QTYPES: dict[str, int] = {
     "f16": 1,
     "q4_0": 2,
@@ -49,8 +56,8 @@ QTYPES: dict[str, int] = {
 }
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_SOURCE_KEYS = ("path", "package", "assemble", "requantize")
-_MODEL_KEYS = {"name", "file", "qtype", "fingerprint", *_SOURCE_KEYS}
+_SOURCE_KEYS = ("path", "package", "assemble", "requantize", "onnx_from")
+_MODEL_KEYS = {"name", "file", "qtype", "precision", "fingerprint", *_SOURCE_KEYS}
 
 
 class RegistryError(ValueError):
@@ -91,12 +98,21 @@ class RequantizeSource:
         return f"{self.base.name} requantized to {self.qtype}"
 
 
-Source = PathSource | PackageSource | AssembleSource | RequantizeSource
+@dataclass(frozen=True)
+class OnnxSource:
+    base: ModelSpec  # a GGUF model whose weights are rebuilt as ONNX
+    precision: str  # one of ONNX_PRECISIONS
+
+    def __str__(self) -> str:
+        return f"{self.base.name} rebuilt for ONNX Runtime ({self.precision})"
+
+
+Source = PathSource | PackageSource | AssembleSource | RequantizeSource | OnnxSource
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str  # model id; built files are <name>.gguf
+    name: str  # model id; built files are <name>.gguf (<name>/ for an ONNX directory)
     source: Source
     fingerprint: str | None = None  # expected tokenizer fingerprint, checked by ensure
     optional: bool = False  # drafts: built only when asked for
@@ -169,7 +185,7 @@ class _Parser:
             return self.specs[key]
         if key in self.resolving:
             cycle = " -> ".join([*self.resolving, key])
-            raise self.error(key, f"requantize references form a cycle: {cycle}")
+            raise self.error(key, f"references (requantize, onnx_from) form a cycle: {cycle}")
         self.resolving.append(key)
         table = self.tables[key]
         allowed = _MODEL_KEYS if key == TARGET else _MODEL_KEYS | {"optional"}
@@ -201,8 +217,9 @@ class _Parser:
         if len(kinds) != 1:
             raise self.error(key, f"needs exactly one source of {list(_SOURCE_KEYS)}, got {kinds}")
         kind = kinds[0]
-        companion = {"package": {"file"}, "requantize": {"qtype"}}.get(kind, set())
-        extra = ({"file", "qtype"} - companion) & set(table)
+        companion = {"package": {"file"}, "requantize": {"qtype"},
+                     "onnx_from": {"precision"}}.get(kind, set())
+        extra = ({"file", "qtype", "precision"} - companion) & set(table)
         if extra:
             raise self.error(key, f"{sorted(extra)} does not go with {kind}")
         if kind == "path":
@@ -216,6 +233,14 @@ class _Parser:
             raise self.error(key, "an inline requantize base must be a path or package/file")
         if kind == "assemble":
             return AssembleSource(self.string(key, table, "assemble", None))
+        if kind == "onnx_from":
+            if key == TARGET:
+                raise self.error(key, "the target is verified by transformers, not ONNX Runtime")
+            precision = self.string(key, table, "precision", None).lower()
+            if precision not in ONNX_PRECISIONS:
+                raise self.error(key, f"precision {precision!r} unknown; one of "
+                                 f"{list(ONNX_PRECISIONS)}")
+            return OnnxSource(self.reference(key, table["onnx_from"], "onnx_from"), precision)
         qtype = self.string(key, table, "qtype", None).lower()
         if qtype not in QTYPES:
             raise self.error(key, f"qtype {qtype!r} unknown; one of {sorted(QTYPES)}")
@@ -227,8 +252,10 @@ class _Parser:
             if unknown:
                 raise self.error(key, f"inline requantize base: unknown fields {sorted(unknown)}")
             return ModelSpec(f"{key}-base", self.source(key, base, inline=True))
-        if base not in self.tables:
-            raise self.error(
-                key, f"requantize = {base!r} names no entry ({TARGET!r} or a draft key)"
-            )
+        return self.reference(key, base, "requantize")
+
+    def reference(self, key: str, base: Any, field: str) -> ModelSpec:
+        """The entry another one is built from, by key."""
+        if not isinstance(base, str) or base not in self.tables:
+            raise self.error(key, f"{field} = {base!r} names no entry ({TARGET!r} or a draft key)")
         return self.spec(base)

@@ -2,7 +2,8 @@
 
 Cache directory: ``$MULTISPIN_CACHE``, else ``$XDG_CACHE_HOME/multispin-edge``, else
 ``~/.cache/multispin-edge``. It holds the files we build (``<name>.gguf``: requantized or
-assembled models) and ``manifest.json``::
+assembled models; ``<name>/``: ONNX drafts, one directory checksummed as one artifact;
+``<stem>.hf/``: the target converted for transformers) and ``manifest.json``::
 
     {"version": 1,
      "files": {"<name>.gguf": {"sha256": ..., "recipe": {...how it was built...}}},
@@ -28,6 +29,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,13 +39,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-
-from models.fingerprint import FINGERPRINT_VERSION, fingerprint_gguf, fingerprint_hf
+from models.fingerprint import (
+    FINGERPRINT_VERSION,
+    fingerprint_gguf,
+    fingerprint_hf,
+    fingerprint_pieces,
+    tokenizer_json_pieces,
+)
 from models.registry import (
     QTYPES,
     AssembleSource,
     ModelSpec,
+    OnnxSource,
     PackageSource,
     PathSource,
     Registry,
@@ -68,8 +76,8 @@ class Artifact:
     """One materialised model."""
 
     name: str  # model id from the registry
-    path: Path  # a GGUF file, or an HF model directory
-    format: str  # "gguf" or "hf"
+    path: Path  # a GGUF file, an HF model directory, or an ONNX (genai) model directory
+    format: str  # "gguf", "hf" or "onnx"
     sha256: str | None  # of the GGUF file; None for a directory
     fingerprint: str  # tokenizer fingerprint (models.fingerprint)
 
@@ -91,7 +99,7 @@ class Materialized:
 
     @property
     def drafts(self) -> dict[str, Path]:
-        """Draft key -> GGUF path."""
+        """Draft key -> GGUF file or ONNX model directory."""
         return {key: artifact.path for key, artifact in self.draft_models.items()}
 
     @property
@@ -226,6 +234,10 @@ class _Store:
 
     def artifact(self, spec: ModelSpec) -> Artifact:
         path = self.path(spec)
+        if (path / ONNX_CONFIG).is_file():
+            pieces, _ = tokenizer_json_pieces(path / "tokenizer.json")
+            fingerprint = _check(spec, fingerprint_pieces(pieces))
+            return Artifact(spec.name, path, "onnx", self.sha256(path), fingerprint)
         if path.is_dir():
             return Artifact(spec.name, path, "hf", None, _check(spec, _fingerprint_hf_dir(path)))
         sha = self.sha256(path)
@@ -260,6 +272,20 @@ class _Store:
                 recipe = {"requantize": self.sha256(base), "qtype": qtype}
                 return self.built(f"{spec.name}.gguf", recipe,
                                   lambda out: _quantize(base, out, qtype))
+            case OnnxSource(base_spec, precision):
+                if not (self.cache / spec.name).exists():
+                    _check_onnx_builder(spec.name)  # before the base: a board has no target
+                base = self.path(base_spec)
+                if base.is_dir() or base.suffix != ".gguf":
+                    raise ValueError(f"model {spec.name}: onnx_from needs a GGUF, not {base}")
+                recipe = {"onnx_from": self.sha256(base), "precision": precision,
+                          "builder": _version("onnxruntime-genai")}
+
+                def build(out: Path) -> None:
+                    _check_onnx_builder(spec.name)
+                    _build_onnx(self.converted(base), out, precision)
+
+                return self.built(spec.name, recipe, build, directory=True)
         raise TypeError(f"model {spec.name}: unknown source {spec.source!r}")
 
     def built(self, file_name: str, recipe: dict[str, Any], build: Callable[[Path], None],
@@ -290,6 +316,12 @@ class _Store:
         log.info("built %s in %.1f s (sha256 %s)", path, time.perf_counter() - start, sha[:12])
         return path
 
+    def converted(self, gguf: Path) -> Path:
+        """:func:`converted_target`, for a process already holding the lock."""
+        recipe = {"convert": self.sha256(gguf), "transformers": _version("transformers")}
+        return self.built(f"{gguf.stem}.hf", recipe, lambda out: _convert(gguf, out),
+                          directory=True)
+
 
 def converted_target(gguf: Path, cache: Path | None = None) -> Path:
     """A GGUF target dequantized once into an HF model directory in the cache
@@ -298,10 +330,7 @@ def converted_target(gguf: Path, cache: Path | None = None) -> Path:
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache):
-        store = _Store(cache)
-        recipe = {"convert": store.sha256(gguf), "transformers": _version("transformers")}
-        return store.built(f"{gguf.stem}.hf", recipe, lambda out: _convert(gguf, out),
-                           directory=True)
+        return _Store(cache).converted(gguf)
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -320,6 +349,51 @@ def _convert(gguf: Path, out: Path) -> None:
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     safetensors.torch.save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+ONNX_CONFIG = "genai_config.json"  # what makes a directory an onnxruntime-genai model
+_ONNX_BUILDER = ("onnxruntime_genai", "onnx", "onnx_ir", "torch", "transformers")
+
+
+def _check_onnx_builder(name: str) -> None:
+    """A clear error, before any work, on a machine that cannot build ONNX drafts (a board:
+    it gets the built directory from the edge, ``edge-controller fleet deploy``)."""
+    missing = [m for m in _ONNX_BUILDER if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"model {name}: building the ONNX draft needs {', '.join(missing)}: build it on "
+            "the edge (pip install 'multispin-edge[edge,onnx-build]'; python -m models "
+            f"ensure --include {name}) and pass its directory to --draft on the device"
+        )
+
+
+def _build_onnx(hf: Path, out: Path, precision: str) -> None:
+    """Rebuild an HF model directory as an onnxruntime-genai model (CPU provider) with
+    onnxruntime-genai's model builder, offline, in a child process (it loads the weights
+    in torch and prints a progress line per tensor)."""
+    log.info("building the ONNX draft (%s) from %s", precision, hf.name)
+    with tempfile.TemporaryDirectory(prefix=".onnx-build.", suffix=".tmp", dir=out.parent) as work:
+        staged = Path(work) / "input"
+        staged.mkdir()
+        for file in hf.iterdir():
+            (staged / file.name).symlink_to(file.resolve())
+        # The converted target's config names no architecture (transformers loaded it
+        # from GGUF); the builder picks its graph by architecture.
+        config = json.loads((hf / "config.json").read_text())
+        if not config.get("architectures"):
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
+        (staged / "config.json").unlink()
+        (staged / "config.json").write_text(json.dumps(config, indent=2))
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(staged),
+                   "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(Path(work) / "cache"),
+                   "--extra_options", "hf_token=false"]
+        offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, env=offline, check=False)
+    if done.returncode != 0 or not (out / ONNX_CONFIG).is_file():
+        tail = (done.stdout + done.stderr)[-2000:]
+        raise RuntimeError(f"onnxruntime-genai's model builder failed ({done.returncode}):\n{tail}")
 
 
 def _check(spec: ModelSpec, fingerprint: str) -> str:
@@ -353,6 +427,8 @@ def _assemble(package: str, out: Path) -> None:
 
 
 def _quantize(src: Path, out: Path, qtype: str) -> None:
+    import llama_cpp  # here alone: a device drafting with ONNX Runtime may have no llama.cpp
+
     log.info("quantizing %s to %s", src.name, qtype)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QTYPES[qtype]

@@ -3,11 +3,12 @@
 Makes keys in a temporary directory (a controller keypair, one per device, all listed:
 what an operator does with ``keys init`` and ``keys add``), starts ``edge-controller start
 --keys`` on loopback, then three ``device-agent generate --json`` processes at once (drafts
-q8_0, q5_0, q4_0, one prompt each), and prints a per-device table and the texts. With
-greedy decoding (the default) every text is exactly what the target model alone would
-write; with --temperature it follows the target's distribution.
+q8_0, q5_0, q4_0 in llama.cpp, one prompt each), and prints a per-device table and the
+texts. With greedy decoding (the default) every text is exactly what the target model
+alone would write; with --temperature it follows the target's distribution. ``--onnx``
+adds a fourth device drafting with ONNX Runtime (the ``onnx`` draft, built on first use).
 
-    scripts/demo.sh [--max-new-tokens 64] [--temperature 0.8 --seed 7]
+    scripts/demo.sh [--max-new-tokens 64] [--temperature 0.8 --seed 7] [--onnx]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DEVICES = [
     ("laptop-q5", "q5_0", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
     ("phone-q4", "q4_0", "Photosynthesis is the process by which"),
 ]
+ONNX_DEVICE = ("npu-board-onnx", "onnx", "The three laws of motion state that")
 
 
 def main() -> int:
@@ -33,22 +35,26 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="log folder")
+    parser.add_argument("--onnx", action="store_true", help="a fourth device drafting with "
+                        "ONNX Runtime (its draft is built on first use, ~15 s)")
     args = parser.parse_args()
+    devices = DEVICES + [ONNX_DEVICE] if args.onnx else DEVICES
 
     print("building the default models (cached after the first run) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "models", "ensure"], check=True)
+    include = ["--include", "onnx"] if args.onnx else []
+    subprocess.run([sys.executable, "-m", "models", "ensure", *include], check=True)
     log_path = args.out / "controller.log"
     specs = [
         AgentSpec(name, draft, prompt, args.max_new_tokens,
                   ("--temperature", str(args.temperature), "--seed", str(args.seed)))
-        for name, draft, prompt in DEVICES
+        for name, draft, prompt in devices
     ]
     print(f"starting the controller (log: {log_path}) ...", flush=True)
     with LabKeys() as keys, controller_process(
             log_path, keys, "--config", str(ROOT / "configs" / "controller.toml")) as controller:
         ep = controller.endpoint
-        print(f"controller serving on {ep} (CURVE, keys in {keys.root}); running 3 device "
-              "agents at once ...", flush=True)
+        print(f"controller serving on {ep} (CURVE, keys in {keys.root}); running "
+              f"{len(specs)} device agents at once ...", flush=True)
         results = [runs[0] for runs in run_agents(ep, specs, keys)]
     print_table(specs, results)
     return 0

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
-.venv/bin/python -m models ensure
+.venv/bin/python -m models ensure --include onnx
 .venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest -ra "$@"

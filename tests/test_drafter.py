@@ -1,8 +1,12 @@
-"""The llama.cpp drafter: greedy and sampled drafts, KV cache reuse and rollback, pacing."""
+"""The drafters, llama.cpp and ONNX Runtime: greedy and sampled drafts, KV cache reuse and
+rollback, pacing; the ONNX draft's vocabulary against the GGUF drafts'."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +14,9 @@ from scipy import stats
 
 from device_agent.draft_engine import DraftEngine, position_rng, sample_sparse, sparse_q
 from device_agent.drafter import Drafter, TokenizerOnly, load_llama
+from device_agent.onnx_drafter import OnnxDrafter
 from edge_controller.protocol import Q_SCALE
-from models.fingerprint import fingerprint_gguf
+from models.fingerprint import fingerprint_gguf, gguf_vocab, llama_token_pieces
 
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -21,9 +26,24 @@ def q4_path(default_models):
     return default_models.drafts["q4_0"]
 
 
+@pytest.fixture(scope="module")
+def onnx_path():
+    import models
+
+    return models.ensure(include=["onnx"]).drafts["onnx"]
+
+
+@pytest.fixture(params=["llama.cpp", "onnx"])
+def engine(request, q4_path, onnx_path):
+    """Opens the drafter under test (keyword arguments as Drafter's): each engine in turn."""
+    if request.param == "onnx":
+        return functools.partial(OnnxDrafter, onnx_path)
+    return functools.partial(Drafter, q4_path)
+
+
 @pytest.fixture
-def drafter(q4_path):
-    return Drafter(q4_path, n_ctx=512)
+def drafter(engine):
+    return engine(n_ctx=512)
 
 
 def test_identity_matches_the_registry(default_models):
@@ -69,7 +89,8 @@ def test_tokenize_parses_special_tokens_and_detokenize_renders_text(drafter):
     assert drafter.detokenize(ids[:1]) == b""  # control tokens render to nothing
 
 
-def test_greedy_draft_equals_llama_cpp_greedy_continuation(drafter, q4_path):
+def test_greedy_draft_equals_llama_cpp_greedy_continuation(q4_path):
+    drafter = Drafter(q4_path, n_ctx=512)
     prompt = drafter.tokenize(PROMPT)
     reference = load_llama(q4_path, n_ctx=512, n_threads=1, verbose=False)
     expected = list(itertools.islice(reference.generate(prompt, temp=0.0), 12))
@@ -83,7 +104,7 @@ def test_greedy_draft_equals_llama_cpp_greedy_continuation(drafter, q4_path):
     assert first.tokens + second.tokens == expected
 
 
-def test_partial_acceptance_rolls_back_to_a_fresh_drafters_draft(drafter, q4_path):
+def test_partial_acceptance_rolls_back_to_a_fresh_drafters_draft(drafter, engine):
     prompt = drafter.tokenize(PROMPT)
     drafter.begin(prompt)
     first = drafter.draft(6)
@@ -93,7 +114,7 @@ def test_partial_acceptance_rolls_back_to_a_fresh_drafters_draft(drafter, q4_pat
     drafter.accept(committed)
     second = drafter.draft(6)
 
-    fresh = Drafter(q4_path, n_ctx=512)
+    fresh = engine(n_ctx=512)
     fresh.begin(prompt + committed)
     # Greedy only: llama.cpp is not batch-invariant (a token evaluated alone or inside a
     # batch can get logits up to ~0.8 apart), so sampled q's of a fresh cache differ a bit.
@@ -120,8 +141,25 @@ def test_each_round_evaluates_at_most_draft_len_plus_two(drafter):
     assert drafter.drafted_tokens <= drafter.evaluated_tokens
 
 
-def test_same_seed_same_draft_and_tokens_lie_in_their_q(q4_path):
-    prompt_drafters = [Drafter(q4_path, n_ctx=512) for _ in range(2)]
+def test_rollback_to_every_length_redrafts_the_first_draft(drafter):
+    """Any prefix of a draft committed (then the rest drafted again from the cache) gives
+    the first draft's tokens: the cache keeps the committed prefix, drops the rest, and
+    evaluates only the newest committed token again."""
+    prompt = drafter.tokenize(PROMPT)
+    drafter.begin(prompt)
+    first = drafter.draft(10).tokens
+
+    for kept in [*range(10), 0]:
+        drafter.begin(prompt)
+        drafter.accept(first[:kept])
+        again = drafter.draft(10 - kept)
+
+        assert again.tokens == first[kept:], f"rolled back to {kept}"
+        assert drafter.last_round_evaluated == 10 - kept  # the newest committed + 9 - kept
+
+
+def test_same_seed_same_draft_and_tokens_lie_in_their_q(engine):
+    prompt_drafters = [engine(n_ctx=512) for _ in range(2)]
     results = []
     for drafter, seed in zip(prompt_drafters * 2, [5, 5, 6, 6], strict=True):
         drafter.begin(drafter.tokenize(PROMPT))
@@ -177,8 +215,8 @@ def test_draft_len_zero_evaluates_nothing(drafter):
     assert result.tokens == [] and drafter.evaluated_tokens == 0 and drafter.rounds == 1
 
 
-def test_pacing_emulates_a_slower_board(q4_path):
-    drafter = Drafter(q4_path, n_ctx=512, pace_s_per_token=0.05)
+def test_pacing_emulates_a_slower_board(engine):
+    drafter = engine(n_ctx=512, pace_s_per_token=0.05)
     drafter.begin(drafter.tokenize(PROMPT))
 
     result = drafter.draft(4)
@@ -186,8 +224,8 @@ def test_pacing_emulates_a_slower_board(q4_path):
     assert result.seconds >= 4 * 0.05
 
 
-def test_context_overflow_and_bad_parameters_are_refused(q4_path):
-    drafter = Drafter(q4_path, n_ctx=32)  # llama.cpp may round the context up
+def test_context_overflow_and_bad_parameters_are_refused(engine):
+    drafter = engine(n_ctx=32)  # llama.cpp may round the context up
     drafter.begin(list(range(100, 100 + drafter.n_ctx - 2)))
 
     with pytest.raises(ValueError, match="exceed the context"):
@@ -210,3 +248,43 @@ def test_gemma_drafts_with_its_own_vocabulary(default_models):
 
     assert drafter.vocab_size == 262144 and len(result.tokens) == 3
     assert drafter.fingerprint == fingerprint_gguf(path) != default_models.target.fingerprint
+
+
+def test_the_onnx_draft_reads_text_exactly_as_the_gguf_drafts(onnx_path, q4_path, default_models):
+    """Same fingerprint as the GGUF drafts and the target, same token ids for the same text,
+    same bytes for every id."""
+    onnx = OnnxDrafter(onnx_path, n_ctx=64)
+    gguf = Drafter(q4_path, n_ctx=64)
+    texts = [PROMPT, "", "  spaces, émojis 🚲, tabs\t\n\n", "<|endoftext|>x<|im_end|>", "a" * 40]
+
+    assert isinstance(onnx, DraftEngine) and onnx.drafts
+    assert onnx.fingerprint == gguf.fingerprint == default_models.target.fingerprint
+    assert onnx.model_id == onnx_path.name == "smollm2-135m-instruct-onnx-int4"
+    assert onnx.vocab_size == gguf.vocab_size and 2 in onnx.eos_token_ids
+    for text in texts:
+        assert onnx.tokenize(text) == gguf.tokenize(text), text
+    ids = list(range(onnx.vocab_size))
+    with gguf_vocab(q4_path) as vocab:
+        expected = llama_token_pieces(vocab, ids, special=False)
+    assert [onnx.detokenize([i]) for i in ids] == expected
+
+
+def test_the_onnx_drafter_needs_neither_torch_transformers_nor_llama_cpp(onnx_path, q4_path):
+    blocked = ("import sys; sys.modules.update(llama_cpp=None, torch=None, transformers=None, "
+               "tokenizers=None); from device_agent.onnx_drafter import OnnxDrafter; "
+               f"d = OnnxDrafter({str(onnx_path)!r}, n_ctx=64); d.begin(d.tokenize('Hello')); "
+               "print(d.fingerprint, len(d.draft(3).tokens))")
+    out = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
+                         check=True)
+    gguf = Drafter(q4_path, n_ctx=64)
+
+    assert out.stdout.split() == [gguf.fingerprint, "3"]
+
+
+def test_an_onnx_draft_refuses_what_it_cannot_run(onnx_path, q4_path):
+    with pytest.raises(FileNotFoundError, match="not an ONNX draft"):
+        OnnxDrafter(q4_path.parent)
+    with pytest.raises(ValueError, match="execution provider 'tpu'"):
+        OnnxDrafter(onnx_path, provider="tpu")
+    with pytest.raises(ValueError, match="n_ctx"):
+        OnnxDrafter(onnx_path, n_ctx=1 << 20)

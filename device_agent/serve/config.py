@@ -27,11 +27,12 @@ class ControllerSection:
 
 @dataclass
 class DraftSection:
-    model: str = "q4_0"  # a name from configs/models.toml or a GGUF path; "none": no drafter
+    model: str = "q4_0"  # configs/models.toml name, GGUF file, ONNX directory; "none": no drafter
     tokenizer: str = "q4_0"  # with model = "none": the GGUF (or name) whose vocabulary to use
     threads: int = 1
     top_k: int = 32  # size of the sparse draft distribution uploaded when sampling
     pace_s: float = 0.0  # emulate a slower board: at least this many s per drafted token
+    provider: str = "cpu"  # an ONNX draft's execution provider (device_agent/onnx_drafter.py)
 
 
 @dataclass
