@@ -1,14 +1,16 @@
-"""Lossless end to end: three real device agents, one real controller, greedy.
+"""Lossless end to end: four real device agents, one real controller, greedy.
 
-Real ZeroMQ sockets on loopback, real llama.cpp drafting in separate processes (three
-draft quantizations, three prompts), real transformers verification; every device's
-output must equal the target alone (transformers ``generate``, fp32) token for token.
+Real ZeroMQ sockets on loopback, real drafting in separate processes (three llama.cpp
+draft quantizations and the ONNX Runtime draft, four prompts), real transformers
+verification; every device's output must equal the target alone (transformers
+``generate``, fp32) token for token.
 """
 
 from __future__ import annotations
 
 import pytest
 
+import models
 from edge_controller.launch import AgentSpec, run_agents
 from models.target import greedy_mismatch
 
@@ -19,6 +21,7 @@ DEVICES = [
     ("q8_0", "The three most important inventions of the last century are"),
     ("q5_0", "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"),
     ("q4_0", "Translate to French: The weather is lovely today, so we will walk"),
+    ("onnx", "The three laws of motion state that"),
 ]
 
 
@@ -30,12 +33,13 @@ def compare_to_reference(target, result: dict, new_tokens: int) -> list[str]:
     return [note] if note else []
 
 
-def test_three_devices_get_exactly_the_targets_greedy_output(
-    run_controller, target, default_models, lab_keys
+def test_four_devices_two_engines_get_exactly_the_targets_greedy_output(
+    run_controller, target, lab_keys
 ):
+    drafts = models.ensure(include=["onnx"]).drafts
     with run_controller() as controller:
         results = [runs[0] for runs in run_agents(controller.endpoint, [
-            AgentSpec(f"dev-{draft}", default_models.drafts[draft], prompt, NEW_TOKENS)
+            AgentSpec(f"dev-{draft}", drafts[draft], prompt, NEW_TOKENS)
             for draft, prompt in DEVICES
         ], lab_keys)]
         largest_batch = controller.largest_batch

@@ -13,7 +13,7 @@ import pytest
 
 import models
 from models.fingerprint import fingerprint_gguf, fingerprint_hf, fingerprint_pieces
-from models.registry import QTYPES, PackageSource, RequantizeSource, parse_registry
+from models.registry import QTYPES, OnnxSource, PackageSource, RequantizeSource, parse_registry
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_REGISTRY = """
@@ -42,6 +42,9 @@ def test_default_registry_parses():
     assert isinstance(registry.target.source, PackageSource)
     assert registry.default_drafts() == ["q8_0", "q5_0", "q4_0"]
     assert registry.drafts["gemma3-270m"].optional
+    onnx = registry.drafts["onnx"]
+    assert onnx.optional and onnx.source == OnnxSource(registry.target, "int4")
+    assert onnx.fingerprint == registry.target.fingerprint  # pinned: the GGUF drafts' own
     q4 = registry.drafts["q4_0"].source
     assert isinstance(q4, RequantizeSource) and q4.base is registry.target and q4.qtype == "q4_0"
 
@@ -84,6 +87,23 @@ def test_default_registry_parses():
         ),
         ("[target]\nname = 't'\npath = 't.gguf'\n[drafts.a]\npath = 'a'\noptional = 1", "optional"),
         ("[target]\nname = 't'\npath = 't.gguf'\n[extra]\nx = 1", "unknown top-level keys"),
+        (
+            "[target]\nname = 't'\npath = 't.gguf'\n[drafts.o]\nonnx_from = 'target'\n"
+            "precision = 'int3'",
+            "precision 'int3' unknown",
+        ),
+        (
+            "[target]\nname = 't'\npath = 't.gguf'\n[drafts.o]\nonnx_from = 'x'\n"
+            "precision = 'int4'",
+            "onnx_from = 'x' names no entry",
+        ),
+        (
+            "[target]\nname = 't'\nonnx_from = 'o'\nprecision = 'int4'\n[drafts.o]\n"
+            "path = 'o.gguf'",
+            "not ONNX Runtime",
+        ),
+        ("[target]\nname = 't'\npath = 't.gguf'\n[drafts.o]\npath = 'o'\nprecision = 'int4'",
+         "['precision'] does not go with path"),
     ],
 )
 def test_bad_registry_entries_name_the_problem(tmp_path, text, error):
@@ -306,3 +326,28 @@ def test_target_on_a_missing_gpu_is_a_clear_error(default_models):
         pytest.skip("this machine has a CUDA GPU: the error cannot happen here")
     with pytest.raises(TargetLoadError, match='target.device = "cpu"'):
         load_target(default_models.target_gguf, device="cuda")
+
+
+def test_the_onnx_draft_is_one_checksummed_directory_with_the_targets_fingerprint():
+    built = models.ensure(include=["onnx"])
+    artifact = built.draft_models["onnx"]
+    manifest = json.loads((built.cache_dir / "manifest.json").read_text())
+
+    assert artifact.format == "onnx" and artifact.path.is_dir()
+    assert (artifact.path / "genai_config.json").is_file()
+    assert manifest["files"][artifact.path.name]["sha256"] == artifact.sha256
+    assert manifest["files"][artifact.path.name]["recipe"]["precision"] == "int4"
+    gguf = built.draft_models["q4_0"]
+    assert artifact.fingerprint == built.target.fingerprint == gguf.fingerprint
+
+
+def test_a_machine_without_the_builder_is_told_to_build_the_onnx_draft_on_the_edge(
+    tmp_path, monkeypatch
+):
+    """A board (no torch, no builder) never builds the ONNX draft, nor converts the target
+    for it: it says where to build it. The missing module is simulated by name."""
+    monkeypatch.setattr("models.store._ONNX_BUILDER", ("onnxruntime_genai", "no_such_module"))
+
+    with pytest.raises(ModuleNotFoundError, match="needs no_such_module: build it on the edge"):
+        models.ensure(include=["onnx"], cache=tmp_path)
+    assert not list(tmp_path.glob("*.hf")) and not list(tmp_path.glob("*onnx*"))

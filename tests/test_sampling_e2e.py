@@ -1,9 +1,10 @@
 """Sampling through the real drafter and the real target follows the target's distribution.
 
-For many seeds, the q4_0 llama.cpp drafter samples a 4-token draft from its top-k
-truncated distribution, and the batched verifier accepts or corrects it against the fp32
-target. The first generated token must be distributed as the target's own processed
-distribution at that position (chi-square), although the draft's distribution differs.
+For many seeds, a drafter (the q4_0 llama.cpp one, then the ONNX Runtime one) samples a
+4-token draft from its top-k truncated distribution, and the batched verifier accepts or
+corrects it against the fp32 target. The first generated token must be distributed as
+the target's own processed distribution at that position (chi-square), although the
+draft's distribution differs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pytest
 import torch
 from scipy import stats
 
-from device_agent.drafter import Drafter
+import models
+from device_agent.cli import open_drafter
 from edge_controller.verifier.engine import Verifier
 from edge_controller.verifier.sampling import process_logits
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
@@ -48,9 +50,10 @@ def target_first_token_distribution(model, prompt_ids: list[int]) -> np.ndarray:
     return p[0].double().numpy()
 
 
-def test_first_tokens_follow_the_target_distribution(target, default_models):
+@pytest.mark.parametrize("draft", ["q4_0", "onnx"])
+def test_first_tokens_follow_the_target_distribution(target, draft):
     model, _ = target
-    drafter = Drafter(default_models.drafts["q4_0"], n_threads=1)
+    drafter = open_drafter(str(models.ensure(include=[draft]).drafts[draft]))
     # One token: the verifier needs no prefill (it is the pending token), so a draw costs
     # little more than its draft.
     prompt = drafter.tokenize(" My", add_bos=False)[:1]
