@@ -15,9 +15,10 @@ override it), parsed once into typed dataclasses; a bad entry raises
 ``qtype = "q4_0"``                 entry (``"target"`` or a draft key) or is an inline table
                                    holding a ``path`` or ``package``/``file`` source
 ``onnx_from = "target"``,          drafts only: an onnxruntime-genai model directory built
-``precision = "int4"``             locally from that GGUF entry's weights (dequantized by
-                                   transformers, rebuilt by onnxruntime-genai's model
-                                   builder: the edge's extras, ``[edge,onnx-build]``)
+``precision = "int4"``,            locally from that GGUF entry's weights (dequantized by
+``algo = "k_quant"`` (optional)    transformers, rebuilt by onnxruntime-genai's model
+                                   builder: the edge's extras, ``[edge,onnx-build]``);
+                                   ``algo`` is the builder's quantizer (default: RTN)
 =================================  =========================================================
 
 Other fields: ``name`` (the model id: built files are ``<name>.gguf`` in the cache and
@@ -42,6 +43,9 @@ TARGET = "target"  # the key under which requantize references the target
 # K-quants need rows that are a multiple of 256 (SmolLM2's hidden size 576 is not).
 # Precisions of onnxruntime-genai's model builder that its CPU provider runs.
 ONNX_PRECISIONS = ("int4", "int8", "fp32")
+# Its weight quantizers (algo_config): round-to-nearest, k-quant, and their mixed variants
+# (``_last``: the LM head in int8; ``_mixed``: it and some layers in int8).
+ONNX_ALGOS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed")
 
 QTYPES: dict[str, int] = {
     "f16": 1,
@@ -57,7 +61,7 @@ QTYPES: dict[str, int] = {
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SOURCE_KEYS = ("path", "package", "assemble", "requantize", "onnx_from")
-_MODEL_KEYS = {"name", "file", "qtype", "precision", "fingerprint", *_SOURCE_KEYS}
+_MODEL_KEYS = {"name", "file", "qtype", "precision", "algo", "fingerprint", *_SOURCE_KEYS}
 
 
 class RegistryError(ValueError):
@@ -102,9 +106,10 @@ class RequantizeSource:
 class OnnxSource:
     base: ModelSpec  # a GGUF model whose weights are rebuilt as ONNX
     precision: str  # one of ONNX_PRECISIONS
+    algo: str = "default"  # one of ONNX_ALGOS
 
     def __str__(self) -> str:
-        return f"{self.base.name} rebuilt for ONNX Runtime ({self.precision})"
+        return f"{self.base.name} rebuilt for ONNX Runtime ({self.precision}, {self.algo})"
 
 
 Source = PathSource | PackageSource | AssembleSource | RequantizeSource | OnnxSource
@@ -218,8 +223,8 @@ class _Parser:
             raise self.error(key, f"needs exactly one source of {list(_SOURCE_KEYS)}, got {kinds}")
         kind = kinds[0]
         companion = {"package": {"file"}, "requantize": {"qtype"},
-                     "onnx_from": {"precision"}}.get(kind, set())
-        extra = ({"file", "qtype", "precision"} - companion) & set(table)
+                     "onnx_from": {"precision", "algo"}}.get(kind, set())
+        extra = ({"file", "qtype", "precision", "algo"} - companion) & set(table)
         if extra:
             raise self.error(key, f"{sorted(extra)} does not go with {kind}")
         if kind == "path":
@@ -240,7 +245,11 @@ class _Parser:
             if precision not in ONNX_PRECISIONS:
                 raise self.error(key, f"precision {precision!r} unknown; one of "
                                  f"{list(ONNX_PRECISIONS)}")
-            return OnnxSource(self.reference(key, table["onnx_from"], "onnx_from"), precision)
+            algo = self.string(key, table, "algo", "default")
+            if algo not in ONNX_ALGOS:
+                raise self.error(key, f"algo {algo!r} unknown; one of {list(ONNX_ALGOS)}")
+            return OnnxSource(self.reference(key, table["onnx_from"], "onnx_from"), precision,
+                              algo)
         qtype = self.string(key, table, "qtype", None).lower()
         if qtype not in QTYPES:
             raise self.error(key, f"qtype {qtype!r} unknown; one of {sorted(QTYPES)}")

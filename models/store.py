@@ -272,18 +272,18 @@ class _Store:
                 recipe = {"requantize": self.sha256(base), "qtype": qtype}
                 return self.built(f"{spec.name}.gguf", recipe,
                                   lambda out: _quantize(base, out, qtype))
-            case OnnxSource(base_spec, precision):
+            case OnnxSource(base_spec, precision, algo):
                 if not (self.cache / spec.name).exists():
                     _check_onnx_builder(spec.name)  # before the base: a board has no target
                 base = self.path(base_spec)
                 if base.is_dir() or base.suffix != ".gguf":
                     raise ValueError(f"model {spec.name}: onnx_from needs a GGUF, not {base}")
-                recipe = {"onnx_from": self.sha256(base), "precision": precision,
+                recipe = {"onnx_from": self.sha256(base), "precision": precision, "algo": algo,
                           "builder": _version("onnxruntime-genai")}
 
                 def build(out: Path) -> None:
                     _check_onnx_builder(spec.name)
-                    _build_onnx(self.converted(base), out, precision)
+                    _build_onnx(self.converted(base), out, precision, algo)
 
                 return self.built(spec.name, recipe, build, directory=True)
         raise TypeError(f"model {spec.name}: unknown source {spec.source!r}")
@@ -367,11 +367,11 @@ def _check_onnx_builder(name: str) -> None:
         )
 
 
-def _build_onnx(hf: Path, out: Path, precision: str) -> None:
+def _build_onnx(hf: Path, out: Path, precision: str, algo: str) -> None:
     """Rebuild an HF model directory as an onnxruntime-genai model (CPU provider) with
     onnxruntime-genai's model builder, offline, in a child process (it loads the weights
     in torch and prints a progress line per tensor)."""
-    log.info("building the ONNX draft (%s) from %s", precision, hf.name)
+    log.info("building the ONNX draft (%s, %s) from %s", precision, algo, hf.name)
     with tempfile.TemporaryDirectory(prefix=".onnx-build.", suffix=".tmp", dir=out.parent) as work:
         staged = Path(work) / "input"
         staged.mkdir()
@@ -388,7 +388,7 @@ def _build_onnx(hf: Path, out: Path, precision: str) -> None:
         (staged / "config.json").write_text(json.dumps(config, indent=2))
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(staged),
                    "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(Path(work) / "cache"),
-                   "--extra_options", "hf_token=false"]
+                   "--extra_options", "hf_token=false", f"algo_config={algo}"]
         offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         done = subprocess.run(command, capture_output=True, text=True, env=offline, check=False)
     if done.returncode != 0 or not (out / ONNX_CONFIG).is_file():

@@ -59,7 +59,9 @@ def cache(tmp_path_factory, lab):
     out = subprocess.run(["sh", "-c", probe_script("/usr/bin/python3")], capture_output=True,
                          text=True, check=True).stdout
     cache = tmp_path_factory.mktemp("edge-cache")
-    assemble(cache, parse_probe(out), cuda=False, project=project_wheel(cache))
+    project = project_wheel(cache)
+    for onnx in (False, True):  # llama.cpp boards, and a board whose draft is ONNX
+        assemble(cache, parse_probe(out), cuda=False, project=project, onnx=onnx)
     return cache
 
 
@@ -100,12 +102,14 @@ def complete(lab, board) -> dict:
 
 def test_deploy_three_boards_then_unchanged_then_uninstall(lab, cache, controller, tmp_path,
                                                           target, default_models):
+    """Board b2 drafts with ONNX Runtime: its wheelhouse holds it, its draft is a directory."""
     from device_agent.drafter import Drafter
     from edge_controller.fleet.deploy import UNIT
     from models.target import reference_greedy
 
     keys, _ = controller
-    path = inventory(lab, keys, tmp_path / "fleet.toml", boards=[0, 1, 2])
+    path = inventory(lab, keys, tmp_path / "fleet.toml", boards=[0, 1, 2],
+                     overrides={2: {"draft": "onnx"}})
     drafter = Drafter(default_models.drafts["q4_0"])
     ids, _ = reference_greedy(target, drafter.tokenize(PROMPT), 16)
     want = drafter.detokenize(ids).decode()  # the target alone's text, as a board decodes it
@@ -124,6 +128,11 @@ def test_deploy_three_boards_then_unchanged_then_uninstall(lab, cache, controlle
     assert by_name["b1"]["facts"]["gpu_arch"] == "87"
     assert by_name["b1"]["facts"]["cuda"] == "12.2"
     assert all(r["draft_tok_s"] and r["draft_tok_s"] > 0 for r in reports)
+    assert "onnxruntime-genai" in by_name["b2"]["versions"]
+    assert "onnxruntime-genai" not in by_name["b0"]["versions"]
+    onnx_dir = lab.boards[2].home / "multispin-agent" / "models" / \
+        "smollm2-135m-instruct-onnx-int4"
+    assert (onnx_dir / "genai_config.json").is_file() and (onnx_dir / "model.onnx").is_file()
     for board in lab.boards[:3]:
         root = board.home / "multispin-agent"
         assert (root / UNIT).is_file() and (root / "keys" / "device.key_secret").is_file()

@@ -43,7 +43,7 @@ def test_default_registry_parses():
     assert registry.default_drafts() == ["q8_0", "q5_0", "q4_0"]
     assert registry.drafts["gemma3-270m"].optional
     onnx = registry.drafts["onnx"]
-    assert onnx.optional and onnx.source == OnnxSource(registry.target, "int4")
+    assert onnx.optional and onnx.source == OnnxSource(registry.target, "int4", "k_quant")
     assert onnx.fingerprint == registry.target.fingerprint  # pinned: the GGUF drafts' own
     q4 = registry.drafts["q4_0"].source
     assert isinstance(q4, RequantizeSource) and q4.base is registry.target and q4.qtype == "q4_0"
@@ -104,6 +104,11 @@ def test_default_registry_parses():
         ),
         ("[target]\nname = 't'\npath = 't.gguf'\n[drafts.o]\npath = 'o'\nprecision = 'int4'",
          "['precision'] does not go with path"),
+        (
+            "[target]\nname = 't'\npath = 't.gguf'\n[drafts.o]\nonnx_from = 'target'\n"
+            "precision = 'int4'\nalgo = 'gptq'",
+            "algo 'gptq' unknown",
+        ),
     ],
 )
 def test_bad_registry_entries_name_the_problem(tmp_path, text, error):

@@ -8,7 +8,9 @@ would make (idempotent), and ``dry_run`` only says what would change:
    a venv made with the board's Python and ``pip install --no-index --find-links``;
 3. its keypair made on the board (``device-agent keys init``); only the public key comes
    back and is listed on the controller under the board's name;
-4. the draft model (skipped when its sha256 matches), the agent config, the unit;
+4. the draft model (skipped when its sha256 matches; an ONNX draft is a directory, synced
+   file by file, and its board's wheelhouse holds ONNX Runtime), the agent config, the
+   unit;
 5. the service (re)started where anything it runs changed; wait until the board's
    ``/health`` says registered; ``device-agent bench`` on the board.
 
@@ -45,6 +47,7 @@ from edge_controller.fleet.wheelhouse import (
     planned,
     platform_of,
     project_wheel,
+    wheelhouse_key,
 )
 
 log = logging.getLogger(__name__)
@@ -146,8 +149,8 @@ class Deployer:
         facts = await self._probe(remote, board, report)
         paths = Paths(remote.home, board.install_dir)
         cuda = board.llama_cuda == "auto"
-        wheelhouse = await self._wheelhouse(facts, cuda)
         draft_path, draft_sha = _draft(board.draft)
+        wheelhouse = await self._wheelhouse(facts, cuda, onnx=draft_path.is_dir())
         threads = board.threads or facts.cpus
         config = agent_config(board, paths, self.fleet.controller_key, draft_path.name,
                               threads=threads)
@@ -217,20 +220,21 @@ class Deployer:
             raise BoardError(f"only {facts.disk_free_mb} MiB free in the home directory")
         return facts
 
-    async def _wheelhouse(self, facts: BoardFacts, cuda: bool) -> Wheelhouse:
+    async def _wheelhouse(self, facts: BoardFacts, cuda: bool, onnx: bool) -> Wheelhouse:
         """Once per platform and run; a dry run assembles nothing and downloads nothing."""
-        key = platform_of(facts, cuda)
+        key = wheelhouse_key(facts, cuda, onnx)
         if key not in self._wheelhouses:
-            self._wheelhouses[key] = asyncio.ensure_future(self._make_wheelhouse(facts, cuda))
+            self._wheelhouses[key] = asyncio.ensure_future(
+                self._make_wheelhouse(facts, cuda, onnx))
         return await self._wheelhouses[key]
 
-    async def _make_wheelhouse(self, facts: BoardFacts, cuda: bool) -> Wheelhouse:
+    async def _make_wheelhouse(self, facts: BoardFacts, cuda: bool, onnx: bool) -> Wheelhouse:
         if self.dry_run:
-            return await asyncio.to_thread(planned, self.cache, facts, cuda)
+            return await asyncio.to_thread(planned, self.cache, facts, cuda, onnx)
         if self._project is None:
             self._project = asyncio.ensure_future(asyncio.to_thread(project_wheel, self.cache))
         project = await self._project
-        return await asyncio.to_thread(assemble, self.cache, facts, cuda, project)
+        return await asyncio.to_thread(assemble, self.cache, facts, cuda, project, onnx)
 
     async def _install(self, remote: Remote, board: Board, paths: Paths, facts: BoardFacts,
                        wheelhouse: Wheelhouse, cuda: bool, new_python: bool) -> None:
@@ -238,19 +242,8 @@ class Deployer:
         rebuilt project wheel has the same name), then install; what changed is
         reinstalled, so a board never keeps an old wheel under a recorded new digest."""
         wheels = shlex.quote(paths.wheels)
-        listing = await remote.run(f"mkdir -p {wheels} && cd {wheels} && "
-                                   "find . -maxdepth 1 -type f -exec sha256sum {} +",
-                                   what="listing the board's wheels")
-        have = {line.split()[1][2:]: line.split()[0] for line in listing.stdout.splitlines()
-                if len(line.split()) == 2}
-        local = {p.name: p for p in sorted(wheelhouse.directory.iterdir())
-                 if not p.name.startswith(".")}
-        changed = [p for name, p in local.items() if have.get(name) != _file_sha(p)]
-        stale = [name for name in have if name not in local]
-        self.say(board, f"pushing {len(changed)} of the wheelhouse's {len(local)} files")
-        await remote.put([(p, f"{paths.wheels}/{p.name}") for p in changed])
-        if stale:
-            await remote.run(f"cd {wheels} && rm -f " + " ".join(map(shlex.quote, stale)))
+        changed = await self._sync_files(remote, board, wheelhouse.directory, paths.wheels,
+                                         "the wheelhouse")
         venv_missing = (await remote.run(f"test -x {shlex.quote(paths.bin)}/python",
                                          check=False)).status != 0
         if venv_missing or new_python:
@@ -264,8 +257,8 @@ class Deployer:
             async with self._builds.setdefault(platform_of(facts, cuda), asyncio.Lock()):
                 await self._build_llama(remote, board, paths, facts, cuda, pip, find)
         self.say(board, "installing offline (pip --no-index)")
-        await remote.run(f"{pip} install {find} '{PROJECT}[device]'", what="pip install",
-                         timeout_s=1800)
+        await remote.run(f"{pip} install {find} '{PROJECT}[{wheelhouse.extras}]'",
+                         what="pip install", timeout_s=1800)
         again = [f"{wheels}/{shlex.quote(p.name)}" for p in changed if p.suffix == ".whl"]
         if again and not (venv_missing or new_python):
             await remote.run(f"{pip} install {find} --force-reinstall --no-deps "
@@ -335,9 +328,32 @@ class Deployer:
             self.say(board, f"listed on the controller as {board.name} ({public[:8]}...)")
         return public
 
+    async def _sync_files(self, remote: Remote, board: Board, local_dir: Path,
+                          remote_dir: str, what: str) -> list[Path]:
+        """Make ``remote_dir`` hold exactly ``local_dir``'s files (flat, by content: only
+        what differs is copied, what is not here is removed); the files copied."""
+        quoted = shlex.quote(remote_dir)
+        listing = await remote.run(f"mkdir -p {quoted} && cd {quoted} && "
+                                   "find . -maxdepth 1 -type f -exec sha256sum {} +",
+                                   what=f"listing the board's copy of {what}")
+        have = {line.split()[1][2:]: line.split()[0] for line in listing.stdout.splitlines()
+                if len(line.split()) == 2}
+        local = {p.name: p for p in sorted(local_dir.iterdir()) if not p.name.startswith(".")}
+        changed = [p for name, p in local.items() if have.get(name) != _file_sha(p)]
+        stale = [name for name in have if name not in local]
+        size = sum(p.stat().st_size for p in changed) >> 20
+        self.say(board, f"pushing {len(changed)} of {what}'s {len(local)} files ({size} MiB)")
+        await remote.put([(p, f"{remote_dir}/{p.name}") for p in changed])
+        if stale:
+            await remote.run(f"cd {quoted} && rm -f " + " ".join(map(shlex.quote, stale)))
+        return changed
+
     async def _copy_draft(self, remote: Remote, board: Board, paths: Paths, draft: Path,
                           sha: str) -> None:
         target = f"{paths.models}/{draft.name}"
+        if draft.is_dir():  # an ONNX model directory
+            await self._sync_files(remote, board, draft, target, f"the draft {draft.name}")
+            return
         out = await remote.run(f"sha256sum {shlex.quote(target)} 2>/dev/null", check=False)
         if out.stdout.split()[:1] == [sha]:
             return
@@ -390,9 +406,11 @@ class Deployer:
 
     async def _versions(self, remote: Remote, paths: Paths) -> dict[str, str]:
         code = ("import importlib.metadata as m, json, sys\n"
-                "names = ['multispin-edge', 'llama-cpp-python', 'pyzmq', 'numpy']\n"
+                "names = ['multispin-edge', 'llama-cpp-python', 'pyzmq', 'numpy', "
+                "'onnxruntime', 'onnxruntime-genai']\n"
+                "have = {d.metadata['Name'].lower(): d.version for d in m.distributions()}\n"
                 "print(json.dumps({'python': sys.version.split()[0], "
-                "**{n: m.version(n) for n in names}}))")
+                "**{n: have[n] for n in names if n in have}}))")
         out = await remote.run(f"{shlex.quote(paths.bin)}/python -c {shlex.quote(code)}",
                                check=False)
         return _version_map(_json(out.stdout))
@@ -537,13 +555,20 @@ def logs_command(board: Board, paths: Paths, lines: int) -> str:
 
 
 def _draft(name: str) -> tuple[Path, str]:
+    """The draft's file (GGUF) or directory (ONNX, flat), and a sha256 of what it holds."""
     from device_agent.cli import resolve_draft
 
     try:
         path = resolve_draft(name)
-    except (FileNotFoundError, KeyError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, ImportError) as exc:
         raise BoardError(f"draft {name!r}: {exc}") from None
-    return path, _file_sha(path)
+    if path.is_file():
+        return path, _file_sha(path)
+    files = sorted(path.iterdir())
+    if any(not p.is_file() for p in files):
+        raise BoardError(f"draft {name!r}: {path} holds directories; a draft directory is flat")
+    listing = "".join(f"{p.name}\0{_file_sha(p)}\n" for p in files)
+    return path, hashlib.sha256(listing.encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=256)  # the wheelhouse and drafts, hashed once per run

@@ -32,7 +32,7 @@ class Board:
     ssh_key: str = ""  # private key file; "" = the SSH agent's or the user's default keys
     known_hosts: str = "~/.ssh/known_hosts"  # checked strictly unless known_hosts_policy
     known_hosts_policy: str = "strict"  # or "accept-new": trust a board's first key, loudly
-    draft: str = "q4_0"  # configs/models.toml name or a GGUF path on the edge
+    draft: str = "q4_0"  # configs/models.toml name, a GGUF file or ONNX directory on the edge
     controller: str = ""  # the controller's endpoint as the board reaches it
     http: str = "127.0.0.1:8080"  # the board's API bind (serve --http)
     python: str = "python3"  # the board's interpreter for the venv

@@ -4,7 +4,9 @@ Boards in the field often have no route to a package index, so the edge (which h
 or a pip cache) assembles a *wheelhouse* per board platform and pushes it; the board runs
 ``pip install --no-index --find-links``. What goes in: the project's own wheel and the
 ``device`` extra's packages at the versions installed on the edge (the versions its
-tests ran), with their dependencies.
+tests ran), with their dependencies; for a board whose draft is an ONNX model, the
+``onnx`` extra's too (ONNX Runtime and onnxruntime-genai: a wheelhouse of its own,
+``<platform>-onnx``, so that llama.cpp boards do not carry them).
 
 - A board of the edge's own platform (OS, architecture, Python tag) gets the wheels this
   edge already has, llama-cpp-python included (the set-up built it once; pip's cache
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 PROJECT = "multispin-edge"
 DEVICE_PACKAGES = ("llama-cpp-python", "pyzmq", "msgpack", "psutil", "numpy",
                    "prometheus-client")  # the [device] extra, pinned to the edge's versions
+ONNX_PACKAGES = ("onnxruntime", "onnxruntime-genai")  # the [onnx] extra, for ONNX drafts
 LLAMA = "llama-cpp-python"
 PINS_STAMP = ".pins"  # in a wheelhouse: the pins its dependencies were collected for
 LLAMA_BUILD_REQUIREMENTS = ("scikit-build-core[pyproject]", "cmake", "ninja")
@@ -59,6 +62,11 @@ class Wheelhouse:
     directory: Path
     digest: str  # of what the wheels hold: unchanged digest, nothing to install
     llama_source: bool  # llama-cpp-python is a source distribution: build on the board
+    onnx: bool = False  # holds the [onnx] extra's packages: install multispin-edge[device,onnx]
+
+    @property
+    def extras(self) -> str:
+        return "device,onnx" if self.onnx else "device"
 
 
 def edge_platform() -> str:
@@ -66,9 +74,20 @@ def edge_platform() -> str:
             f"cp{sys.version_info.major}{sys.version_info.minor}")
 
 
-def pins() -> list[str]:
-    """The device extra's packages at the versions installed here."""
-    return [f"{name}=={importlib.metadata.version(name)}" for name in DEVICE_PACKAGES]
+def pins(onnx: bool = False) -> list[str]:
+    """The device extra's packages (and with ``onnx`` the onnx extra's) at the versions
+    installed here."""
+    names = DEVICE_PACKAGES + ONNX_PACKAGES if onnx else DEVICE_PACKAGES
+    try:
+        return [f"{name}=={importlib.metadata.version(name)}" for name in names]
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise BoardError(f"{exc.name} is not installed on the edge: pip install "
+                         "'multispin-edge[onnx]' there to deploy ONNX drafts") from None
+
+
+def wheelhouse_key(facts: BoardFacts, cuda: bool, onnx: bool) -> str:
+    """The wheelhouse's name under the cache: the platform, and whether it holds ONNX."""
+    return platform_of(facts, cuda) + ("-onnx" if onnx else "")
 
 
 def llama_build_env(facts: BoardFacts) -> dict[str, str]:
@@ -112,25 +131,26 @@ def kept_wheels(cache: Path, facts: BoardFacts, cuda: bool) -> list[Path]:
     return sorted(built.glob("llama_cpp_python-*.whl")) if built.is_dir() else []
 
 
-def planned(cache: Path, facts: BoardFacts, cuda: bool) -> Wheelhouse:
+def planned(cache: Path, facts: BoardFacts, cuda: bool, onnx: bool = False) -> Wheelhouse:
     """What :func:`assemble` would give, changing nothing (a dry run): the cached
     wheelhouse with this tree's project wheel (built aside) if the platform has one, else
     a digest that matches no board."""
-    directory = cache / "wheelhouse" / platform_of(facts, cuda)
+    directory = cache / "wheelhouse" / wheelhouse_key(facts, cuda, onnx)
     llama_source = needs_build(facts, cuda) and not kept_wheels(cache, facts, cuda)
-    if not _has_dependencies(directory):
-        return Wheelhouse(directory, "(to assemble)", llama_source)
+    if not _has_dependencies(directory, onnx):
+        return Wheelhouse(directory, "(to assemble)", llama_source, onnx)
     with tempfile.TemporaryDirectory() as tmp:
         project = project_wheel(Path(tmp))
         files = [p for p in directory.iterdir() if not p.name.startswith(("multispin_edge-",
                                                                            "."))]
-        return Wheelhouse(directory, digest([*files, project]), llama_source)
+        return Wheelhouse(directory, digest([*files, project]), llama_source, onnx)
 
 
-def assemble(cache: Path, facts: BoardFacts, cuda: bool, project: Path) -> Wheelhouse:
-    """The wheelhouse for a board's platform, with the ``project`` wheel."""
-    key = platform_of(facts, cuda)
-    directory = cache / "wheelhouse" / key
+def assemble(cache: Path, facts: BoardFacts, cuda: bool, project: Path,
+             onnx: bool = False) -> Wheelhouse:
+    """The wheelhouse for a board's platform (with ``onnx``: and ONNX Runtime), with the
+    ``project`` wheel."""
+    directory = cache / "wheelhouse" / wheelhouse_key(facts, cuda, onnx)
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("multispin_edge-*.whl"):
         old.unlink()
@@ -138,34 +158,35 @@ def assemble(cache: Path, facts: BoardFacts, cuda: bool, project: Path) -> Wheel
     kept = kept_wheels(cache, facts, cuda)
     for wheel in kept:  # a board of this platform built it before
         shutil.copy2(wheel, directory / wheel.name)
-    if not _has_dependencies(directory):  # else there from an earlier deploy
+    if not _has_dependencies(directory, onnx):  # else there from an earlier deploy
         if needs_build(facts, cuda):
-            _download_for(directory, facts, skip_llama=bool(kept))
+            _download_for(directory, facts, pins(onnx), skip_llama=bool(kept))
         else:
-            _pip("wheel", "-w", str(directory), "--find-links", str(directory), *pins(),
+            _pip("wheel", "-w", str(directory), "--find-links", str(directory), *pins(onnx),
                  what="collecting the device's wheels")
-        (directory / PINS_STAMP).write_text("\n".join(pins()))
+        (directory / PINS_STAMP).write_text("\n".join(pins(onnx)))
     llama_source = needs_build(facts, cuda) and not kept
-    return Wheelhouse(directory, digest(list(directory.iterdir())), llama_source)
+    return Wheelhouse(directory, digest(list(directory.iterdir())), llama_source, onnx)
 
 
-def _has_dependencies(directory: Path) -> bool:
+def _has_dependencies(directory: Path, onnx: bool) -> bool:
     """The wheelhouse holds the dependencies at this edge's pins (its stamp says so)."""
     stamp = directory / PINS_STAMP
-    return stamp.is_file() and stamp.read_text() == "\n".join(pins())
+    return stamp.is_file() and stamp.read_text() == "\n".join(pins(onnx))
 
 
-def _download_for(directory: Path, facts: BoardFacts, skip_llama: bool) -> None:
+def _download_for(directory: Path, facts: BoardFacts, pinned: list[str],
+                  skip_llama: bool) -> None:
     """Wheels for another platform's tags, and llama-cpp-python's source to build there."""
     major, minor = facts.python.split(".")[:2]
     tags = ["--only-binary=:all:", "--implementation", "cp", "--python-version",
             f"{major}.{minor}", "--platform", f"manylinux2014_{facts.arch}",
             "--platform", f"manylinux_2_28_{facts.arch}", "--platform", f"linux_{facts.arch}"]
-    others = [p for p in pins() if not p.startswith(LLAMA)]
+    others = [p for p in pinned if not p.startswith(LLAMA)]
     _pip("download", "-d", str(directory), *tags, *others, *LLAMA_BUILD_REQUIREMENTS,
          what=f"downloading wheels for {facts.platform}")
     if not skip_llama:
-        llama = next(p for p in pins() if p.startswith(LLAMA))
+        llama = next(p for p in pinned if p.startswith(LLAMA))
         _pip("download", "-d", str(directory), "--no-deps", "--no-binary", ":all:", llama,
              what="downloading llama-cpp-python's source")
         # Its own dependencies (jinja2, diskcache, ...) as wheels for the board.
