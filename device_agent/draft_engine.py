@@ -44,6 +44,16 @@ class DraftResult:
     stopped: bool = False  # ended early by draft()'s ``stop``
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """A draft model's chat template (Jinja) and the texts of its BOS and EOS tokens, which
+    templates may write: what ``device-agent serve`` turns messages into a prompt with."""
+
+    template: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+
 def sparse_q(logits: np.ndarray, temperature: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """The draft's sparse distribution at one position, as it travels on the wire.
 
@@ -82,6 +92,7 @@ class DraftEngine(Protocol):
     vocab_size: int
     eos_token_ids: list[int]
     n_ctx: int  # the longest sequence (prompt + output + draft) it can hold
+    chat_format: ChatFormat | None  # None: the model has no chat template
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from device_agent.draft_engine import DraftResult, KVCacheDrafter
+from device_agent.draft_engine import ChatFormat, DraftResult, KVCacheDrafter
 from edge_controller.protocol import MAX_PROMPT_TOKENS
 from models.fingerprint import fingerprint_llama, llama_token_pieces
 
@@ -77,6 +77,17 @@ class _Vocabulary:
         self.eos_token_ids = [
             i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self.vocab, i)
         ]
+        metadata = llm.metadata
+        template = metadata.get("tokenizer.chat_template")
+
+        def special(key: str) -> str:
+            if key not in metadata:
+                return ""
+            return llm.detokenize([int(metadata[key])], special=True).decode("utf-8", "replace")
+
+        self.chat_format = ChatFormat(
+            template, special("tokenizer.ggml.bos_token_id"),
+            special("tokenizer.ggml.eos_token_id")) if template else None
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``; special tokens written in it (``<|im_start|>``) are parsed."""

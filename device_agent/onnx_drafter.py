@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.draft_engine import KVCacheDrafter
+from device_agent.draft_engine import ChatFormat, KVCacheDrafter
 from models.fingerprint import fingerprint_pieces, tokenizer_json_pieces
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class OnnxDrafter(KVCacheDrafter):
         eos = genai_config.get("eos_token_id", [])
         self.eos_token_ids = sorted(eos if isinstance(eos, list) else [eos])
         self.model_id = model_dir.name
+        self.chat_format = _chat_format(model_dir)
         self._ids: list[int] = []  # what the generator's cache holds
         log.info("ONNX drafter %s (%s): vocab %d, context %d, %d thread(s), fingerprint %s",
                  self.model_id, provider, self.vocab_size, n_ctx, n_threads, self.fingerprint)
@@ -131,3 +132,19 @@ class OnnxDrafter(KVCacheDrafter):
 
     def _logits(self) -> np.ndarray:
         return self.generator.get_logits().reshape(-1)  # [1, 1, V]: the newest position
+
+
+def _chat_format(model_dir: Path) -> ChatFormat | None:
+    """The directory's chat template and BOS/EOS texts (``chat_template.jinja``,
+    ``tokenizer_config.json``, as genai's builder writes them), if it has a template."""
+    template = model_dir / "chat_template.jinja"
+    if not template.is_file():
+        return None
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+    def text(key: str) -> str:
+        token = config.get(key) or ""
+        return token.get("content", "") if isinstance(token, dict) else str(token)
+
+    return ChatFormat(template.read_text(), text("bos_token"), text("eos_token"))

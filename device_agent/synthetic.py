@@ -50,6 +50,7 @@ class ReplayDrafter:
         self.speed = speed
         self.drafts = drafts
         self.n_ctx = MAX_PROMPT_TOKENS + 1  # no context of its own: the wire's limit
+        self.chat_format = None  # it replays token ids: no text
         self.sequence: list[int] = []
         self._trace: Trace | None = None
 

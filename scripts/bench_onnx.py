@@ -10,6 +10,9 @@ four are the target's weights, quantized locally.
    (``--draft-len``, policy fixed), one device per draft generating for the same prompt
    at the same time (greedy: every output is the target's, so the drafts are compared on
    the same text), prompt after prompt; accepted / drafted and tokens per round per draft.
+3. Agreement, offline: the target's own greedy continuation of each prompt, and at each
+   position whether the draft's greedy token equals it (teacher forced: the L = 1
+   acceptance rate, free of the live run's round boundaries).
 
     .venv/bin/python scripts/bench_onnx.py [--tokens 64] [--repeats 5] [--draft-len 4]
         [--max-new-tokens 48] [--json]
@@ -79,6 +82,34 @@ def live_acceptance(paths: dict[str, Path], draft_len: int, max_new_tokens: int,
             for key, t in totals.items()}
 
 
+def agreement(paths: dict[str, Path], max_new_tokens: int) -> dict[str, float]:
+    """Per draft: the share of the target's greedy tokens the draft predicts, teacher forced."""
+    import torch
+
+    import models
+    from device_agent.cli import open_drafter
+    from models.target import load_target
+
+    model, tokenizer = load_target(models.ensure().target_gguf)
+    drafters = {key: open_drafter(str(path)) for key, path in paths.items()}
+    first = next(iter(drafters.values()))
+    hits = dict.fromkeys(drafters, 0)
+    total = 0
+    for prompt in PROMPTS:
+        ids = first.tokenize(prompt)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        continuation = out[0, len(ids):].tolist()
+        total += len(continuation)
+        for key, drafter in drafters.items():
+            drafter.begin(ids)
+            for token in continuation:
+                hits[key] += drafter.draft(1).tokens[0] == token
+                drafter.accept([token])
+    return {key: hit / total for key, hit in hits.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=64, help="tokens drafted per timing")
@@ -98,24 +129,29 @@ def main() -> int:
     paths = {key: models.ensure(include=keys).drafts[key] for key in keys}
     rates = draft_speed(paths, args.tokens, args.repeats)
     live = live_acceptance(paths, args.draft_len, args.max_new_tokens, args.out)
+    agree = agreement(paths, args.max_new_tokens)
     median = {key: statistics.median(values) for key, values in rates.items()}
     pairs = [{"onnx": onnx, "gguf": gguf, "onnx_tok_s": median[onnx], "gguf_tok_s": median[gguf],
               "speed_ratio": median[onnx] / median[gguf],
               "onnx_acceptance": live[onnx]["acceptance"],
-              "gguf_acceptance": live[gguf]["acceptance"]} for onnx, gguf in PAIRS]
+              "gguf_acceptance": live[gguf]["acceptance"],
+              "onnx_agreement": agree[onnx], "gguf_agreement": agree[gguf]}
+             for onnx, gguf in PAIRS]
     summary = {"host": platform.processor() or platform.machine(), "tokens": args.tokens,
                "repeats": args.repeats, "draft_len": args.draft_len, "prompts": len(PROMPTS),
-               "draft_tok_s": median, "live": live, "pairs": pairs}
+               "draft_tok_s": median, "live": live, "agreement": agree, "pairs": pairs}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{'draft':<10} {'draft tok/s':>11} {'acceptance':>10} {'tok/round':>9}")
+    print(f"{'draft':<10} {'draft tok/s':>11} {'acceptance':>10} {'tok/round':>9} "
+          f"{'agreement':>9}")
     for key in keys:
         print(f"{key:<10} {median[key]:>11.1f} {live[key]['acceptance']:>10.3f} "
-              f"{live[key]['tokens_per_round']:>9.2f}")
+              f"{live[key]['tokens_per_round']:>9.2f} {agree[key]:>9.3f}")
     for p in pairs:
         print(f"{p['onnx']} / {p['gguf']}: draft speed {p['speed_ratio']:.2f}x, acceptance "
-              f"{p['onnx_acceptance']:.3f} vs {p['gguf_acceptance']:.3f}")
+              f"{p['onnx_acceptance']:.3f} vs {p['gguf_acceptance']:.3f}, agreement "
+              f"{p['onnx_agreement']:.3f} vs {p['gguf_agreement']:.3f}")
     return 0
 
 

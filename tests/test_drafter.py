@@ -15,6 +15,7 @@ from scipy import stats
 from device_agent.draft_engine import DraftEngine, position_rng, sample_sparse, sparse_q
 from device_agent.drafter import Drafter, TokenizerOnly, load_llama
 from device_agent.onnx_drafter import OnnxDrafter
+from device_agent.serve.chat import ChatTemplate
 from edge_controller.protocol import Q_SCALE
 from models.fingerprint import fingerprint_gguf, gguf_vocab, llama_token_pieces
 
@@ -263,6 +264,8 @@ def test_the_onnx_draft_reads_text_exactly_as_the_gguf_drafts(onnx_path, q4_path
     assert onnx.vocab_size == gguf.vocab_size and 2 in onnx.eos_token_ids
     for text in texts:
         assert onnx.tokenize(text) == gguf.tokenize(text), text
+    messages = [{"role": "user", "content": "Name a river."}]  # device-agent serve's chat
+    assert ChatTemplate(onnx).prompt_ids(messages) == ChatTemplate(gguf).prompt_ids(messages)
     ids = list(range(onnx.vocab_size))
     with gguf_vocab(q4_path) as vocab:
         expected = llama_token_pieces(vocab, ids, special=False)
