@@ -120,7 +120,7 @@ def confirmed_predraft(pre: DraftResult, uploaded: list[int],
     round's draft, already drafted. None otherwise: it is dropped."""
     if verdict.done or verdict.tokens != uploaded + pre.tokens[:1]:
         return None
-    return DraftResult(pre.tokens[1:], pre.q_ids[1:], pre.q_counts[1:])
+    return pre.part(1)
 
 
 @dataclass
@@ -401,8 +401,7 @@ class DeviceAgent:
             after=ahead.tokens[:used] if used else ()) if n > used else DraftResult([])
         if not used:
             return rest, 0
-        return DraftResult(ahead.tokens[:used] + rest.tokens, ahead.q_ids[:used] + rest.q_ids,
-                           ahead.q_counts[:used] + rest.q_counts, rest.seconds), used
+        return ahead.part(0, used).then(rest), used
 
     def _predraft(self, request: _Request, uploaded: list[int],
                   draft_len: int) -> DraftResult | None:

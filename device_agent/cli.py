@@ -230,7 +230,7 @@ def bench_draft(args: argparse.Namespace) -> int:
 def add_provider_argument(parser: argparse.ArgumentParser) -> None:
     from device_agent.onnx_drafter import PROVIDERS
 
-    parser.add_argument("--execution-provider", default="cpu", choices=PROVIDERS,
+    parser.add_argument("--execution-provider", default="cpu", choices=list(PROVIDERS),
                         help="with an ONNX draft: ONNX Runtime's execution provider (default "
                         "cpu, the only one tested here; the others need their hardware)")
 
@@ -251,7 +251,8 @@ def resolve_draft(name_or_path: str) -> Path:
     materialized = models.ensure(include=(name_or_path,))
     if name_or_path not in materialized.drafts:
         known = ", ".join(sorted(materialized.drafts))
-        raise KeyError(f"unknown draft {name_or_path!r} (known: {known}, or a .gguf path)")
+        raise KeyError(f"unknown draft {name_or_path!r} (known: {known}, a .gguf file or an "
+                       "ONNX model directory)")
     return materialized.drafts[name_or_path]
 
 
@@ -268,7 +269,12 @@ def open_drafter(name: str, threads: int = 1, pace_s: float = 0.0, tokenizer: st
     if name == NO_DRAFTER:
         from device_agent.drafter import TokenizerOnly
 
-        return TokenizerOnly(resolve_draft(tokenizer))
+        vocabulary = resolve_draft(tokenizer)
+        if is_onnx_model(vocabulary):
+            raise ValueError("--draft none reads its vocabulary from a GGUF (--tokenizer q4_0 "
+                             "or a .gguf file): an ONNX model's tokenizer needs the model "
+                             "loaded, so draft with it instead (--draft DIR)")
+        return TokenizerOnly(vocabulary)
     path = resolve_draft(name)
     if is_onnx_model(path):
         return OnnxDrafter(path, n_threads=threads, pace_s_per_token=pace_s, provider=provider)

@@ -42,6 +42,21 @@ class DraftResult:
     q_counts: list[list[int]] = field(default_factory=list)  # [L][<=k]; q = count / sum
     seconds: float = 0.0  # wall time of draft(), incl. evaluating committed tokens
     stopped: bool = False  # ended early by draft()'s ``stop``
+    # [L] the draft model's top-1 probability at each position (softmax of the logits at
+    # temperature 1): its own confidence, for stopping a draft early; [] where the engine
+    # cannot say (trace replay).
+    top1: list[float] = field(default_factory=list)
+
+    def part(self, start: int, stop: int | None = None) -> DraftResult:
+        """Positions ``start:stop`` of this draft, every per-position list alike."""
+        return DraftResult(self.tokens[start:stop], self.q_ids[start:stop],
+                           self.q_counts[start:stop], top1=self.top1[start:stop])
+
+    def then(self, later: DraftResult) -> DraftResult:
+        """This draft followed by ``later`` (drafted after it), taking ``later``'s time."""
+        return DraftResult(self.tokens + later.tokens, self.q_ids + later.q_ids,
+                           self.q_counts + later.q_counts, later.seconds, later.stopped,
+                           self.top1 + later.top1)
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,12 @@ def sparse_q(logits: np.ndarray, temperature: float, top_k: int) -> tuple[np.nda
     counts = np.rint(probs / probs.sum() * Q_SCALE).astype(np.int64)
     keep = counts > 0
     return ids[keep], counts[keep]
+
+
+def top1_probability(logits: np.ndarray) -> float:
+    """max softmax(logits): the model's probability of its own most likely token."""
+    peak = float(logits.max())
+    return 1.0 / float(np.exp(logits.astype(np.float64) - peak).sum())
 
 
 def sample_sparse(ids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
@@ -214,6 +235,7 @@ class KVCacheDrafter(ABC):
             else:
                 self._eval(result.tokens[-1:])
             logits = self._logits()
+            result.top1.append(top1_probability(logits))
             if temperature == 0:
                 token = int(np.argmax(logits))
             else:

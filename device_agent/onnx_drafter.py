@@ -1,6 +1,6 @@
 """A drafter on ONNX Runtime: an onnxruntime-genai model directory behind the
 :class:`~device_agent.draft_engine.DraftEngine` interface, for boards and phones where
-llama.cpp is not the best runtime (NNAPI, QNN, CoreML, CUDA and TensorRT providers).
+llama.cpp is not the best runtime (QNN, CoreML, CUDA, TensorRT-RTX, ... providers).
 
 onnxruntime-genai's ``Generator`` holds the KV cache: ``append_tokens`` evaluates tokens,
 ``get_logits`` reads the newest position's logits, ``rewind_to`` rolls the cache back to
@@ -28,9 +28,12 @@ from models.fingerprint import fingerprint_pieces, tokenizer_json_pieces
 log = logging.getLogger(__name__)
 
 GENAI_CONFIG = "genai_config.json"  # what makes a directory an onnxruntime-genai model
-# Execution providers passed through to onnxruntime-genai (``--execution-provider``).
-# Only cpu is tested here; the others need their hardware and an onnxruntime build with them.
-PROVIDERS = ("cpu", "cuda", "NvTensorRtRtx", "qnn", "nnapi", "coreml", "webgpu", "dml")
+# ``--execution-provider`` names -> onnxruntime-genai's (0.18). Only cpu is tested here; the
+# others need their hardware and a genai/onnxruntime build with them (the PyPI wheels for
+# Linux x86 have none). ONNX Runtime's NNAPI provider is not among genai's: docs/models.md.
+PROVIDERS = {"cpu": "", "cuda": "cuda", "tensorrt-rtx": "NvTensorRtRtx", "qnn": "QNN",
+             "coreml": "CoreML", "xnnpack": "XNNPACK", "openvino": "OpenVINO",
+             "webgpu": "WebGPU", "dml": "DML", "migraphx": "MIGraphX"}
 
 
 def is_onnx_model(path: str | Path) -> bool:
@@ -60,14 +63,14 @@ class OnnxDrafter(KVCacheDrafter):
         n_threads: int = 1,
         pace_s_per_token: float = 0.0,
         provider: str = "cpu",
-        provider_options: dict[str, str] | None = None,
     ):
         super().__init__(pace_s_per_token)
         model_dir = Path(model_dir)
         if not is_onnx_model(model_dir):
             raise FileNotFoundError(f"{model_dir} is not an ONNX draft (no {GENAI_CONFIG})")
         if provider not in PROVIDERS:
-            raise ValueError(f"execution provider {provider!r}: one of {', '.join(PROVIDERS)}")
+            raise ValueError(f"execution provider {provider!r}: one of {', '.join(PROVIDERS)} "
+                             "(NNAPI is not an onnxruntime-genai provider)")
         genai_config = json.loads((model_dir / GENAI_CONFIG).read_text())["model"]
         context_length = int(genai_config.get("context_length", n_ctx))
         if not 2 <= n_ctx <= context_length:
@@ -75,13 +78,15 @@ class OnnxDrafter(KVCacheDrafter):
         og = _genai()
         config = og.Config(str(model_dir))
         config.clear_providers()
-        if provider != "cpu":
-            config.append_provider(provider)
-            for key, value in (provider_options or {}).items():
-                config.set_provider_option(provider, key, value)
+        if PROVIDERS[provider]:
+            config.append_provider(PROVIDERS[provider])
         threads = {"intra_op_num_threads": n_threads, "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
-        self.model = og.Model(config)
+        try:
+            self.model = og.Model(config)
+        except RuntimeError as exc:  # a provider this build or machine lacks, a bad model
+            raise ValueError(f"ONNX Runtime cannot load {model_dir.name} with the {provider} "
+                             f"execution provider: {exc}") from None
         self.tokenizer = og.Tokenizer(self.model)
         self._adds_bos = self.tokenize("") == [self.tokenizer.bos_token_id]
         params = og.GeneratorParams(self.model)
@@ -121,14 +126,15 @@ class OnnxDrafter(KVCacheDrafter):
         del self._ids[pos:]
 
     def _evaluate(self, tokens: list[int]) -> None:
-        # The newest token always in a step of its own: int4 kernels with int8 activations
-        # compute a one-token step differently from a longer chunk (logits differ by up to
-        # ~0.5 here, docs/models.md). So the logits a draft reads never depend on how the
-        # tokens before them were chunked, and a draft after any rollback is the first one.
+        # The newest token always in a step of its own: int4/int8 kernels with int8
+        # activations compute a one-token step differently from a longer chunk (logits up to
+        # ~0.5-1 apart here, docs/models.md). Drafted tokens are one-token steps, so rolling
+        # back and evaluating the newest committed token again repeats exactly the step the
+        # first draft read, and a draft after a rollback to any length is the first draft.
         for chunk in (tokens[:-1], tokens[-1:]):
             if chunk:
                 self.generator.append_tokens(np.asarray(chunk, dtype=np.int32))
-        self._ids.extend(tokens)
+                self._ids.extend(chunk)
 
     def _logits(self) -> np.ndarray:
         return self.generator.get_logits().reshape(-1)  # [1, 1, V]: the newest position

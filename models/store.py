@@ -78,7 +78,7 @@ class Artifact:
     name: str  # model id from the registry
     path: Path  # a GGUF file, an HF model directory, or an ONNX (genai) model directory
     format: str  # "gguf", "hf" or "onnx"
-    sha256: str | None  # of the GGUF file; None for a directory
+    sha256: str | None  # of the file, or of an ONNX directory's files; None for an HF dir
     fingerprint: str  # tokenizer fingerprint (models.fingerprint)
 
     def to_json(self) -> dict[str, Any]:
@@ -144,8 +144,10 @@ def ensure(
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache):
         store = _Store(cache)
-        target = store.artifact(registry.target)
+        # Drafts first: a board asking for a draft it cannot build (no target package, no
+        # ONNX builder) hears why from the draft, not that the target is missing.
         drafts = {key: store.artifact(registry.drafts[key]) for key in keys}
+        target = store.artifact(registry.target)
     return Materialized(cache, target, drafts)
 
 
@@ -353,6 +355,7 @@ def _convert(gguf: Path, out: Path) -> None:
 
 ONNX_CONFIG = "genai_config.json"  # what makes a directory an onnxruntime-genai model
 _ONNX_BUILDER = ("onnxruntime_genai", "onnx", "onnx_ir", "torch", "transformers")
+ONNX_BUILD_TIMEOUT_S = 3600.0  # a 135M model takes 15-40 s here; a 1B one minutes
 
 
 def _check_onnx_builder(name: str) -> None:
@@ -390,7 +393,12 @@ def _build_onnx(hf: Path, out: Path, precision: str, algo: str) -> None:
                    "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(Path(work) / "cache"),
                    "--extra_options", "hf_token=false", f"algo_config={algo}"]
         offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        done = subprocess.run(command, capture_output=True, text=True, env=offline, check=False)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=offline,
+                                  check=False, timeout=ONNX_BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"onnxruntime-genai's model builder ran past "
+                               f"{ONNX_BUILD_TIMEOUT_S:.0f} s") from None
     if done.returncode != 0 or not (out / ONNX_CONFIG).is_file():
         tail = (done.stdout + done.stderr)[-2000:]
         raise RuntimeError(f"onnxruntime-genai's model builder failed ({done.returncode}):\n{tail}")

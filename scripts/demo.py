@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="log folder")
     parser.add_argument("--onnx", action="store_true", help="a fourth device drafting with "
-                        "ONNX Runtime (its draft is built on first use, ~15 s)")
+                        "ONNX Runtime (its draft is built on first use, ~40 s here)")
     args = parser.parse_args()
     devices = DEVICES + [ONNX_DEVICE] if args.onnx else DEVICES
 

@@ -130,6 +130,7 @@ def test_deploy_three_boards_then_unchanged_then_uninstall(lab, cache, controlle
     assert all(r["draft_tok_s"] and r["draft_tok_s"] > 0 for r in reports)
     assert "onnxruntime-genai" in by_name["b2"]["versions"]
     assert "onnxruntime-genai" not in by_name["b0"]["versions"]
+    assert all("llama-cpp-python" in r["versions"] for r in reports)
     onnx_dir = lab.boards[2].home / "multispin-agent" / "models" / \
         "smollm2-135m-instruct-onnx-int4"
     assert (onnx_dir / "genai_config.json").is_file() and (onnx_dir / "model.onnx").is_file()

@@ -346,13 +346,18 @@ def test_the_onnx_draft_is_one_checksummed_directory_with_the_targets_fingerprin
     assert artifact.fingerprint == built.target.fingerprint == gguf.fingerprint
 
 
-def test_a_machine_without_the_builder_is_told_to_build_the_onnx_draft_on_the_edge(
+def test_a_board_asking_for_the_onnx_draft_is_told_to_build_it_on_the_edge(
     tmp_path, monkeypatch
 ):
-    """A board (no torch, no builder) never builds the ONNX draft, nor converts the target
-    for it: it says where to build it. The missing module is simulated by name."""
+    """A board has neither the target's package nor the builder: asked for the ONNX draft
+    by name, it builds nothing and says where to build it. The board's missing packages
+    are simulated by name (a target package and a builder module that do not exist)."""
+    registry = tmp_path / "models.toml"
+    registry.write_text("[target]\nname = 't'\npackage = 'no_target_package'\nfile = 't.gguf'\n"
+                        "[drafts.onnx]\nonnx_from = 'target'\nprecision = 'int4'\n"
+                        "optional = true\n")
     monkeypatch.setattr("models.store._ONNX_BUILDER", ("onnxruntime_genai", "no_such_module"))
 
     with pytest.raises(ModuleNotFoundError, match="needs no_such_module: build it on the edge"):
-        models.ensure(include=["onnx"], cache=tmp_path)
-    assert not list(tmp_path.glob("*.hf")) and not list(tmp_path.glob("*onnx*"))
+        models.ensure(models.load_registry(registry), include=["onnx"], cache=tmp_path)
+    assert not list(tmp_path.glob("*.hf")) and not (tmp_path / "onnx").exists()

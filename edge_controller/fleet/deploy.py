@@ -406,11 +406,13 @@ class Deployer:
 
     async def _versions(self, remote: Remote, paths: Paths) -> dict[str, str]:
         code = ("import importlib.metadata as m, json, sys\n"
+                "def version(name):\n"
+                "    try: return m.version(name)\n"
+                "    except m.PackageNotFoundError: return None\n"
                 "names = ['multispin-edge', 'llama-cpp-python', 'pyzmq', 'numpy', "
                 "'onnxruntime', 'onnxruntime-genai']\n"
-                "have = {d.metadata['Name'].lower(): d.version for d in m.distributions()}\n"
                 "print(json.dumps({'python': sys.version.split()[0], "
-                "**{n: have[n] for n in names if n in have}}))")
+                "**{n: version(n) for n in names if version(n)}}))")
         out = await remote.run(f"{shlex.quote(paths.bin)}/python -c {shlex.quote(code)}",
                                check=False)
         return _version_map(_json(out.stdout))
