@@ -177,6 +177,7 @@ class GenerationStats:
     draft_tokens_per_s: float = 0.0  # drafted tokens / time spent drafting
     goodput_tok_s: float = 0.0  # generated tokens / time from the first draft to the last verdict
     draft_len: list[int] = field(default_factory=list)  # draft length used in each round
+    stopped_early: int = 0  # drafts ended on low confidence (control.stop_confidence)
     # Proactive drafting (the controller allows it: welcome.predraft_len > 0)
     predraft_rounds: int = 0  # rounds whose verification the device drafted through
     predraft_cut: int = 0  # of those, pre-drafts a message (the verdict) ended early
@@ -355,7 +356,8 @@ class DeviceAgent:
                         self.link.send(P.Draft(
                             request.request_id, stats.rounds, len(prompt_ids) + len(tokens),
                             draft.tokens, draft.q_ids, draft.q_counts, draft.seconds,
-                            predrafted,
+                            predrafted, draft.confidence_bytes() if self.control
+                            and self.control.report_confidence else b"",
                         ))
                         book.uploaded(predrafted)
                         book.drafted(self._predraft(request, draft.tokens, draft_len))
@@ -372,6 +374,7 @@ class DeviceAgent:
                 stats.drafted += len(draft.tokens)
                 stats.accepted += verdict.accepted
                 stats.draft_len.append(len(draft.tokens))
+                stats.stopped_early += draft.declined is not None
                 self.drafter.accept(verdict.tokens)
                 tokens += verdict.tokens
                 if on_tokens is not None:
@@ -398,7 +401,8 @@ class DeviceAgent:
         used = min(n, len(ahead.tokens)) if ahead is not None else 0
         rest = self.drafter.draft(
             n - used, temperature=s.temperature, top_k=s.draft_top_k, seed=s.seed,
-            after=ahead.tokens[:used] if used else ()) if n > used else DraftResult([])
+            after=ahead.tokens[:used] if used else (),
+            min_confidence=self._min_confidence()) if n > used else DraftResult([])
         if not used:
             return rest, 0
         return ahead.part(0, used).then(rest), used
@@ -422,11 +426,18 @@ class DeviceAgent:
         if n < 2 or ends.intersection(uploaded) or self._held or self._message_in():
             return None
         s = request.sampling
+        # With confidence stopping the pre-draft stops where the next draft would: what it
+        # drafted past a confirmed guess is still that draft's beginning.
         pre = self.drafter.draft(n, temperature=s.temperature, top_k=s.draft_top_k,
-                                 seed=s.seed, after=uploaded, stop=self._message_in)
+                                 seed=s.seed, after=uploaded, stop=self._message_in,
+                                 min_confidence=self._min_confidence())
         self._draft_s += pre.seconds
         self._drafted += len(pre.tokens)
         return pre
+
+    def _min_confidence(self) -> float:
+        """h of confidence stopping, as the controller set it (0: draft the whole cap)."""
+        return self.control.stop_confidence if self.control is not None else 0.0
 
     def _message_in(self) -> bool:
         """True once a message that ``_expect`` must see has arrived (it is held for it),
@@ -580,5 +591,6 @@ class DeviceAgent:
         uplink rate our share of the band buys, which the pacer enforces."""
         self.control = control
         self.link.pacer.set_rate(control.uplink_rate_bps)
-        log.debug("control: draft length %d, share %.3f, uplink %.0f bit/s", control.draft_len,
-                 control.bandwidth_share, control.uplink_rate_bps)
+        log.debug("control: draft length %d, share %.3f, uplink %.0f bit/s, stop below %.2f",
+                  control.draft_len, control.bandwidth_share, control.uplink_rate_bps,
+                  control.stop_confidence)

@@ -46,6 +46,9 @@ class DraftResult:
     # temperature 1): its own confidence, for stopping a draft early; [] where the engine
     # cannot say (trace replay).
     top1: list[float] = field(default_factory=list)
+    # The top-1 probability of the token the draft declined: it ended before it, below
+    # draft()'s ``min_confidence`` (confidence stopping). None: it did not.
+    declined: float | None = None
 
     def part(self, start: int, stop: int | None = None) -> DraftResult:
         """Positions ``start:stop`` of this draft, every per-position list alike."""
@@ -56,7 +59,13 @@ class DraftResult:
         """This draft followed by ``later`` (drafted after it), taking ``later``'s time."""
         return DraftResult(self.tokens + later.tokens, self.q_ids + later.q_ids,
                            self.q_counts + later.q_counts, later.seconds, later.stopped,
-                           self.top1 + later.top1)
+                           self.top1 + later.top1, later.declined)
+
+    def confidence_bytes(self) -> bytes:
+        """``draft.confidence`` on the wire: a byte round(255 p) per token, and one for
+        the declined token, if any."""
+        probs = self.top1 + ([] if self.declined is None else [self.declined])
+        return bytes(min(max(round(255 * p), 0), 255) for p in probs)
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,8 @@ class DraftEngine(Protocol):
     def begin(self, prompt_ids: list[int]) -> None: ...
 
     def draft(self, n: int, *, temperature: float = 0.0, top_k: int = 32, seed: int = 0,
-              after: Sequence[int] = (), stop: Callable[[], bool] | None = None
-              ) -> DraftResult: ...
+              after: Sequence[int] = (), stop: Callable[[], bool] | None = None,
+              min_confidence: float = 0.0) -> DraftResult: ...
 
     def accept(self, committed: list[int]) -> None: ...
 
@@ -212,10 +221,12 @@ class KVCacheDrafter(ABC):
     def draft(
         self, n: int, *, temperature: float = 0.0, top_k: int = 32, seed: int = 0,
         after: Sequence[int] = (), stop: Callable[[], bool] | None = None,
+        min_confidence: float = 0.0,
     ) -> DraftResult:
         """Draft ``n`` tokens after the committed sequence and ``after`` (greedy if
         temperature == 0). ``stop()``, asked after each token, ends the draft early by
-        returning True."""
+        returning True. Confidence stopping: the draft ends before the first token whose
+        position's top-1 probability is below ``min_confidence`` (``declined`` says it)."""
         started = time.perf_counter()
         if not self.sequence:
             raise RuntimeError("draft() before begin()")
@@ -235,7 +246,12 @@ class KVCacheDrafter(ABC):
             else:
                 self._eval(result.tokens[-1:])
             logits = self._logits()
-            result.top1.append(top1_probability(logits))
+            top1 = top1_probability(logits)
+            if top1 < min_confidence:
+                result.declined = top1
+                self._pace(token_started)  # its evaluation was spent all the same
+                break
+            result.top1.append(top1)
             if temperature == 0:
                 token = int(np.argmax(logits))
             else:
@@ -245,9 +261,7 @@ class KVCacheDrafter(ABC):
                 result.q_ids.append(ids.tolist())
                 result.q_counts.append(counts.tolist())
             result.tokens.append(token)
-            spare = self.pace_s_per_token - (time.perf_counter() - token_started)
-            if spare > 0:  # a paced token takes its time, whatever arrives meanwhile
-                time.sleep(spare)
+            self._pace(token_started)
             if stop is not None and i + 1 < n and stop():
                 result.stopped = True
                 break
@@ -260,6 +274,12 @@ class KVCacheDrafter(ABC):
     def accept(self, committed: list[int]) -> None:
         """Append the round's committed tokens (accepted drafts + correction or bonus)."""
         self.sequence.extend(committed)
+
+    def _pace(self, token_started: float) -> None:
+        """A paced token takes its time, whatever arrives meanwhile."""
+        spare = self.pace_s_per_token - (time.perf_counter() - token_started)
+        if spare > 0:
+            time.sleep(spare)
 
     def _sync(self, context: list[int]) -> None:
         """Make the cache hold ``context``, its newest token freshly evaluated."""

@@ -74,11 +74,13 @@ class ReplayDrafter:
         self._trace, self.sequence = trace, list(prompt_ids)
 
     def draft(self, n: int, *, temperature: float = 0.0, top_k: int = 32, seed: int = 0,
-              after: Sequence[int] = (), stop: Callable[[], bool] | None = None) -> DraftResult:
+              after: Sequence[int] = (), stop: Callable[[], bool] | None = None,
+              min_confidence: float = 0.0) -> DraftResult:
         """The recorded draft after the committed output and ``after`` (pre-drafting past
         an upload), ``n`` tokens of it, each taking its recorded time; ``stop()``, asked
-        after each token, ends it early. Past the end of the recording, or once the output
-        left the truth, the draft is empty."""
+        after each token, ends it early, and so does a recorded confidence below
+        ``min_confidence`` (before that token). Past the end of the recording, or once the
+        output left the truth, the draft is empty."""
         if self._trace is None:
             raise RuntimeError("draft() before begin()")
         if temperature != 0:
@@ -88,15 +90,20 @@ class ReplayDrafter:
         p = len(output)
         follows = p < len(trace.drafts) and output == trace.truth[:p]
         recorded = trace.drafts[p][:n] if follows else []
+        confidences = trace.confidences[p] if follows else []
         per_token = trace.draft_s_per_token / self.speed
         result = DraftResult(tokens=[])
-        for i, token in enumerate(recorded):
+        for i, (token, top1) in enumerate(zip(recorded, confidences, strict=False)):
             time.sleep(per_token)
+            if top1 < min_confidence:
+                result.declined = top1
+                break
             result.tokens.append(token)
+            result.top1.append(top1)
             if stop is not None and i + 1 < len(recorded) and stop():
                 result.stopped = True
                 break
-        result.seconds = len(result.tokens) * per_token
+        result.seconds = (len(result.tokens) + (result.declined is not None)) * per_token
         return result
 
     def accept(self, committed: list[int]) -> None:

@@ -15,6 +15,7 @@ SCHEDULERS = ("sync", "continuous", "proactive")
 # Acceptance models draft control plans with: one rate per device, or its measured
 # per-position curve (docs/system-model.md, "Acceptance curves").
 ACCEPTANCE_MODELS = ("geometric", "curve")
+CONFIDENCE_POLICY = "confidence"  # caps and stopping thresholds (control/confidence.py)
 
 
 class ConfigError(ValueError):
@@ -87,7 +88,9 @@ class ControlConfig:
     """Draft control. ``policy`` = "fixed" (``draft_len`` for all, unpaced uploads), a
     solver of edge_controller/control (heterogeneous, homogeneous, agnostic, ...), or an
     online one (online, online-naive, online-discounted, online-contextual: a bandit over
-    draft lengths per device, control/bandit.py; synchronous rounds only)."""
+    draft lengths per device, control/bandit.py; synchronous rounds only), or
+    "confidence" (caps and per-device stopping thresholds, control/confidence.py;
+    synchronous rounds only)."""
 
     policy: str = "heterogeneous"
     draft_len: int = 4  # fixed and fixed-L policies, and every device's first rounds
@@ -103,6 +106,9 @@ class ControlConfig:
     online_exploration: float = 0.3  # online*: c of the bandits' confidence bonus
     online_discount: float = 0.99  # online-discounted: each round keeps this of the past
     online_delay_buckets_ms: tuple[float, ...] = (25.0, 50.0, 100.0)  # online-contextual
+    # confidence: one stopping threshold h for every device (a multiple of 0.1), the caps
+    # planned for it; 0: the controller chooses h per device
+    stop_confidence: float = 0.0
 
 
 @dataclass
@@ -150,7 +156,8 @@ class ControllerConfig:
              f"control.max_draft_len must be in 1..{MAX_DRAFT_TOKENS}"),
             (0 <= self.control.draft_len <= self.control.max_draft_len,
              "control.draft_len must be in 0..max_draft_len"),
-            (self.control.policy in _policies(), f"control.policy must be one of {_policies()}"),
+            (self.control.policy in policy_names(),
+             f"control.policy must be one of {policy_names()}"),
             (self.control.acceptance in ACCEPTANCE_MODELS,
              f"control.acceptance must be one of {', '.join(ACCEPTANCE_MODELS)}"),
             (self.control.bandwidth_hz > 0, "control.bandwidth_hz must be > 0"),
@@ -169,16 +176,21 @@ class ControllerConfig:
              "control.online_delay_buckets_ms: at most 16 ascending delays in (0, 1e5) ms"),
             (not self.control.policy.startswith("online") or self.server.scheduler == "sync",
              "the online policies learn from synchronous rounds: server.scheduler = \"sync\""),
+            (round(self.control.stop_confidence * 10) == self.control.stop_confidence * 10
+             and 0 <= self.control.stop_confidence < 1,
+             "control.stop_confidence must be 0 (chosen per device) or one of 0.1 .. 0.9"),
+            (self.control.policy != CONFIDENCE_POLICY or self.server.scheduler == "sync",
+             "the confidence policy plans synchronous rounds: server.scheduler = \"sync\""),
         ]
         require(checks)
         return self
 
 
-def _policies() -> list[str]:
+def policy_names() -> list[str]:
     from edge_controller.control.bandit import ONLINE_POLICIES
     from edge_controller.control.solvers import POLICIES
 
-    return ["fixed", *POLICIES, *ONLINE_POLICIES]
+    return ["fixed", *POLICIES, *ONLINE_POLICIES, CONFIDENCE_POLICY]
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ControllerConfig:

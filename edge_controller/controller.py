@@ -450,7 +450,8 @@ class EdgeController:
         decision = self.draft_control.decisions[session.device_id]
         if not session.server_decode:
             self.draft_control.on_verdict(session.device_id, outcome.accepted,
-                                          len(draft.tokens), len(tokens), time.monotonic())
+                                          len(draft.tokens), len(tokens), time.monotonic(),
+                                          draft.confidence)
             self._show(session.device_id)
         verdict = P.Verdict(request.request_id, draft.round, outcome.accepted, tokens, done,
                             decision.draft_len)
@@ -864,7 +865,8 @@ def _same_draft(a: P.Draft, b: P.Draft) -> bool:
 
 
 def _control(decision: Decision) -> P.Control:
-    return P.Control(decision.draft_len, decision.bandwidth_share, decision.uplink_rate_bps)
+    return P.Control(decision.draft_len, decision.bandwidth_share, decision.uplink_rate_bps,
+                     decision.stop_confidence, decision.report_confidence)
 
 
 def _verify_item(session: Session) -> VerifyItem:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_controller.config import ControlConfig
+from edge_controller.config import CONFIDENCE_POLICY, ControlConfig
 from edge_controller.control import (
     GeometricAcceptance,
     Plan,
@@ -42,9 +42,15 @@ from edge_controller.control.bandit import (
     ONLINE_POLICIES,
     LengthBandit,
     delay_bucket,
-    round_credit,
+    round_cost,
 )
-from edge_controller.control.estimators import AcceptanceEstimate, AffineFit, RunningMean
+from edge_controller.control.confidence import confidence_plan, stopping_rates
+from edge_controller.control.estimators import (
+    AcceptanceEstimate,
+    AffineFit,
+    ConfidenceEstimate,
+    RunningMean,
+)
 from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, plan_for
 from edge_controller.control.solvers import WARM_STARTED, equal_share_plan
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
@@ -53,6 +59,7 @@ log = logging.getLogger(__name__)
 
 FIXED_POLICY = "fixed"  # the configured draft_len for everyone, unpaced uploads
 MIN_JUDGED = 8  # draft positions judged before a device's acceptance estimate is used
+MIN_CONFIDENCE_DRAFTS = 8  # drafts with confidences before a device is given a threshold
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class Decision:
     draft_len: int
     bandwidth_share: float
     uplink_rate_bps: float  # beta_k B s_k; 0 = unpaced
+    stop_confidence: float = 0.0  # h_k: the confidence policy's stopping threshold
+    report_confidence: bool = False  # its drafts carry their confidences
 
 
 @dataclass
@@ -77,6 +86,7 @@ class DeviceEstimates:
     # paced rate (online policies' round credit)
     last_draft: tuple[float, float] | None = None
     bandits: dict[int, LengthBandit] = field(default_factory=dict)  # online*: per bucket
+    confidence: ConfidenceEstimate = field(default_factory=ConfidenceEstimate)
 
     @property
     def goodput_tok_s(self) -> float:
@@ -114,6 +124,7 @@ class DraftController:
         self._membership_changed = True
         self._last_solve = -np.inf
         self._round_tokens = self._round_seconds = 0.0  # online*: the rounds' goodput
+        self._rounds_learnt = 0  # online*: rounds credited (whose turn it is to explore)
 
     # ---- observations ----------------------------------------------------------------
     def join(self, device_id: str) -> Decision:
@@ -167,9 +178,12 @@ class DraftController:
         est.last_draft = (draft_s, draft_len * per_token_bits / rate if rate > 0 else 0.0)
 
     def on_verdict(self, device_id: str, accepted: int, drafted: int, committed: int,
-                   now: float) -> None:
+                   now: float, confidence: bytes = b"") -> None:
+        """A verdict went out; ``confidence``: the draft's (draft.confidence), if any."""
         est = self.devices[device_id]
         est.acceptance.update(accepted, drafted)
+        if confidence:
+            est.confidence.update(confidence, drafted, accepted)
         est.tokens_per_round.update(committed)
         if est.last_verdict_at is not None:
             est.round_period_s.update(now - est.last_verdict_at)
@@ -234,7 +248,7 @@ class DraftController:
         # With curves, a change of shape moves E[N(L_max)] even where the pooled rate stays.
         inputs = np.array([[snapshot[d][k] for k in MODEL_INPUTS]
                            + [1.0 + np.cumprod(snapshot[d].get("acceptance_curve", [])).sum()]
-                           for d in ids])
+                           + self._confidence_inputs(d) for d in ids])
         moved = self._solved_inputs is None or self._solved_inputs.shape != inputs.shape or (
             np.abs(inputs - self._solved_inputs) > self.config.resolve_threshold
             * np.maximum(np.abs(self._solved_inputs), 1e-9)).any()
@@ -248,11 +262,14 @@ class DraftController:
             warm = (self._last_plan[1] if self._last_plan and self._last_plan[0] == ids
                     and self.config.policy in WARM_STARTED else None)
             started = time.perf_counter()
+            thresholds = np.zeros(len(ids))
             if self.config.policy in ONLINE_POLICIES:
                 # Lengths learnt, equal shares: a round's credit needs each device's own
                 # finish time, which shares equalising finish times would hide.
                 lengths = np.array([self.decisions[d].draft_len for d in ids])
                 plan = equal_share_plan(self.config.policy, *problem, lengths)
+            elif self.config.policy == CONFIDENCE_POLICY:
+                plan, thresholds = self._confidence_plan(ids, problem, warm)
             else:
                 options = ({"fixed_draft_len": self.config.draft_len}
                            if self.config.policy == "fixed-L" else {})
@@ -275,15 +292,44 @@ class DraftController:
             # serving model gives every uploading device a minimum share); the device
             # then goes unpaced (rate 0) rather than at a crawl.
             rate = share * self.config.bandwidth_hz * self.devices[device_id].spectral_efficiency
-            decision = Decision(int(plan.draft_len[i]), share, rate)
+            decision = Decision(int(plan.draft_len[i]), share, rate, float(thresholds[i]),
+                                self.config.policy == CONFIDENCE_POLICY)
             if decision != self.decisions.get(device_id):
                 self.decisions[device_id] = changed[device_id] = decision
         log.info("draft control (%s, %s solve %.1f ms): predicted %.1f tok/s; %s",
                  self.config.policy, "warm" if warm else "cold", solve_s * 1e3,
                  plan.goodput_tok_s, ", ".join(
                      f"{d}: L={self.decisions[d].draft_len} "
-                     f"share={self.decisions[d].bandwidth_share:.2f}" for d in ids))
+                     f"share={self.decisions[d].bandwidth_share:.2f}"
+                     + (f" h={self.decisions[d].stop_confidence:.1f}"
+                        if self.decisions[d].report_confidence else "") for d in ids))
         return changed
+
+    def _confidence_inputs(self, device_id: str) -> list[float]:
+        """The confidence policy's inputs beyond the model's: the bins' shares (evaluated,
+        after an accepted prefix) and their acceptance."""
+        if self.config.policy != CONFIDENCE_POLICY:
+            return []
+        est = self.devices[device_id].confidence
+        seen, reached = (c / max(c.sum(), 1e-12) for c in (est.seen, est.reached))
+        return [*seen, *reached, *est.accept_rate()]
+
+    def _confidence_plan(self, ids: list[str], problem: tuple[SystemParams, UserParams],
+                         warm: Plan | None) -> tuple[Plan, np.ndarray]:
+        """Caps and thresholds (control/confidence.py) from the heterogeneous plan. A device
+        that has not reported MIN_CONFIDENCE_DRAFTS drafts' confidences yet (or drafts
+        nothing) is planned as one that never stops, at its acceptance estimate, h = 0
+        (control.stop_confidence, where set, fixes one h for everyone)."""
+        plan = plan_for("sync", "heterogeneous", *problem, warm=warm)
+        estimates = [self.devices[d].confidence for d in ids]
+        p, q = stopping_rates(np.array([e.seen for e in estimates]),
+                              np.array([e.reached for e in estimates]),
+                              np.array([e.accept_rate() for e in estimates]))
+        unknown = np.array([e.drafts < MIN_CONFIDENCE_DRAFTS for e in estimates])
+        p[unknown] = 1.0
+        q[unknown] = problem[1].acceptance.position_probs(1)[0][unknown, None]
+        plan, h = confidence_plan(*problem, p, q, plan.draft_len, self.config.stop_confidence)
+        return plan, np.where(unknown, self.config.stop_confidence, h)
 
     def on_round_result(self, played: dict[str, tuple[int, int, float]],
                         now: float) -> dict[str, Decision]:
@@ -310,8 +356,10 @@ class DraftController:
         arrived = np.maximum(np.array([played[d][2] for d in ids]) - start, 0.0)
         self._round_tokens = 0.98 * self._round_tokens + tokens.sum()
         self._round_seconds = 0.98 * self._round_seconds + round_s
+        goodput = self._round_tokens / self._round_seconds
         if self.config.policy == "online-naive":
-            rewards = tokens / round_s
+            # the seed's naive UCB: each device alone, on the mean of its per-round ratios
+            gains, costs, goodput = tokens / round_s, np.zeros(len(ids)), 0.0
         else:
             # Nothing drafted, a draft arrives its drafting and per-token upload time sooner;
             # a claimed drafting time beyond the arrival is clamped (only its own credit).
@@ -321,16 +369,20 @@ class DraftController:
             free = np.maximum(arrived - np.minimum(draft_s, arrived) - upload_s, 0.0)
             _, per_token_s = (self.verify_time.coefficients() if self.verify_time.ready
                               else (0.0, 0.0))
-            rewards = round_credit(tokens, arrived, free, lengths,
-                                   self._round_tokens / self._round_seconds, per_token_s)
+            gains, costs = tokens, round_cost(arrived, free, lengths, per_token_s)
+        # One device explores per round, in turn (control/bandit.py); naive: all of them.
+        turn = sorted(credited)
+        self._rounds_learnt += 1
+        explorer = turn[self._rounds_learnt % len(turn)]
         changed = {}
-        for device_id, length, reward in zip(ids, lengths, rewards, strict=True):
+        for device_id, length, gain, cost in zip(ids, lengths, gains, costs, strict=True):
             if device_id not in credited:
                 continue
             bandit = self._bandit(device_id)
-            bandit.update(int(length), float(reward))
+            bandit.update(int(length), float(gain), float(cost))
             decision = self.decisions[device_id]
-            choice = bandit.choose()
+            choice = bandit.choose(goodput, explore=self.config.policy == "online-naive"
+                                   or device_id == explorer)
             if choice != decision.draft_len:
                 self.decisions[device_id] = changed[device_id] = Decision(
                     choice, decision.bandwidth_share, decision.uplink_rate_bps)
@@ -351,12 +403,13 @@ class DraftController:
     def _initial_decision(self, device_id: str) -> Decision:
         if self.config.policy == FIXED_POLICY:
             return Decision(self.config.draft_len, 1.0, 0.0)
+        confidence = self.config.policy == CONFIDENCE_POLICY
         # Until estimates exist: the configured length, an equal share of the band among
         # the devices in the rounds (idle registered ones take none of it), at the rate
         # the device's radio reported (else control.spectral_efficiency).
         share = 1.0 / max(len(self.active), 1)
         rate = share * self.config.bandwidth_hz * self.devices[device_id].spectral_efficiency
-        return Decision(self.config.draft_len, share, rate)
+        return Decision(self.config.draft_len, share, rate, report_confidence=confidence)
 
 
 MODEL_INPUTS = ("draft_s_per_token", "acceptance", "spectral_efficiency", "delay_s",

@@ -27,6 +27,9 @@ class ControllerMetrics:
                                registry=r)
         self.share = Gauge(f"{PREFIX}_device_bandwidth_share", "uplink share in force", d,
                            registry=r)
+        self.stop_confidence = Gauge(f"{PREFIX}_device_stop_confidence", "confidence policy: "
+                                     "the stopping threshold h in force (0: none)", d,
+                                     registry=r)
         self.draft_s = Gauge(f"{PREFIX}_device_draft_s_per_token", "drafting time per token", d,
                              registry=r)
         self.delay = Gauge(f"{PREFIX}_device_delay_s", "per-round delay estimate d_k", d,
@@ -78,6 +81,7 @@ class ControllerMetrics:
         self.acceptance.labels(device_id).set(estimates.acceptance.mean)
         self.draft_len.labels(device_id).set(decision.draft_len)
         self.share.labels(device_id).set(decision.bandwidth_share)
+        self.stop_confidence.labels(device_id).set(decision.stop_confidence)
         self.draft_s.labels(device_id).set(estimates.draft_s_per_token.value or 0.0)
         self.delay.labels(device_id).set(estimates.delay_s.value or 0.0)
         if estimates.bandits:
@@ -87,7 +91,8 @@ class ControllerMetrics:
                 self._online_arms.setdefault(device_id, set()).add(str(arm))
 
     def forget_device(self, device_id: str) -> None:
-        for gauge in (self.goodput, self.acceptance, self.draft_len, self.share, self.draft_s,
+        for gauge in (self.goodput, self.acceptance, self.draft_len, self.share,
+                      self.stop_confidence, self.draft_s,
                       self.delay, self.rtt, self.uplink, self.predrafts, self.predrafted):
             with contextlib.suppress(KeyError):  # never reported yet
                 gauge.remove(device_id)

@@ -53,6 +53,13 @@ Versions: every change to what goes on the wire, or to what a message means, bum
   the verdict of the round before it arrived, which confirmed the device's guess (all of
   its draft accepted and the bonus token the one it had guessed). Fields newer than a
   device's version are left out of what it is sent: version 5 devices never pre-draft.
+* 7: confidence stopping (docs/system-model.md "Confidence stopping"):
+  ``control.stop_confidence`` h makes the draft length a cap: the device stops a draft
+  before the first token its draft model gives a top-1 probability below h (0: never);
+  with ``control.report_confidence`` its drafts carry ``draft.confidence``, the top-1
+  probability of each draft token as a byte (round(255 p)), and one byte more when the
+  draft stopped below h: the probability of the token it declined. Version 6 devices are
+  served as before (never told h, they draft the cap).
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 SERVED_VERSIONS = (PROTOCOL_VERSION - 1, PROTOCOL_VERSION)  # what a controller accepts
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB: the largest frame, a ping padded for an uplink probe
 MAX_PROMPT_TOKENS = 32_768
@@ -163,6 +170,8 @@ class Control(Message):
     draft_len: int
     bandwidth_share: float
     uplink_rate_bps: float = 0.0  # rate the device paces its uploads to; 0 = unpaced
+    stop_confidence: float = 0.0  # h: stop before a token of top-1 probability < h (v7)
+    report_confidence: bool = False  # drafts carry draft.confidence (version >= 7)
 
 
 @dataclass
@@ -175,6 +184,9 @@ class Draft(Message):
     ``q(id) = count / sum(counts)``; empty lists in greedy mode. ``predrafted``: how many of
     ``tokens`` (the first ones) were drafted while round ``round - 1`` was verified, on the
     guess its verdict then confirmed (version 6; 0: drafted after that verdict).
+    ``confidence`` (version 7, when the control asks for it): ``confidence[i]`` = round(255
+    p_i), p_i the draft model's top-1 probability where it drafted ``tokens[i]``; one byte
+    more, when the draft stopped on ``stop_confidence``, for the token it declined.
     """
 
     TYPE: ClassVar[str] = "draft"
@@ -186,6 +198,7 @@ class Draft(Message):
     q_counts: list[list[int]] = field(default_factory=list)
     draft_s: float = 0.0  # wall time the device spent drafting these tokens
     predrafted: int = 0  # version >= 6
+    confidence: bytes = b""  # version >= 7
 
 
 @dataclass
@@ -299,6 +312,9 @@ FIELD_SINCE = {  # fields newer than their message: the version that added them
     ("resume", "server_decode"): 5,
     ("welcome", "predraft_len"): 6,
     ("draft", "predrafted"): 6,
+    ("control", "stop_confidence"): 7,
+    ("control", "report_confidence"): 7,
+    ("draft", "confidence"): 7,
 }
 
 
@@ -482,6 +498,8 @@ def _check_limits(msg: Message) -> None:
             raise bad("draft_s must be in 0..3600 seconds")
         if not 0 <= msg.predrafted <= len(msg.tokens) or (msg.predrafted and msg.round == 0):
             raise bad("predrafted must be in 0..len(tokens), and 0 in round 0")
+        if len(msg.confidence) not in (0, len(msg.tokens), len(msg.tokens) + 1):
+            raise bad("confidence holds a byte per draft token, and at most one more")
     elif isinstance(msg, Telemetry):
         for name, high in (("draft_s_per_token", 60.0), ("rtt_s", 60.0), ("uplink_bps", 1e12)):
             if not 0 <= getattr(msg, name) <= high:
@@ -497,6 +515,8 @@ def _check_limits(msg: Message) -> None:
                 and 0 <= msg.uplink_rate_bps <= 1e12):
             raise bad("need 0 <= draft_len <= 64, 0 <= bandwidth_share <= 1, "
                       "0 <= uplink_rate_bps <= 1e12")
+        if not 0 <= msg.stop_confidence < 1:
+            raise bad("stop_confidence must be in [0, 1)")
     elif isinstance(msg, Hello):
         if not 1 <= msg.vocab_size <= MAX_TOKEN_ID:
             raise bad("vocab_size must be >= 1")

@@ -5,7 +5,9 @@ A trace (one prompt, one draft model) holds the target's greedy output for the p
 (the truth every run must reproduce), the target's top-2 logit margin at each of its
 tokens (near ties, DESIGN.md section 3) and, for every position ``p`` of the output, the
 draft model's greedy continuation after ``prompt + truth[:p]``, ``MAX_DRAFT`` tokens long,
-with the draft model's speed. ``scripts/record_traces.py`` records them.
+with the draft model's top-1 probability at each of its positions (its own confidence:
+what confidence stopping replays) and the draft model's speed.
+``scripts/record_traces.py`` records them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-TRACE_FORMAT = 2
+TRACE_FORMAT = 3  # 3: confidences
 MAX_DRAFT = 16  # the controller's default max_draft_len: the longest draft ever asked
 TRACES_DIR = Path(__file__).resolve().parent / "traces"
 
@@ -29,10 +31,16 @@ class Trace:
     margins: list[float]  # the target's top-2 logit margin where it chose each truth token
     drafts: list[list[int]]  # drafts[p]: the draft's greedy continuation after truth[:p]
     draft_s_per_token: float  # the real draft model's speed where it was recorded
+    # confidences[p][i]: the draft model's top-1 probability where it drafted drafts[p][i]
+    confidences: list[list[float]]
 
     def __post_init__(self) -> None:
-        if not self.prompt_ids or not len(self.drafts) == len(self.margins) == len(self.truth):
-            raise ValueError(f"trace of {self.draft}: a margin and a draft per truth token")
+        if not self.prompt_ids or not (len(self.drafts) == len(self.margins) == len(self.truth)
+                                       == len(self.confidences)):
+            raise ValueError(f"trace of {self.draft}: a margin, a draft and its confidences "
+                             "per truth token")
+        if any(len(c) != len(d) for c, d in zip(self.confidences, self.drafts, strict=True)):
+            raise ValueError(f"trace of {self.draft}: a confidence per draft token")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 For every prompt and every default draft model: the target's greedy output (transformers,
 fp32: the truth) with its top-2 logit margins, and at every position of it the draft
-model's greedy continuation (llama.cpp, MAX_DRAFT tokens), with the draft model's measured
-speed. About 6-7 minutes on 2 cores (docs/soak.md).
+model's greedy continuation (llama.cpp, MAX_DRAFT tokens) with its top-1 probability at
+each position, and the draft model's measured speed. About 6-7 minutes on 2 cores (docs/soak.md).
 
     .venv/bin/python scripts/record_traces.py [--tokens 96] [--out FILE.json.gz]
 """
@@ -70,16 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=len(prompts) * len(drafters), desc="draft traces", unit="trace") as bar:
         for drafter in drafters.values():
             for prompt, (truth, margins) in zip(prompts, outputs, strict=True):
-                drafts, per_token = [], []
+                drafts, confidences, per_token = [], [], []
                 for p in range(len(truth)):
                     drafter.begin(prompt + truth[:p])
                     result = drafter.draft(MAX_DRAFT)
                     drafts.append(result.tokens)
+                    confidences.append([round(c, 4) for c in result.top1])
                     if p > 0:  # the first also evaluated the prompt
                         per_token.append(result.seconds / MAX_DRAFT)
                 traces.append(Trace(drafter.model_id, prompt, truth,
                                     [round(m, 5) for m in margins], drafts,
-                                    round(statistics.median(per_token), 6)))
+                                    round(statistics.median(per_token), 6), confidences))
                 bar.update()
     recorded = {
         "command": "scripts/record_traces.py " + " ".join(argv or sys.argv[1:]),

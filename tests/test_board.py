@@ -88,8 +88,8 @@ def test_board_telemetry_travels_in_protocol_4_and_later():
     frame = P.encode(P.Telemetry(host={}, board=board))
     assert len(frame) < P.FRAME_LIMITS["telemetry"]
     assert P.decode(frame).board == board
-    v5 = msgpack.packb({"v": 5, "type": "telemetry", "draft_s_per_token": 0.01, "board": board})
-    assert P.decode_versioned(v5)[0].board == board  # version 5 devices are still served
+    v6 = msgpack.packb({"v": 6, "type": "telemetry", "draft_s_per_token": 0.01, "board": board})
+    assert P.decode_versioned(v6)[0].board == board  # version 6 devices are still served
     old = msgpack.packb({"v": 3, "type": "telemetry", "draft_s_per_token": 0.01, "board": board})
     with pytest.raises(P.ProtocolError, match="unknown or repeated field"):
         P.decode_versioned(old, (3, 4))  # not a field of version 3

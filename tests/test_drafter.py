@@ -199,6 +199,26 @@ def test_each_position_reports_the_drafts_top1_probability(drafter):
     assert joined.seconds == sampled.seconds
 
 
+def test_a_draft_stops_before_its_first_token_below_min_confidence(drafter):
+    """Confidence stopping: the draft ends before the first position whose top-1
+    probability is below h, says so (``declined``, a wire byte more), and leaves the cache
+    as any shorter draft: the next full draft is the first one again."""
+    drafter.begin(drafter.tokenize(PROMPT))
+    full = drafter.draft(12)
+    low = int(np.argmin(full.top1))
+    h = full.top1[low] + 1e-4
+    first_below = next(i for i, p in enumerate(full.top1) if p < h)
+
+    stopped = drafter.draft(12, min_confidence=h)
+
+    assert stopped.tokens == full.tokens[:first_below]
+    assert stopped.declined == pytest.approx(full.top1[first_below], abs=1e-4)
+    assert len(stopped.confidence_bytes()) == first_below + 1
+    again = drafter.draft(12)
+    assert again.tokens == full.tokens and again.declined is None
+    assert drafter.draft(12, min_confidence=1.0).tokens == []  # nothing is that sure
+
+
 def test_sampled_draft_tokens_follow_q(drafter):
     drafter.begin(drafter.tokenize("My favourite colour is"))
     observed: dict[int, int] = {}

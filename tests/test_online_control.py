@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edge_controller.config import ConfigError, ControlConfig, load_config
-from edge_controller.control.bandit import LengthBandit, delay_bucket, round_credit
+from edge_controller.control.bandit import LengthBandit, delay_bucket, round_cost
 from edge_controller.control.scenario import load_scenario
 from edge_controller.launch import AgentSpec, run_agents
 from edge_controller.simulator import simulate_scenario
@@ -45,15 +45,25 @@ def test_a_discounted_bandit_follows_a_change_an_undiscounted_one_does_not():
     assert late[0.95] > 80 and late[1.0] < late[0.95] - 30
 
 
-def test_round_credit_charges_only_the_device_that_stretched_the_round():
-    """Three devices: the last to arrive pays G for the time its draft added to everyone's
-    round; the others, done before it, pay only their verification."""
+def test_round_cost_charges_only_the_device_that_stretched_the_round():
+    """Three devices: the last to arrive is charged the time its draft added to
+    everyone's round; the others, done before it, only their verification."""
     arrived = np.array([0.10, 0.12, 0.30])
     free = np.array([0.02, 0.04, 0.05])  # with nothing drafted
-    credit = round_credit(np.array([5, 4, 3]), arrived, free, np.array([4, 4, 8]),
-                          goodput_tok_s=20.0, verify_per_token_s=0.001)
-    np.testing.assert_allclose(credit, [5 - 20 * 0.004, 4 - 20 * 0.004,
-                                        3 - 20 * (0.30 - 0.12 + 0.008)])
+    cost = round_cost(arrived, free, np.array([4, 4, 8]), verify_per_token_s=0.001)
+    np.testing.assert_allclose(cost, [0.004, 0.004, 0.30 - 0.12 + 0.008])
+
+
+def test_arms_are_priced_at_the_current_goodput_as_a_ratio_of_sums():
+    """Sums of tokens and of round time per arm, priced at the G given: the same plays
+    rank differently when G changes (a long arm costs more time), and a greedy choice
+    takes the best mean while an exploring one may not."""
+    bandit = LengthBandit(arms=3, first=0)
+    for arm, tokens, cost in [(0, 1.0, 0.0), (1, 2.0, 0.01), (2, 4.0, 0.05)]:
+        bandit.update(arm, tokens, cost)
+    assert bandit.choose(goodput_tok_s=10.0, explore=False) == 2  # 4 - 0.5 > 2 - 0.1 > 1
+    assert bandit.choose(goodput_tok_s=60.0, explore=False) == 1  # 1.4 > 1 = 1
+    np.testing.assert_allclose(bandit.means(60.0), [1.0, 1.4, 1.0])
 
 
 def test_delay_buckets():

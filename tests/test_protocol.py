@@ -120,7 +120,7 @@ def test_pre_drafts_travel_in_protocol_6_and_are_left_out_for_version_5():
     assert P.decode(P.encode(draft)).predrafted == 2
     body = msgpack.unpackb(P.encode(draft))
     with pytest.raises(P.ProtocolError, match="unknown or repeated field"):
-        P.decode_versioned(msgpack.packb({**body, "v": 5}))
+        P.decode_versioned(msgpack.packb({**body, "v": 5}), (5,))
     for bad in (P.Draft("r", 3, 10, [5], predrafted=2), P.Draft("r", 0, 10, [5], predrafted=1),
                 P.Draft("r", 3, 10, [5], predrafted=-1)):
         with pytest.raises(P.ProtocolError, match="predrafted"):

@@ -167,10 +167,12 @@ def test_simulate_cli_json_has_the_plan_key_names(capsys):
 def test_simulate_cli_policies_are_the_simulators(capsys):
     from edge_controller.cli.plan import POLICY_NAMES
     from edge_controller.cli.simulate import BEST_FIXED, ONLINE_POLICY_NAMES
+    from edge_controller.config import CONFIDENCE_POLICY
     from edge_controller.control.bandit import ONLINE_POLICIES
 
     assert ONLINE_POLICY_NAMES == ONLINE_POLICIES
-    assert set(POLICY_NAMES) | set(ONLINE_POLICIES) | {BEST_FIXED} == set(SIMULATED_POLICIES)
+    assert set(POLICY_NAMES) | set(ONLINE_POLICIES) | {BEST_FIXED, CONFIDENCE_POLICY} == set(
+        SIMULATED_POLICIES)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -24,8 +24,9 @@ def tiny_traces(speed_s: float = 0.0) -> TraceSet:
     truth = [10, 11, 12, 13, 14]
     drafts = [[10, 11, 99], [11, 12, 13], [12, 98, 97], [13, 14], [14]]
     margins = [1.0] * len(truth)
+    confidences = [[0.9, 0.8, 0.2], [0.9, 0.9, 0.9], [0.9, 0.3, 0.3], [0.9, 0.9], [0.9]]
     return TraceSet("t", "fp", 128, [2], {},
-                    [Trace("d", [1, 5, 6], truth, margins, drafts, speed_s)])
+                    [Trace("d", [1, 5, 6], truth, margins, drafts, speed_s, confidences)])
 
 
 @pytest.mark.parametrize(("output", "truth", "expected"), [
@@ -56,6 +57,10 @@ def test_the_replay_drafter_drafts_what_was_recorded_while_the_output_follows_th
     assert drafter.draft(3).tokens == [13, 14]  # recorded shorter near the end
     drafter.accept([13, 99])  # left the truth: nothing recorded fits any more
     assert drafter.draft(3).tokens == []
+    drafter.begin([1, 5, 6])  # confidence stopping: before the first recorded below h
+    stopped = drafter.draft(3, min_confidence=0.5)
+    assert stopped.tokens == [10, 11] and stopped.declined == 0.2
+    assert stopped.confidence_bytes() == bytes([230, 204, 51])
     with pytest.raises(ValueError, match="no trace"):
         drafter.begin([7])
     with pytest.raises(ValueError, match="greedy"):

@@ -59,6 +59,11 @@ def test_shipped_trials_load(path):
         (f"{DEVICE}[[chaos]]\nat_s = 'soon'\nrestart_controller = true\n",
          "chaos[0].at_s must be a float"),
         (f"chaos = 5\n{DEVICE}", "chaos must be"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\ndelay_step = {{device = 'a', seconds = 5}}\n",
+         "needs delay_ms"),
+        (f"{DEVICE}[[chaos]]\nat_s = 1\ndelay_step = {{device = 'a', seconds = 5, "
+         "delay_ms = -1}\n", "delay_ms must be in"),
+        (f"draft_len = 99\n{DEVICE}", "draft_len"),
     ],
 )
 def test_bad_trials_name_the_problem(tmp_path, text, needle):
@@ -78,3 +83,24 @@ def test_chaos_entries_load_in_order_of_the_file(tmp_path):
                                                      "controller restart")
     assert (second.kind, second.device, second.percent, second.seconds) == (
         "loss_burst", "a", 20.0, 3.0)
+
+
+def test_a_delay_step_loads_and_phases_split_at_the_faults_starts(tmp_path):
+    from edge_controller.trial.runner import phase_goodput
+
+    path = tmp_path / "drift.toml"
+    path.write_text(f"policies = ['online', 'confidence']\ndraft_len = 2\n{DEVICE}"
+                    "[[chaos]]\nat_s = 20\ndelay_step = {device = 'a', delay_ms = 50, "
+                    "seconds = 600}\n")
+    spec = load_trial(path)
+    (step,) = spec.chaos
+    assert (step.kind, step.delay_ms, step.seconds, spec.draft_len) == ("delay_step", 50, 600, 2)
+    assert step.label == "a delay 50 ms 600 s"
+    # 10 tokens a second for 20 s, then 5: one phase each side of the steps (which started
+    # within a second of each other: one phase)
+    commits = {"a": [(t / 10, 1) for t in range(1, 201)] + [(20 + t / 5, 1)
+                                                            for t in range(1, 101)]}
+    faults = [{"at_s": 20.0}, {"at_s": 20.3}]
+    before, after = phase_goodput(commits, faults)
+    assert before["goodput_tok_s"] == pytest.approx(10.0, rel=0.01)
+    assert after["goodput_tok_s"] == pytest.approx(5.0, rel=0.01)

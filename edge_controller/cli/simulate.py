@@ -8,7 +8,7 @@ import logging
 import sys
 
 from edge_controller.cli.plan import POLICY_NAMES, add_scheduler_arguments
-from edge_controller.config import ACCEPTANCE_MODELS
+from edge_controller.config import ACCEPTANCE_MODELS, CONFIDENCE_POLICY
 
 BEST_FIXED = "best-fixed-L"  # edge_controller.simulator.runs (not imported: --help stays fast)
 ONLINE_POLICY_NAMES = ("online", "online-naive", "online-discounted", "online-contextual")
@@ -25,10 +25,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "phase. --scheduler continuous|proactive: each device cycles on its own and the "
         "verifier batches what is in; POLICY's plan for that serving is solved once on the "
         "first phase's truth and held, the oracle re-solves at every change. "
+        f"--replay-drafts: devices replay the recorded real drafts (models/traces) nearest "
+        f"their acceptance, with the drafts' confidences ({CONFIDENCE_POLICY} needs them). "
         "docs/simulator.md.",
     )
     parser.add_argument("scenario", help="scenario TOML file (see configs/scenarios/)")
-    parser.add_argument("--policy", choices=(*POLICY_NAMES, *ONLINE_POLICY_NAMES, BEST_FIXED),
+    parser.add_argument("--policy", choices=(*POLICY_NAMES, *ONLINE_POLICY_NAMES,
+                                             CONFIDENCE_POLICY, BEST_FIXED),
                         default="heterogeneous")
     parser.add_argument("--seconds", type=float, default=60.0, metavar="T",
                         help="simulated seconds (default 60)")
@@ -36,6 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--acceptance", choices=ACCEPTANCE_MODELS, default="geometric",
                         help="the acceptance model the controller plans with (the truth is "
                         "the scenario's)")
+    parser.add_argument("--replay-drafts", action="store_true",
+                        help="acceptance from the recorded real drafts, not the scenario's")
     add_scheduler_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_controller.control.scenario import ScenarioError, load_scenario
     from edge_controller.simulator import simulate_scenario
+    from models.traces import default_traces
 
     if not args.verbose:  # a re-solve a simulated second is not news here
         logging.getLogger("edge_controller.draft_control").setLevel(logging.WARNING)
@@ -66,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         scenario = load_scenario(args.scenario)
+        traces = default_traces() if args.replay_drafts else None
         report = simulate_scenario(scenario, args.policy, args.seconds, args.seed,
                                    args.acceptance, progress, args.scheduler,
-                                   args.predraft_len)
+                                   args.predraft_len, traces)
     except (ScenarioError, ValueError) as err:
         print(f"edge-controller simulate: {err}", file=sys.stderr)
         return 2
@@ -89,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"goodput {report['goodput_tok_s']:.2f} tok/s, oracle "
           f"{report['oracle_goodput_tok_s']:.2f} tok/s, ratio "
           f"{'n/a' if ratio is None else f'{ratio:.3f}'}")
+    print(f"tokens per {rounds[:-1]} {report['tokens_per_round']:.2f}; draft tokens "
+          f"{report['draft_tokens']:.0f}, wasted (rejected) {report['wasted_draft_tokens']:.0f}")
+    if "replayed_drafts" in report:
+        print("replayed drafts: " + ", ".join(f"{user} {draft}" for user, draft
+                                              in report["replayed_drafts"].items()))
     if len(report["phases"]) > 1:
         for phase in report["phases"]:
             r = phase["ratio_to_oracle"]

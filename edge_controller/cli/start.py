@@ -35,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(overrides control.draft_len)")
     p.add_argument("--policy", help="draft control policy (overrides control.policy): fixed, "
                    "heterogeneous, homogeneous, threshold, agnostic, equal-best-L, fixed-L, "
-                   "per-user-L")
+                   "per-user-L, online, online-naive, online-discounted, online-contextual, "
+                   "confidence (caps and per-device stopping thresholds; "
+                   "docs/system-model.md)")
     p.add_argument("--acceptance", choices=ACCEPTANCE_MODELS,
                    help="acceptance model the plans assume: one rate per device, or the "
                    "measured per-position curve (overrides control.acceptance)")

@@ -11,6 +11,7 @@ from collections import defaultdict
 COLUMNS = [  # (metric suffix, header, format)
     ("draft_len", "L", "{:>3.0f}"),
     ("bandwidth_share", "share", "{:>6.3f}"),
+    ("stop_confidence", "h", "{:>4.1f}"),
     ("acceptance", "accept", "{:>6.2f}"),
     ("draft_s_per_token", "draft ms/tok", "{:>12.1f}"),
     ("delay_s", "delay ms", "{:>8.1f}"),

@@ -16,10 +16,19 @@ measured: the tokens the verdict committed, the arrival times, the drafting time
 draft reports, the paced rate. The naive variant credits N_k / T, the device's own
 per-round ratio (seed 003's naive UCB), which ignores what its length costs the others.
 
+Ratio of sums (seed 003's estimate): per arm the bandit keeps the sums of N_k and of dT_k
+and prices them at the current G, (sum N - G sum dT) / n_L, so rounds credited while G
+was still wrong are re-priced rather than frozen into a mean.
+
 Index: mean reward + c * scale * sqrt(ln n / n_L), scale the largest |mean| seen; arms are
 explored outward from the best one (an untried neighbour of the best is played first), so
 a device never jumps to a 16-token draft just to learn it is bad. With discount gamma < 1
-every sum decays per round (drift). Pure numpy, no clocks.
+every sum decays per round (drift).
+
+Coordinated exploration: in a shared round one device's exploration moves everyone's
+credit (it stretches the round, it moves G), so the devices take turns: in each round one
+device (round robin) plays its UCB choice, the others their best mean. Pure numpy, no
+clocks.
 """
 
 from __future__ import annotations
@@ -37,34 +46,46 @@ ONLINE_POLICIES = ("online", "online-naive", "online-discounted", "online-contex
 
 @dataclass
 class LengthBandit:
+    """Per arm, the (discounted) sums of a device's tokens N and of the round time dT its
+    length cost: an arm's mean reward at goodput G is (sum N - G sum dT) / plays, the
+    ratio of sums linearised at the *current* G (rounds credited while G was still
+    wrong are re-priced, not frozen). With G = 0 and no costs it is a plain mean (the
+    naive variant's per-round ratios)."""
+
     arms: int  # L_max + 1
     first: int  # the arm played first (the configured length)
     exploration: float = 0.3  # c
     discount: float = 1.0  # gamma: 1 keeps everything
-    rewards: np.ndarray = field(init=False, repr=False)
+    tokens: np.ndarray = field(init=False, repr=False)
+    costs: np.ndarray = field(init=False, repr=False)
     plays: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.rewards, self.plays = np.zeros(self.arms), np.zeros(self.arms)
+        self.tokens, self.costs, self.plays = (np.zeros(self.arms) for _ in range(3))
 
-    def update(self, arm: int, reward: float) -> None:
-        if not (0 <= arm < self.arms and np.isfinite(reward)):
+    def update(self, arm: int, tokens: float, cost_s: float = 0.0) -> None:
+        if not (0 <= arm < self.arms and np.isfinite(tokens) and np.isfinite(cost_s)):
             return
-        self.rewards *= self.discount
-        self.plays *= self.discount
-        self.rewards[arm] += reward
+        for sums in (self.tokens, self.costs, self.plays):
+            sums *= self.discount
+        self.tokens[arm] += tokens
+        self.costs[arm] += cost_s
         self.plays[arm] += 1.0
 
-    def means(self) -> np.ndarray:
-        """(arms,) mean reward of each arm; -inf where never played."""
+    def means(self, goodput_tok_s: float = 0.0) -> np.ndarray:
+        """(arms,) mean reward of each arm at goodput G; -inf where never played."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.plays > 0, self.rewards / self.plays, -np.inf)
+            return np.where(self.plays > 0,
+                            (self.tokens - goodput_tok_s * self.costs) / self.plays, -np.inf)
 
-    def choose(self) -> int:
-        means = self.means()
+    def choose(self, goodput_tok_s: float = 0.0, explore: bool = True) -> int:
+        """The arm to play next: the UCB choice, or (``explore`` False) the best mean."""
+        means = self.means(goodput_tok_s)
         if not np.isfinite(means).any():
             return min(self.first, self.arms - 1)
         best = int(np.argmax(means))
+        if not explore:
+            return best
         for arm in (best - 1, best + 1):  # explore outward from the best
             if 0 <= arm < self.arms and self.plays[arm] <= 0:
                 return arm
@@ -76,16 +97,14 @@ class LengthBandit:
             return int(np.argmax(np.where(played, means + bonus, -np.inf)))
 
 
-def round_credit(tokens: np.ndarray, arrived_s: np.ndarray, free_arrival_s: np.ndarray,
-                 draft_len: np.ndarray, goodput_tok_s: float,
-                 verify_per_token_s: float) -> np.ndarray:
-    """(K,) r_k = N_k - G dT_k for one synchronous round (module docstring); arrival
-    times since the round began, ``free_arrival_s`` with nothing drafted."""
+def round_cost(arrived_s: np.ndarray, free_arrival_s: np.ndarray, draft_len: np.ndarray,
+               verify_per_token_s: float) -> np.ndarray:
+    """(K,) dT_k for one synchronous round (module docstring): arrival times since the
+    round began, ``free_arrival_s`` with nothing drafted."""
     arrived = np.asarray(arrived_s, dtype=float)
     others = latest_of_others(arrived)
     stretch = np.maximum(others, arrived) - np.maximum(others, free_arrival_s)
-    cost = np.maximum(stretch, 0.0) + verify_per_token_s * np.asarray(draft_len)
-    return np.asarray(tokens, dtype=float) - goodput_tok_s * cost
+    return np.maximum(stretch, 0.0) + verify_per_token_s * np.asarray(draft_len)
 
 
 def delay_bucket(delay_s: float | None, edges_s: tuple[float, ...]) -> int:

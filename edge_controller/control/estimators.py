@@ -11,6 +11,14 @@ observations) so estimates follow a device whose task, board or link changes.
   ``accepted / tried`` is the geometric rate ``a_k`` (a Beta posterior mean); per position
   it is the empirical curve ``p_i``, shrunk towards the pooled rate where few rounds
   reached position i, so it is usable after a few rounds.
+* confidence (confidence stopping, control/confidence.py): how often each bin of the
+  draft's top-1 probability is evaluated, at every position (how long drafts run: a
+  stopped draft's unreached positions would not have been drafted, so the shares stay
+  unbiased) and after an accepted prefix (what the verifier judges: positions after a
+  rejection are surer of nothing and would skew it), and per bin the acceptance of
+  drafted tokens whose prefix was accepted, shrunk towards the bin's midpoint (a
+  calibrated draft's acceptance) where few were; bins below a device's threshold are no
+  longer drafted, and keep what was learnt.
 * scalar quantities (draft time per token, round trip, bits per token): exponentially
   weighted means.
 * affine laws by weighted least squares (sufficient statistics with forgetting): the
@@ -24,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from edge_controller.control.confidence import BINS, confidence_bins
 
 
 @dataclass
@@ -71,6 +81,44 @@ class AcceptanceEstimate:
         """(depth,) p_i = P(position i accepted | positions before it were)."""
         pooled = self.mean
         return (self.accepted + self.prior_strength * pooled) / (self.tried + self.prior_strength)
+
+
+@dataclass
+class ConfidenceEstimate:
+    """Per bin of the top-1 probability, forgotten per draft (module docstring):
+    ``seen``, positions evaluated (how long drafts run); ``reached``, positions evaluated
+    after an accepted prefix, the declined one too where every drafted token was accepted
+    (what the verifier gets to judge); ``tried`` and ``accepted``, drafted tokens after an
+    accepted prefix and those accepted."""
+
+    forget: float = 0.99
+    prior_strength: float = 2.0  # pseudo-tokens at the bin's midpoint
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    reached: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    tried: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    accepted: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    drafts: int = 0  # drafts reported, never forgotten: how much data exists
+
+    def update(self, confidence: bytes, drafted: int, accepted: int) -> None:
+        """One verified draft of ``drafted`` tokens, ``accepted`` of them, whose
+        ``draft.confidence`` holds a byte per token and one for a declined token."""
+        if len(confidence) not in (drafted, drafted + 1) or not 0 <= accepted <= drafted:
+            return
+        bins = confidence_bins(confidence)
+        tried = min(accepted + 1, drafted)
+        for counts in (self.seen, self.reached, self.tried, self.accepted):
+            counts *= self.forget
+        self.seen += np.bincount(bins, minlength=BINS)
+        self.reached += np.bincount(bins[:accepted + 1], minlength=BINS)
+        self.tried += np.bincount(bins[:tried], minlength=BINS)
+        self.accepted += np.bincount(bins[:accepted], minlength=BINS)
+        self.drafts += 1
+
+    def accept_rate(self) -> np.ndarray:
+        """(BINS,) alpha_j, shrunk towards the bin's midpoint."""
+        midpoint = (np.arange(BINS) + 0.5) / BINS
+        return ((self.accepted + self.prior_strength * midpoint)
+                / (self.tried + self.prior_strength))
 
 
 @dataclass

@@ -100,7 +100,9 @@ class Controlled:
     def _decisions(self) -> Decisions:
         decisions = [self.controller.decisions[d] for d in self.ids]
         return Decisions(np.array([d.draft_len for d in decisions]),
-                         np.array([d.bandwidth_share for d in decisions]))
+                         np.array([d.bandwidth_share for d in decisions]),
+                         np.array([d.stop_confidence for d in decisions])
+                         if any(d.report_confidence for d in decisions) else None)
 
     def after_round(self, now: float, record: RoundRecord) -> Decisions | None:
         controller = self.controller
@@ -109,7 +111,9 @@ class Controlled:
                                 int(np.ceil(record.upload_bits[i] / 8)),
                                 float(record.arrived[i] - record.started))
             accepted = int(record.accepted[i])
-            controller.on_verdict(device, accepted, int(record.draft_len[i]), accepted + 1, now)
+            asked = controller.decisions[device].report_confidence and record.confidence
+            controller.on_verdict(device, accepted, int(record.draft_len[i]), accepted + 1, now,
+                                  record.confidence[i] if asked else b"")
         controller.on_round(int(np.sum(record.draft_len + 1)), record.verify_s)
         learnt = controller.on_round_result(
             {device: (int(record.draft_len[i]), int(record.accepted[i]) + 1,

@@ -58,10 +58,14 @@ MAX_ROUNDS = 5_000_000  # every round lasts at least T_v's base: seconds / base_
 class AcceptanceTrace:
     """Measured acceptance per device: runs[k][r] = leading drafts accepted in recorded
     round r of device k, which drafted drafted[k] tokens. Replaying a length
-    L_k <= drafted[k] is exact: accepted = min(run, L_k); rounds replay cyclically."""
+    L_k <= drafted[k] is exact: accepted = min(run, L_k); rounds replay cyclically.
+    With ``confidence`` (confidence[k][r, i]: the draft model's top-1 probability at
+    position i of that draft) a stopping threshold h_k replays too: the draft ends before
+    the first position below h_k."""
 
     runs: tuple[np.ndarray, ...]
     drafted: np.ndarray  # (K,)
+    confidence: tuple[np.ndarray, ...] | None = None  # (rounds, drafted[k]) per device
 
     @classmethod
     def from_indicators(cls, indicators: Sequence[np.ndarray]) -> AcceptanceTrace:
@@ -73,8 +77,10 @@ class AcceptanceTrace:
 
 @dataclass(frozen=True)
 class Decisions:
-    draft_len: np.ndarray  # (K,) int
+    draft_len: np.ndarray  # (K,) int: with stopping thresholds, caps
     share: np.ndarray  # (K,) beta_k
+    # (K,) h_k; not None: the drafts report their confidences (8 bits a position more)
+    stop_confidence: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class RoundRecord:
     arrived: np.ndarray  # arrival times at the verifier
     verify_s: float  # T_v of the batch
     accepted: np.ndarray
+    # per device the draft's confidences as the wire carries them (draft.confidence);
+    # empty where the acceptance replayed has none
+    confidence: tuple[bytes, ...] = ()
 
 
 class Decider(Protocol):
@@ -149,11 +158,14 @@ class _Simulation:
         change_times: Sequence[float] = (),
         seed: int = 0,
         trace: AcceptanceTrace | None = None,
+        marks: Sequence[float] = (),
     ) -> None:
         self.system = system
         self.users_at = users_at
         self.decider = decider
         self.change_times = sorted(change_times)
+        # where result.phase_tokens splits: the changes, and any marks (a warm-up's end)
+        self.phase_bounds = sorted(set(self.change_times) | set(marks))
         self.rng = np.random.default_rng(seed)
         self.trace = trace
         self._events: list[tuple[float, int, str, int]] = []
@@ -191,7 +203,7 @@ class _Simulation:
             raise ValueError(f"the trace holds {len(self.trace.runs)} devices, not {k}")
         decisions = self._checked(self.decider.start(self.system, users), k)
         result = SimulationResult(seconds, np.zeros(k), 0, np.zeros(k), np.zeros(k),
-                                  phase_tokens=np.zeros((len(self.change_times) + 1, k)),
+                                  phase_tokens=np.zeros((len(self.phase_bounds) + 1, k)),
                                   predraft_paid=np.zeros(k))
         result.draft_len_changes.append((0.0, decisions.draft_len))
         for t in self.change_times:
@@ -219,7 +231,32 @@ class _Simulation:
             raise ValueError(f"decisions for {draft_len.size} devices, expected {k}")
         if (draft_len < 0).any() or (draft_len > self.system.max_draft_len).any():
             raise ValueError(f"draft lengths {draft_len.tolist()} outside 0..L_max")
-        return Decisions(draft_len, share)
+        stop = decisions.stop_confidence
+        if stop is not None:
+            stop = np.asarray(stop, dtype=float).reshape(-1)
+            if stop.shape != (k,) or ((stop > 0).any() and (self.trace is None
+                                                           or self.trace.confidence is None)):
+                raise ValueError("stopping thresholds need one per device and a replay of "
+                                 "drafts with their confidences")
+        return Decisions(draft_len, share, stop)
+
+    def _stopped(self, decisions: Decisions, round_index: int
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[bytes, ...]]:
+        """(drafted, evaluated, confidences) of one round's drafts under the decisions'
+        caps and thresholds: a draft stopped before position i evaluated i + 1 positions
+        (the declined one too) and reports the declined one's confidence."""
+        cap, stop = decisions.draft_len, decisions.stop_confidence
+        if stop is None or self.trace is None or self.trace.confidence is None:
+            return cap, cap, ()
+        drafted, evaluated, reported = cap.copy(), cap.copy(), []
+        for k, (conf, h) in enumerate(zip(self.trace.confidence, stop, strict=True)):
+            row = conf[round_index % conf.shape[0]]
+            below = np.flatnonzero(row[:cap[k]] < h)
+            if below.size:
+                drafted[k], evaluated[k] = below[0], below[0] + 1
+            shown = row[:evaluated[k]]
+            reported.append(bytes(np.rint(255 * shown).astype(np.uint8)))
+        return drafted, evaluated, tuple(reported)
 
     def _upload_s(self, users: UserParams, decisions: Decisions, device: int,
                   bits: float) -> float:
@@ -241,17 +278,20 @@ class SyncSimulation(_Simulation):
         pending: Decisions | None = None  # takes effect when the next round begins
         started, arrived = 0.0, np.full(k, np.nan)
         draft_s = bits = np.zeros(k)
+        drafted, reported = now_in_force.draft_len, ()
 
         def begin_round(now: float) -> None:
-            nonlocal started, now_in_force, pending, draft_s, bits
+            nonlocal started, now_in_force, pending, draft_s, bits, drafted, reported
             if pending is not None:
                 if not np.array_equal(pending.draft_len, now_in_force.draft_len):
                     result.draft_len_changes.append((now, pending.draft_len))
                 now_in_force, pending = pending, None
             started = now
             arrived.fill(np.nan)
-            draft_s = now_in_force.draft_len * users.draft_s_per_token
-            bits = np.broadcast_to(self.system.upload_bits(now_in_force.draft_len), (k,))
+            drafted, evaluated, reported = self._stopped(now_in_force, result.rounds)
+            draft_s = evaluated * users.draft_s_per_token
+            bits = np.broadcast_to(self.system.upload_bits(drafted), (k,)) + 8.0 * np.array(
+                [len(c) for c in reported] or 0)
             for device in range(k):
                 self._push(now + draft_s[device], DRAFTED, device)
 
@@ -266,19 +306,19 @@ class SyncSimulation(_Simulation):
             elif kind == ARRIVED:
                 arrived[device] = now
                 if not np.isnan(arrived).any():
-                    tokens = int(np.sum(now_in_force.draft_len + 1))
+                    tokens = int(np.sum(drafted + 1))
                     self._push(now + float(self.system.verify_time.of_tokens(tokens)), VERIFIED)
             else:  # VERIFIED: verdicts out, the next round begins
-                draft_len = now_in_force.draft_len
+                draft_len = drafted
                 accepted = self._accepted(users, draft_len, result.rounds)
                 result.tokens += accepted + 1
-                result.phase_tokens[bisect.bisect_right(self.change_times, now)] += accepted + 1
+                result.phase_tokens[bisect.bisect_right(self.phase_bounds, now)] += accepted + 1
                 result.drafted += draft_len
                 result.accepted += accepted
                 result.rounds += 1
                 result.busy_s += now - float(arrived.max())
                 record = RoundRecord(started, draft_len, draft_s, bits, arrived.copy(),
-                                     now - float(arrived.max()), accepted)
+                                     now - float(arrived.max()), accepted, reported)
                 changed = self.decider.after_round(now, record)
                 pending = pending if changed is None else self._checked(changed, k)
                 begin_round(now)
@@ -296,8 +336,9 @@ class ServingSimulation(_Simulation):
     def __init__(self, system: SystemParams, users_at: Callable[[float], UserParams],
                  decider: Decider, change_times: Sequence[float] = (), seed: int = 0,
                  trace: AcceptanceTrace | None = None, proactive: bool = False,
-                 predraft_len: int = 16, batch_tokens: int = 256) -> None:
-        super().__init__(system, users_at, decider, change_times, seed, trace)
+                 predraft_len: int = 16, batch_tokens: int = 256,
+                 marks: Sequence[float] = ()) -> None:
+        super().__init__(system, users_at, decider, change_times, seed, trace, marks)
         if batch_tokens < system.max_draft_len + 1:
             raise ValueError("batch_tokens must hold the longest draft (max_draft_len + 1)")
         self.proactive = proactive
@@ -378,7 +419,7 @@ class ServingSimulation(_Simulation):
                 if waiting and not in_forward:
                     launch(now)
             else:  # FORWARDED: verdicts out; those drafts' devices draft again
-                phase = bisect.bisect_right(self.change_times, now)
+                phase = bisect.bisect_right(self.phase_bounds, now)
                 for member in in_forward:
                     draft_len = int(length[member])
                     accepted, guessed = self._verdict(users, member, draft_len,

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
-from edge_controller.config import ControlConfig
+from edge_controller.config import CONFIDENCE_POLICY, ControlConfig
 from edge_controller.control import POLICIES, Plan, SystemParams, UserParams, solve
 from edge_controller.control.bandit import ONLINE_POLICIES
+from edge_controller.control.model import PositionAcceptance
 from edge_controller.control.scenario import Scenario
 from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, plan_for
 from edge_controller.simulator.deciders import Controlled, FixedPlan, Oracle
 from edge_controller.simulator.engine import (
+    AcceptanceTrace,
     Decider,
     ServingSimulation,
     SimulationResult,
     SyncSimulation,
 )
+from models.traces import TraceSet
 
 BEST_FIXED = "best-fixed-L"  # fixed-L with the L tuned on the scenario's first phase
-SIMULATED_POLICIES = (*POLICIES, *ONLINE_POLICIES, BEST_FIXED)
+SIMULATED_POLICIES = (*POLICIES, *ONLINE_POLICIES, CONFIDENCE_POLICY, BEST_FIXED)
 ORACLE_POLICY = "heterogeneous"  # within 0.1% of brute force (docs/benchmarks.md)
 MAX_REPORTED_CHANGES = 500
 DEFAULT_BATCH_TOKENS = 256  # the controller's server.batch_tokens default
@@ -41,13 +44,56 @@ def simulate_plan(system: SystemParams, users: UserParams, plan: Plan, seconds: 
 
 def _simulation(system: SystemParams, users_at: Callable[[float], UserParams],
                 decider: Decider, change_times: list[float], seed: int, scheduler: str,
-                predraft_len: int, batch_tokens: int = DEFAULT_BATCH_TOKENS):
+                predraft_len: int, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                trace: AcceptanceTrace | None = None, marks: tuple[float, ...] = ()):
     """The simulation of ``scheduler``'s serving: rounds, or continuous / proactive."""
     if scheduler == "sync":
-        return SyncSimulation(system, users_at, decider, change_times, seed)
-    return ServingSimulation(system, users_at, decider, change_times, seed,
+        return SyncSimulation(system, users_at, decider, change_times, seed, trace, marks)
+    return ServingSimulation(system, users_at, decider, change_times, seed, trace,
                              proactive=scheduler == "proactive", predraft_len=predraft_len,
-                             batch_tokens=batch_tokens)
+                             batch_tokens=batch_tokens, marks=marks)
+
+
+@dataclass(frozen=True)
+class DraftReplay:
+    """Recorded real drafts (models/traces) in place of a scenario's acceptance: each
+    device replays the draft model whose acceptance is nearest its own (on the first
+    phase; later acceptance drifts are not replayed), round by round in a shuffled order,
+    with the draft's confidences. ``curve`` is the truth the oracle plans with."""
+
+    trace: AcceptanceTrace
+    curve: PositionAcceptance
+    drafts: tuple[str, ...]  # the draft model each device replays
+
+    @classmethod
+    def of(cls, users: UserParams, traces: TraceSet, depth: int, seed: int = 0) -> DraftReplay:
+        rng = np.random.default_rng(seed)
+        pool = {}
+        for draft in sorted({t.draft for t in traces.traces}):
+            runs, confidence = [], []
+            for t in traces.of_draft(draft):
+                for p in range(len(t.truth) - depth + 1):  # a whole draft's truth recorded
+                    match = np.equal(t.drafts[p][:depth], t.truth[p:p + depth])
+                    runs.append(int(np.cumprod(match).sum()))
+                    confidence.append(t.confidences[p][:depth])
+            order = rng.permutation(len(runs))
+            runs_a, conf_a = np.array(runs)[order], np.array(confidence)[order]
+            tried = np.minimum(runs_a + 1, depth).sum()
+            pool[draft] = (runs_a, conf_a, runs_a.sum() / tried)
+        if not pool:
+            raise ValueError("no recorded drafts to replay")
+        rates = users.acceptance.position_probs(depth).mean(axis=0)
+        names = tuple(min(pool, key=lambda d, r=r: abs(pool[d][2] - r)) for r in rates)
+        trace = AcceptanceTrace(tuple(pool[d][0] for d in names), np.full(len(names), depth),
+                                tuple(pool[d][1] for d in names))
+        reached = [np.arange(depth)[None, :] <= r[:, None] for r in trace.runs]
+        curve = np.array([[(r[:, i] & (runs > i)).sum() / max(r[:, i].sum(), 1)
+                           for r, runs in zip(reached, trace.runs, strict=True)]
+                          for i in range(depth)])
+        return cls(trace, PositionAcceptance(curve), names)
+
+    def users_at(self, users_at: Callable[[float], UserParams]) -> Callable[[float], UserParams]:
+        return lambda t: replace(users_at(t), acceptance=self.curve)
 
 
 def best_fixed_len(scenario: Scenario) -> int:
@@ -65,16 +111,16 @@ def _decider(scenario: Scenario, policy: str, acceptance: str) -> tuple[Decider,
     if policy == BEST_FIXED:
         extra["fixed_draft_len"] = best_fixed_len(scenario)
         config = replace(config, policy="fixed-L", draft_len=extra["fixed_draft_len"])
-    elif policy not in ONLINE_POLICIES:  # fail here, with the solver's words, on what it
-        solve(policy, scenario.system, scenario.users_at(0.0))  # cannot solve at all
+    elif policy not in (*ONLINE_POLICIES, CONFIDENCE_POLICY):  # fail here, with the
+        solve(policy, scenario.system, scenario.users_at(0.0))  # solver's words, if it can't
     return Controlled(config), extra
 
 
 def _serving_decider(scenario: Scenario, policy: str, scheduler: str,
                      predraft_len: int) -> tuple[Decider, dict]:
     """The policy's plan for continuous or proactive serving, on the first phase's truth."""
-    if policy in ONLINE_POLICIES:
-        raise ValueError("the online policies learn from synchronous rounds: --scheduler sync")
+    if policy in (*ONLINE_POLICIES, CONFIDENCE_POLICY):
+        raise ValueError(f"{policy} plans synchronous rounds: --scheduler sync")
     if policy not in SIMULATED_POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {list(SIMULATED_POLICIES)}")
     extra: dict[str, Any] = {}
@@ -89,9 +135,12 @@ def _serving_decider(scenario: Scenario, policy: str, scheduler: str,
 
 def _run(scenario: Scenario, decider: Decider, seconds: float, seed: int,
          progress: Callable[[float], None] | None, scheduler: str = "sync",
-         predraft_len: int = DEFAULT_PREDRAFT_LEN) -> SimulationResult:
-    return _simulation(scenario.system, scenario.users_at, decider, scenario.change_times(),
-                       seed, scheduler, predraft_len).run(seconds, progress)
+         predraft_len: int = DEFAULT_PREDRAFT_LEN,
+         replay: DraftReplay | None = None, marks: tuple[float, ...] = ()) -> SimulationResult:
+    users_at = replay.users_at(scenario.users_at) if replay else scenario.users_at
+    return _simulation(scenario.system, users_at, decider, scenario.change_times(), seed,
+                       scheduler, predraft_len, trace=replay and replay.trace, marks=marks
+                       ).run(seconds, progress)
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -102,26 +151,45 @@ def simulate_scenario(scenario: Scenario, policy: str, seconds: float, seed: int
                       acceptance: str = "geometric",
                       progress: Callable[[str, float], None] | None = None,
                       scheduler: str = "sync",
-                      predraft_len: int = DEFAULT_PREDRAFT_LEN) -> dict[str, Any]:
+                      predraft_len: int = DEFAULT_PREDRAFT_LEN,
+                      traces: TraceSet | None = None,
+                      warmup_s: float = 0.0) -> dict[str, Any]:
     """Run ``policy`` and the oracle on the scenario for ``seconds`` simulated seconds; the
-    report of ``simulate --json``. Synchronous rounds: the policy through the live
-    DraftController, estimating everything. Continuous or proactive (``scheduler``): the
-    policy's plan for that serving, solved on the first phase's truth and held; the
-    oracle re-solves it at every change. ``progress(run, now)``: after every round (or
-    forward) of the run ("policy", "oracle"). Raises ValueError on a policy or scenario
-    it cannot run."""
+    report of ``simulate --json``. With ``traces``, devices replay those recorded drafts
+    (DraftReplay) instead of drawing acceptance from the scenario's model: what the
+    ``confidence`` policy needs. ``warmup_s``: the report also scores the run after it
+    (``ratio_after_warmup``), and its phases split there too. Synchronous rounds: the
+    policy through the live DraftController, estimating everything. Continuous or
+    proactive (``scheduler``): the policy's plan for that serving, solved on the first
+    phase's truth and held; the oracle re-solves it at every change. ``progress(run,
+    now)``: after every round (or forward) of the run ("policy", "oracle"). Raises
+    ValueError on a policy or scenario it cannot run."""
     if not 0 < seconds <= MAX_SECONDS:
         raise ValueError(f"simulated seconds must be in (0, {MAX_SECONDS:g}], got {seconds}")
+    if not 0 <= warmup_s < seconds:
+        raise ValueError(f"the warm-up must be in [0, {seconds:g}) simulated s")
+    if policy == CONFIDENCE_POLICY and traces is None:
+        raise ValueError("the confidence policy needs drafts' confidences: replay recorded "
+                         "drafts (--replay-drafts)")
+    replay = traces and DraftReplay.of(scenario.users_at(0.0), traces,
+                                       scenario.system.max_draft_len)
     if scheduler == "sync":
         decider, extra = _decider(scenario, policy, acceptance)
     else:
         decider, extra = _serving_decider(scenario, policy, scheduler, predraft_len)
+    if replay:
+        extra["replayed_drafts"] = dict(zip(scenario.users.names, replay.drafts, strict=True))
+    marks = (warmup_s,) if warmup_s > 0 else ()
     ours = _run(scenario, decider, seconds, seed,
-                progress and (lambda now: progress("policy", now)), scheduler, predraft_len)
+                progress and (lambda now: progress("policy", now)), scheduler, predraft_len,
+                replay, marks)
     oracle = _run(scenario, Oracle(ORACLE_POLICY, scheduler, predraft_len), seconds, seed,
-                  progress and (lambda now: progress("oracle", now)), scheduler, predraft_len)
+                  progress and (lambda now: progress("oracle", now)), scheduler, predraft_len,
+                  replay, marks)
     names = scenario.users.names
-    bounds = [0.0, *[t for t in scenario.change_times() if t < seconds], seconds]
+    bounds = [0.0, *sorted({t for t in (*scenario.change_times(), *marks) if t < seconds}),
+              seconds]
+    after = [i for i, start in enumerate(bounds[:-1]) if start >= warmup_s]
     phases = []
     for i, (start, end) in enumerate(pairwise(bounds)):
         got = float(ours.phase_tokens[i].sum() / (end - start))
@@ -142,8 +210,14 @@ def simulate_scenario(scenario: Scenario, policy: str, seconds: float, seed: int
         "goodput_tok_s": ours.goodput_tok_s,
         "oracle_goodput_tok_s": oracle.goodput_tok_s,
         "ratio_to_oracle": _ratio(ours.goodput_tok_s, oracle.goodput_tok_s),
+        "warmup_s": warmup_s,
+        "ratio_after_warmup": _ratio(float(ours.phase_tokens[after].sum()),
+                                     float(oracle.phase_tokens[after].sum())),
         "rounds": ours.rounds,
         "oracle_rounds": oracle.rounds,
+        "draft_tokens": float(ours.drafted.sum()),
+        "wasted_draft_tokens": float((ours.drafted - ours.accepted).sum()),
+        "tokens_per_round": float(ours.tokens.sum() / max(ours.rounds, 1)),
         "verifier_busy": ours.busy_s / seconds,
         "users": [
             {"name": name, "goodput_tok_s": float(ours.user_goodput_tok_s[i]),

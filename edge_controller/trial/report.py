@@ -65,6 +65,7 @@ def markdown(report: dict) -> str:
     if g:
         lines += ["", f"Heterogeneous over agnostic: measured {g['measured']:+.1%}"
                   + (f", predicted {g['predicted']:+.1%}." if "predicted" in g else ".")]
+    lines += phase_lines(report["policies"])
     for name, p in report["policies"].items():
         lines += ["", f"## {name}", "", "| device | draft | tokens | goodput tok/s | acceptance |"
                   " mean L | mean share | draft tok/s | s/token p50 | s/token p95 |",
@@ -133,6 +134,27 @@ def chaos_lines(policy: str, chaos: dict) -> list[str]:
               "| --- | --- | ---: | ---: |"]
     lines += [f"| {r['fault']} | {r['device']} | {r['longest_gap_s']:.2f} | "
               f"{r['recovered_after_s']:.2f} |" for r in chaos["recovery"]]
+    return lines
+
+
+def phase_lines(policies: dict[str, dict]) -> list[str]:
+    """Goodput of every entry between the faults' starts (all devices), side by side:
+    before and after a delay step, say."""
+    phases = {name: p["chaos"]["phases"] for name, p in policies.items()
+              if p.get("chaos", {}).get("phases")}
+    if not phases:
+        return []
+    width = max(len(v) for v in phases.values())
+    lines = ["", "Committed tokens per second, all devices, between the faults' starts "
+             "(phase k: from the k-th start on; times differ a little per entry):", "",
+             "| entry | " + " | ".join(f"phase {k}" for k in range(width)) + " | whole |",
+             "| --- |" + " ---: |" * (width + 1)]
+    for name, rows in phases.items():
+        cells = [f"{r['goodput_tok_s']:.2f} ({r['start_s']:.0f}-{r['end_s']:.0f} s)"
+                 for r in rows] + ["-"] * (width - len(rows))
+        span = rows[-1]["end_s"] - rows[0]["start_s"]
+        whole = sum(r["goodput_tok_s"] * (r["end_s"] - r["start_s"]) for r in rows) / span
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {whole:.2f} |")
     return lines
 
 

@@ -14,6 +14,7 @@ and by the target alone, one request after another (``target-alone``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import subprocess
@@ -98,7 +99,7 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
         f"predraft_len = {spec.predraft_len}\n"
         f"timeline = {json.dumps(str(timeline))}\n"
         f"[control]\npolicy = {json.dumps(policy)}\nbandwidth_hz = {spec.bandwidth_hz}\n"
-        f"acceptance = {json.dumps(spec.acceptance)}\n"
+        f"acceptance = {json.dumps(spec.acceptance)}\ndraft_len = {spec.draft_len}\n"
     )
     specs = [_agent(spec, d, i, server_decode) for i, d in enumerate(spec.devices)]
     faults: list[dict] = []
@@ -126,8 +127,10 @@ def run_policy(lab: NetworkLab, keys: LabKeys, spec: TrialSpec, policy: str,
         "users": users,
     }
     if spec.chaos:
+        device_commits = commits(events, started)
         summary["chaos"] = {"started_wall": started, "faults": faults,
-                            "recovery": recovery(commits(events, started), faults)}
+                            "recovery": recovery(device_commits, faults),
+                            "phases": phase_goodput(device_commits, faults)}
     return summary
 
 
@@ -189,14 +192,17 @@ def inject_faults(lab: NetworkLab, controller: ControllerProcess, chaos: Sequenc
 
 class LinkFaults:
     """The link faults in force, per device: its link is down while any link_down on it
-    is, and loses the largest percent of the loss bursts on it, or else its own loss."""
+    is, loses the largest percent of the loss bursts on it, or else its own loss, and has
+    the delay of its latest delay step in force, or else its own."""
 
     def __init__(self, lab: NetworkLab):
         self.lab = lab
         self._lock = threading.Lock()
         self._down: dict[str, int] = {}
         self._bursts: dict[str, list[float]] = {}
+        self._delays: dict[str, list[float]] = {}
         self._own_loss = {name: dev.shape.loss_pct for name, dev in lab.devices.items()}
+        self._own_delay = {name: dev.shape.delay_ms for name, dev in lab.devices.items()}
 
     def start(self, fault: ChaosEvent) -> None:
         self._apply(fault, +1)
@@ -212,6 +218,15 @@ class LinkFaults:
                 self._down[device] = before + step
                 if (before == 0) != (before + step == 0):  # the first down, the last up
                     self.lab.set_up(device, before + step == 0)
+                return
+            if fault.kind == "delay_step":
+                steps = self._delays.setdefault(device, [])
+                if step > 0:
+                    steps.append(fault.delay_ms)
+                else:
+                    steps.remove(fault.delay_ms)
+                self.lab.set_link(device, delay_ms=steps[-1] if steps
+                                  else self._own_delay[device])
                 return
             bursts = self._bursts.setdefault(device, [])
             if step > 0:
@@ -233,6 +248,29 @@ def commits(events: list[dict], started: float) -> dict[str, list[tuple[float, i
             for d in event["devices"]:
                 out.setdefault(d["device"], []).append((base + event["t"], d["committed"]))
     return out
+
+
+def phase_goodput(device_commits: dict[str, list[tuple[float, int]]],
+                  faults: list[dict]) -> list[dict]:
+    """Committed tokens per second, all devices together, between the faults' starts
+    (the drift trial's before and after): from the first commit to the first fault, then
+    from each fault's start to the next one's, the last to the last commit. Faults that
+    start within a second of each other (one step on every link) start one phase."""
+    times = sorted(t for device in device_commits.values() for t, _ in device)
+    if not times:
+        return []
+    starts: list[float] = []
+    for at in sorted(f["at_s"] for f in faults if times[0] < f["at_s"] < times[-1]):
+        if not starts or at - starts[-1] >= 1.0:
+            starts.append(at)
+    bounds = [times[0], *starts, times[-1]]
+    phases = []
+    for start, end in itertools.pairwise(bounds):
+        tokens = sum(n for device in device_commits.values() for t, n in device
+                     if start < t <= end)
+        phases.append({"start_s": round(start, 3), "end_s": round(end, 3),
+                       "goodput_tok_s": tokens / (end - start)})
+    return phases
 
 
 def recovery(device_commits: dict[str, list[tuple[float, int]]],

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_controller.config import ACCEPTANCE_MODELS, SCHEDULERS, checked_table
+from edge_controller.protocol import MAX_DRAFT_TOKENS
 
 
 class TrialError(ValueError):
@@ -28,7 +29,7 @@ class TrialDevice:
     rate_mbit: float = 0.0  # tbf cap on the device's uplink; must sit above its paced rate
 
 
-CHAOS_KINDS = ("link_down", "restart_controller", "loss_burst")
+CHAOS_KINDS = ("link_down", "restart_controller", "loss_burst", "delay_step")
 MAX_FAULT_S = 600.0
 
 
@@ -38,19 +39,23 @@ class ChaosEvent:
 
     ``link_down``: the device's interface is down for ``seconds`` (nothing gets through).
     ``restart_controller``: the controller is killed (-9, a crash) and started again.
-    ``loss_burst``: ``percent`` of the device's uplink packets are lost for ``seconds``."""
+    ``loss_burst``: ``percent`` of the device's uplink packets are lost for ``seconds``.
+    ``delay_step``: the device's one-way link delay is ``delay_ms`` for ``seconds`` (delay
+    drift: a step that outlasts the run holds to its end)."""
 
     at_s: float
     kind: str
     device: str = ""
     seconds: float = 0.0
     percent: float = 0.0
+    delay_ms: float = 0.0
 
     @property
     def label(self) -> str:
         if self.kind == "restart_controller":
             return "controller restart"
-        what = "down" if self.kind == "link_down" else f"{self.percent:g}% loss"
+        what = {"link_down": "down", "loss_burst": f"{self.percent:g}% loss",
+                "delay_step": f"delay {self.delay_ms:g} ms"}[self.kind]
         return f"{self.device} {what} {self.seconds:g} s"
 
 
@@ -74,6 +79,7 @@ class TrialSpec:
     requests: int = 2  # per device and policy
     temperature: float = 0.0
     draft_top_k: int = 16  # sparse q size when sampling: what makes uploads large
+    draft_len: int = 4  # control.draft_len: fixed and fixed-L's length, every first round
     verifier_cpus: tuple[int, ...] = (0,)
     drafter_cpus: tuple[int, ...] = (1,)
     round_deadline_s: float = 1.0
@@ -124,18 +130,20 @@ def _chaos(entry: Any, where: str) -> ChaosEvent:
     fields = {"device": dataclasses.MISSING, "seconds": dataclasses.MISSING}
     if kind == "loss_burst":
         fields["percent"] = dataclasses.MISSING
+    if kind == "delay_step":
+        fields["delay_ms"] = dataclasses.MISSING
     table = checked_table(fields, entry[kind], f"{where}.{kind}", TrialError)
     missing = set(fields) - set(table)
     if missing:
         raise TrialError(f"{where}.{kind} needs {', '.join(sorted(missing))}")
-    for key in ("seconds", "percent"):
+    for key in ("seconds", "percent", "delay_ms"):
         if key in table and (isinstance(table[key], bool)
                              or not isinstance(table[key], int | float)):
             raise TrialError(f"{where}.{kind}.{key} must be a number")
     if not isinstance(table["device"], str):
         raise TrialError(f"{where}.{kind}.device must be a device name")
     return ChaosEvent(top["at_s"], kind, table["device"], float(table["seconds"]),
-                      float(table.get("percent", 0.0)))
+                      float(table.get("percent", 0.0)), float(table.get("delay_ms", 0.0)))
 
 
 def _typed(cls, table: Any, where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -159,7 +167,7 @@ def _server_problem(spec: TrialSpec) -> str | None:
 
 def validate(spec: TrialSpec) -> None:
     """Raise TrialError naming the first value that cannot run."""
-    from edge_controller.control.solvers import POLICIES
+    from edge_controller.config import policy_names
 
     names = [d.name for d in spec.devices]
     checks = [
@@ -170,8 +178,9 @@ def validate(spec: TrialSpec) -> None:
         (len(spec.schedulers) > 0 and set(spec.schedulers) <= set(SCHEDULERS),
          f"schedulers must be among {', '.join(SCHEDULERS)}"),
         (_server_problem(spec) is None, f"{_server_problem(spec)}"),
-        (set(spec.policies) <= {"fixed", *POLICIES},
-         f"policies must be among fixed, {', '.join(POLICIES)}"),
+        (set(spec.policies) <= set(policy_names()),
+         f"policies must be among {', '.join(policy_names())}"),
+        (0 <= spec.draft_len <= MAX_DRAFT_TOKENS, f"draft_len must be in 0..{MAX_DRAFT_TOKENS}"),
         (spec.acceptance in ACCEPTANCE_MODELS,
          f"acceptance must be one of {', '.join(ACCEPTANCE_MODELS)}"),
         (spec.bandwidth_hz > 0, "bandwidth_hz must be > 0"),
@@ -200,6 +209,8 @@ def validate(spec: TrialSpec) -> None:
              f"{where}: seconds must be in (0, {MAX_FAULT_S:g}]"),
             (c.kind != "loss_burst" or 0 < c.percent < 100,
              f"{where}: percent must be in (0, 100) (a link down is link_down)"),
+            (c.kind != "delay_step" or 0 <= c.delay_ms <= 10_000,
+             f"{where}: delay_ms must be in 0..10000"),
         ]
     for ok, message in checks:
         if not ok:
