@@ -399,10 +399,15 @@ class DeviceAgent:
         ``seconds`` is the time spent now, the time the round waits for."""
         s = sampling
         used = min(n, len(ahead.tokens)) if ahead is not None else 0
-        rest = self.drafter.draft(
-            n - used, temperature=s.temperature, top_k=s.draft_top_k, seed=s.seed,
-            after=ahead.tokens[:used] if used else (),
-            min_confidence=self._min_confidence()) if n > used else DraftResult([])
+        if (used and used == len(ahead.tokens) and ahead.declined is not None
+                and ahead.declined < self._min_confidence()):
+            rest = DraftResult([], declined=ahead.declined)  # it stopped there: so would we
+        elif n > used:
+            rest = self.drafter.draft(
+                n - used, temperature=s.temperature, top_k=s.draft_top_k, seed=s.seed,
+                after=ahead.tokens[:used] if used else (), min_confidence=self._min_confidence())
+        else:
+            rest = DraftResult([])
         if not used:
             return rest, 0
         return ahead.part(0, used).then(rest), used
@@ -426,11 +431,16 @@ class DeviceAgent:
         if n < 2 or ends.intersection(uploaded) or self._held or self._message_in():
             return None
         s = request.sampling
-        # With confidence stopping the pre-draft stops where the next draft would: what it
-        # drafted past a confirmed guess is still that draft's beginning.
-        pre = self.drafter.draft(n, temperature=s.temperature, top_k=s.draft_top_k,
-                                 seed=s.seed, after=uploaded, stop=self._message_in,
-                                 min_confidence=self._min_confidence())
+        options = {"temperature": s.temperature, "top_k": s.draft_top_k, "seed": s.seed}
+        # The guess is never uploaded: however unsure, it is drafted. Past it, with
+        # confidence stopping, the pre-draft stops where the next draft would, so what it
+        # drafted past a confirmed guess is that draft's beginning.
+        guess = self.drafter.draft(1, after=uploaded, **options)
+        rest = (DraftResult([], stopped=True) if self._message_in() else self.drafter.draft(
+            n - 1, after=[*uploaded, *guess.tokens], stop=self._message_in,
+            min_confidence=self._min_confidence(), **options))
+        pre = guess.then(rest)
+        pre.seconds = guess.seconds + rest.seconds
         self._draft_s += pre.seconds
         self._drafted += len(pre.tokens)
         return pre

@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from edge_controller.protocol import MAX_TOP_K, Q_SCALE
+from edge_controller.protocol import MAX_TOP_K, Q_SCALE, confidence_byte
 
 
 @dataclass
@@ -43,17 +43,20 @@ class DraftResult:
     seconds: float = 0.0  # wall time of draft(), incl. evaluating committed tokens
     stopped: bool = False  # ended early by draft()'s ``stop``
     # [L] the draft model's top-1 probability at each position (softmax of the logits at
-    # temperature 1): its own confidence, for stopping a draft early; [] where the engine
-    # cannot say (trace replay).
+    # temperature 1): its own confidence, for stopping a draft early (trace replay: the
+    # recorded one).
     top1: list[float] = field(default_factory=list)
     # The top-1 probability of the token the draft declined: it ended before it, below
     # draft()'s ``min_confidence`` (confidence stopping). None: it did not.
     declined: float | None = None
 
     def part(self, start: int, stop: int | None = None) -> DraftResult:
-        """Positions ``start:stop`` of this draft, every per-position list alike."""
+        """Positions ``start:stop`` of this draft, every per-position list alike (and the
+        declined token's probability, if the part runs to the end)."""
+        to_end = stop is None or stop >= len(self.tokens)
         return DraftResult(self.tokens[start:stop], self.q_ids[start:stop],
-                           self.q_counts[start:stop], top1=self.top1[start:stop])
+                           self.q_counts[start:stop], top1=self.top1[start:stop],
+                           declined=self.declined if to_end else None)
 
     def then(self, later: DraftResult) -> DraftResult:
         """This draft followed by ``later`` (drafted after it), taking ``later``'s time."""
@@ -62,10 +65,10 @@ class DraftResult:
                            self.top1 + later.top1, later.declined)
 
     def confidence_bytes(self) -> bytes:
-        """``draft.confidence`` on the wire: a byte round(255 p) per token, and one for
-        the declined token, if any."""
+        """``draft.confidence`` on the wire: a byte per token, and one for the declined
+        token, if any (protocol.confidence_byte)."""
         probs = self.top1 + ([] if self.declined is None else [self.declined])
-        return bytes(min(max(round(255 * p), 0), 255) for p in probs)
+        return bytes(confidence_byte(p) for p in probs)
 
 
 @dataclass(frozen=True)

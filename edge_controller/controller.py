@@ -706,7 +706,8 @@ class EdgeController:
         session.drafted_at = now
         self.draft_control.on_draft(session.device_id, len(msg.tokens), msg.draft_s,
                                     session.pending_bytes, now - session.answered_at,
-                                    first_round=msg.round == 0, predrafted=msg.predrafted)
+                                    first_round=msg.round == 0, predrafted=msg.predrafted,
+                                    declined=len(msg.confidence) > len(msg.tokens))
         if msg.predrafted:
             self.metrics.predrafts.labels(session.device_id).inc()
             self.metrics.predrafted.labels(session.device_id).inc(msg.predrafted)

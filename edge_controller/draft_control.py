@@ -158,19 +158,22 @@ class DraftController:
         return changed
 
     def on_draft(self, device_id: str, draft_len: int, draft_s: float, frame_bytes: int,
-                 gap_s: float, first_round: bool = False, predrafted: int = 0) -> None:
+                 gap_s: float, first_round: bool = False, predrafted: int = 0,
+                 declined: bool = False) -> None:
         """A draft arrived ``gap_s`` after the device's last verdict (or control) was sent.
 
         A request's first draft also paid for evaluating the prompt on the device: it tells
         the upload size, not the drafting speed or the delay. Of a proactive device's draft,
         ``predrafted`` tokens were drafted before that verdict: ``draft_s`` is the time
-        spent on the rest."""
+        spent on the rest. A draft that stopped on low confidence (``declined``) spent an
+        evaluation on the token it declined too."""
         est = self.devices[device_id]
         est.upload_bits.update(draft_len, 8 * frame_bytes)
         if first_round:
             return
-        if draft_len > predrafted and draft_s >= 0:
-            est.draft_s_per_token.update(draft_s / (draft_len - predrafted))
+        evaluated = draft_len - predrafted + declined
+        if evaluated > 0 and draft_s >= 0:
+            est.draft_s_per_token.update(draft_s / evaluated)
         rate = self.decisions[device_id].uplink_rate_bps
         upload_s = 8 * frame_bytes / rate if rate > 0 else 0.0
         est.delay_s.update(max(gap_s - draft_s - upload_s, 0.0))
@@ -182,8 +185,12 @@ class DraftController:
         """A verdict went out; ``confidence``: the draft's (draft.confidence), if any."""
         est = self.devices[device_id]
         est.acceptance.update(accepted, drafted)
-        if confidence:
-            est.confidence.update(confidence, drafted, accepted)
+        decision = self.decisions[device_id]
+        # A draft cannot have stopped below h at its cap, nor with no h at all: a report
+        # that says so is not learnt from (a device shapes only its own estimates).
+        if confidence and (len(confidence) == drafted or (
+                drafted < decision.draft_len and decision.stop_confidence > 0)):
+            est.confidence.update(confidence, drafted, accepted, decision.stop_confidence)
         est.tokens_per_round.update(committed)
         if est.last_verdict_at is not None:
             est.round_period_s.update(now - est.last_verdict_at)
@@ -306,13 +313,14 @@ class DraftController:
         return changed
 
     def _confidence_inputs(self, device_id: str) -> list[float]:
-        """The confidence policy's inputs beyond the model's: the bins' shares (evaluated,
-        after an accepted prefix) and their acceptance."""
+        """The confidence policy's inputs beyond the model's: p(h) and q(h) (all in
+        [0, 1], most well away from 0: a bin's share moving from 0.001 to 0.002 is no
+        news)."""
         if self.config.policy != CONFIDENCE_POLICY:
             return []
         est = self.devices[device_id].confidence
-        seen, reached = (c / max(c.sum(), 1e-12) for c in (est.seen, est.reached))
-        return [*seen, *reached, *est.accept_rate()]
+        p, q = stopping_rates(est.seen[None], est.reached[None], est.accept_rate()[None])
+        return [*p[0], *q[0]]
 
     def _confidence_plan(self, ids: list[str], problem: tuple[SystemParams, UserParams],
                          warm: Plan | None) -> tuple[Plan, np.ndarray]:

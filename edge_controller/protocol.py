@@ -57,8 +57,8 @@ Versions: every change to what goes on the wire, or to what a message means, bum
   ``control.stop_confidence`` h makes the draft length a cap: the device stops a draft
   before the first token its draft model gives a top-1 probability below h (0: never);
   with ``control.report_confidence`` its drafts carry ``draft.confidence``, the top-1
-  probability of each draft token as a byte (round(255 p)), and one byte more when the
-  draft stopped below h: the probability of the token it declined. Version 6 devices are
+  probability of each draft token as a byte (:func:`confidence_byte`), and one byte more
+  when the draft stopped below h: the probability of the token it declined. Version 6 devices are
   served as before (never told h, they draft the cap).
 """
 
@@ -106,6 +106,16 @@ UNPACK_LIMITS = {
     "draft": (MAX_TOP_K, 0), "verdict": (MAX_DRAFT_TOKENS + 1, 0), "welcome": (64, 0),
     "hello": (0, 16), "telemetry": (32, 32),
 }
+
+
+CONFIDENCE_SCALE = 250  # draft.confidence bytes: p in [b / 250, (b + 1) / 250)
+
+
+def confidence_byte(p: float) -> int:
+    """A top-1 probability on the wire: floor(250 p), at most 249. Every multiple of 0.1
+    (a stopping threshold) is a byte edge, so p < h exactly when its byte is below
+    250 h."""
+    return min(max(math.floor(CONFIDENCE_SCALE * p), 0), CONFIDENCE_SCALE - 1)
 
 
 class ProtocolError(ValueError):
@@ -184,9 +194,10 @@ class Draft(Message):
     ``q(id) = count / sum(counts)``; empty lists in greedy mode. ``predrafted``: how many of
     ``tokens`` (the first ones) were drafted while round ``round - 1`` was verified, on the
     guess its verdict then confirmed (version 6; 0: drafted after that verdict).
-    ``confidence`` (version 7, when the control asks for it): ``confidence[i]`` = round(255
-    p_i), p_i the draft model's top-1 probability where it drafted ``tokens[i]``; one byte
-    more, when the draft stopped on ``stop_confidence``, for the token it declined.
+    ``confidence`` (version 7, when the control asks for it): ``confidence[i]`` =
+    ``confidence_byte(p_i)``, p_i the draft model's top-1 probability where it drafted
+    ``tokens[i]``; one byte more, when the draft stopped on ``stop_confidence``, for the
+    token it declined.
     """
 
     TYPE: ClassVar[str] = "draft"

@@ -83,6 +83,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     base = (ROOT / "configs" / "controller.toml").read_text()
     h05 = args.out / "controller-h05.toml"
+    if "stop_confidence = 0.0" not in base:
+        raise SystemExit("configs/controller.toml no longer says stop_confidence = 0.0")
     h05.write_text(base.replace("stop_confidence = 0.0", "stop_confidence = 0.5", 1))
     totals = {arm: dict.fromkeys(FIELDS, 0.0) for arm in ARMS}
     with LabKeys() as keys:

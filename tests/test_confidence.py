@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_controller import protocol as P
-from edge_controller.config import ConfigError, load_config
+from edge_controller.config import ConfigError, ControlConfig, load_config
 from edge_controller.control import SystemParams, UserParams, VerifyTime
 from edge_controller.control.confidence import (
     BINS,
@@ -17,15 +17,15 @@ from edge_controller.control.confidence import (
     round_goodput,
     stopping_rates,
 )
-from edge_controller.control.estimators import ConfidenceEstimate
+from edge_controller.control.estimators import AffineFit, ConfidenceEstimate
 from edge_controller.control.scenario import load_scenario
 from edge_controller.control.solvers import solve
-from edge_controller.launch import AgentSpec, run_agents
+from edge_controller.draft_control import DraftController
 from edge_controller.simulator import simulate_scenario
 from edge_controller.simulator.engine import Decisions, SyncSimulation
 from edge_controller.simulator.runs import DraftReplay
 from models.traces import default_traces
-from tests.test_e2e_greedy import compare_to_reference
+from tests.test_online_control import live_pair
 from tests.test_simulator import SCENARIOS
 
 
@@ -122,6 +122,70 @@ def test_the_estimate_counts_bins_seen_reached_tried_and_accepted():
     assert rate[9] > 0.95 - 0.1 and rate[6] < 0.65  # shrunk towards the bins' midpoints
 
 
+def _controller(**config) -> DraftController:
+    fit = AffineFit()
+    fit.update(1, 0.05)
+    fit.update(20, 0.25)
+    control = DraftController(ControlConfig(policy="confidence", resolve_interval_s=0,
+                                            **config), fit)
+    for device in ("sure", "new"):
+        control.join(device)
+        control.on_request_start(device)
+    return control
+
+
+def _drafts(control: DraftController, device: str, n: int, confidence: bytes,
+            accepted: int) -> None:
+    for _ in range(n):
+        drafted = len(confidence)
+        control.on_draft(device, drafted, 0.02 * drafted, 60 + 30 * drafted, gap_s=0.2)
+        control.on_verdict(device, accepted, drafted, accepted + 1, 0.0, confidence)
+
+
+def test_the_controller_asks_for_confidences_and_plans_h_only_for_devices_that_sent_them():
+    control = _controller()
+    assert all(d.report_confidence and d.stop_confidence == 0
+               for d in control.decisions.values())
+    # "sure": sure tokens accepted, unsure ones (the last two) rejected
+    _drafts(control, "sure", 40, bytes([240, 240, 30, 20]), accepted=2)
+    for _ in range(3):  # "new" drafts, its confidences never arrive (a version 6 agent)
+        control.on_draft("new", 4, 0.08, 180, gap_s=0.2)
+        control.on_verdict("new", 2, 4, 3, 0.0)
+    control.maybe_resolve(now=10.0)
+    sure, new = control.decisions["sure"], control.decisions["new"]
+    assert new.stop_confidence == 0.0 and new.report_confidence
+    assert control.devices["sure"].confidence.drafts == 40
+    assert control.devices["new"].confidence.drafts == 0
+    assert sure.report_confidence and sure.stop_confidence >= 0.0
+
+
+def test_an_impossible_report_is_not_learnt_from():
+    control = _controller()
+    cap = control.decisions["sure"].draft_len
+    # a decline at the cap, and a decline with no threshold in force: both impossible
+    control.on_verdict("sure", 1, cap, 2, 0.0, bytes([200] * cap + [10]))
+    control.on_verdict("sure", 1, 2, 2, 0.0, bytes([200, 200, 10]))
+    assert control.devices["sure"].confidence.drafts == 0
+    control.on_verdict("sure", 1, 2, 2, 0.0, bytes([200, 200]))
+    assert control.devices["sure"].confidence.drafts == 1
+
+
+def test_a_stopped_drafts_speed_counts_the_declined_evaluation():
+    control = _controller()
+    control.on_draft("sure", 3, 0.04, 100, gap_s=0.3, declined=True)  # 4 evaluations
+    assert control.devices["sure"].draft_s_per_token.value == pytest.approx(0.01)
+
+
+def test_bins_below_the_threshold_keep_their_acceptance():
+    est = ConfidenceEstimate(forget=0.5)
+    est.update(bytes([40, 40]), drafted=2, accepted=0)  # bin 1: tried once, rejected
+    before = est.accept_rate()[1]
+    for _ in range(20):  # then h = 0.5: bin 1 is never drafted again
+        est.update(bytes([240, 240, 40]), drafted=2, accepted=2, stop_confidence=0.5)
+    assert est.accept_rate()[1] == pytest.approx(before) and est.tried[1] == 1.0
+    assert est.seen[1] == pytest.approx(2.0, rel=1e-3)  # still seen: each draft declines it
+
+
 @pytest.mark.parametrize("value", [0.25, 1.0, -0.1])
 def test_a_fixed_threshold_must_be_a_bin_edge(value):
     with pytest.raises(ConfigError, match="stop_confidence"):
@@ -208,13 +272,8 @@ def test_the_confidence_policy_in_the_simulator_keeps_the_heterogeneous_goodput(
 def test_confidence_stopping_live_is_lossless(run_controller, target, default_models, lab_keys):
     """Every device stops below h = 0.5 (a fixed threshold: the test does not depend on
     what the plan would choose); outputs are the target's greedy ones."""
-    with run_controller(control__policy="confidence", control__stop_confidence=0.5,
-                        control__resolve_interval_s=0.0) as controller:
-        results = [runs[0] for runs in run_agents(controller.endpoint, [
-            AgentSpec(f"dev-{draft}", default_models.drafts[draft], prompt, 40)
-            for draft, prompt in [("q8_0", "The water cycle works as follows:"),
-                                  ("q4_0", "Once upon a time, in a village at the edge")]
-        ], lab_keys)]
-    for result in results:
-        compare_to_reference(target, result, 40)
+    results = live_pair(run_controller, target, default_models, lab_keys, 40,
+                        "Once upon a time, in a village at the edge",
+                        control__policy="confidence", control__stop_confidence=0.5,
+                        control__resolve_interval_s=0.0)
     assert sum(r["stats"]["stopped_early"] for r in results) > 0

@@ -106,17 +106,28 @@ def test_online_beats_static_tuning_under_drift():
     assert mean_ratio(scenario, "online") > 1.1 * mean_ratio(scenario, "best-fixed-L")
 
 
+def live_pair(run_controller, target, default_models, lab_keys, tokens: int, prompt: str,
+              **overrides) -> list[dict]:
+    """A q8_0 device and a q4_0 one (``prompt``) through a live controller; each output
+    checked against the target's greedy one; their results."""
+    with run_controller(**overrides) as controller:
+        results = [runs[0] for runs in run_agents(controller.endpoint, [
+            AgentSpec(f"dev-{draft}", default_models.drafts[draft], text, tokens)
+            for draft, text in [("q8_0", "The water cycle works as follows:"),
+                                ("q4_0", prompt)]
+        ], lab_keys)]
+    for result in results:
+        compare_to_reference(target, result, tokens)
+    return results
+
+
 @pytest.mark.slow
 def test_online_policy_live_is_lossless_and_learns(run_controller, target, default_models,
                                                    lab_keys):
-    with run_controller(control__policy="online") as controller:
-        results = [runs[0] for runs in run_agents(controller.endpoint, [
-            AgentSpec(f"dev-{draft}", default_models.drafts[draft], prompt, 48)
-            for draft, prompt in [("q8_0", "The water cycle works as follows:"),
-                                  ("q4_0", "Translate into French: The weather is lovely.")]
-        ], lab_keys)]
+    results = live_pair(run_controller, target, default_models, lab_keys, 48,
+                        "Translate into French: The weather is lovely.",
+                        control__policy="online")
     for result in results:
-        compare_to_reference(target, result, 48)
         # the configured first length, then the bandit's: it tried more than one
         assert result["stats"]["draft_len"][0] == ControlConfig().draft_len
         assert len(set(result["stats"]["draft_len"])) > 1

@@ -99,8 +99,10 @@ def test_a_delay_step_loads_and_phases_split_at_the_faults_starts(tmp_path):
     # 10 tokens a second for 20 s, then 5: one phase each side of the steps (which started
     # within a second of each other: one phase)
     commits = {"a": [(t / 10, 1) for t in range(1, 201)] + [(20 + t / 5, 1)
-                                                            for t in range(1, 101)]}
+                                                            for t in range(1, 101)],
+               "b": [(5.0, 1), (30.0, 1)]}  # b joins at 5 s and is done at 30 s
     faults = [{"at_s": 20.0}, {"at_s": 20.3}]
     before, after = phase_goodput(commits, faults)
+    assert (before["start_s"], before["end_s"], after["end_s"]) == (5.0, 20.0, 30.0)
     assert before["goodput_tok_s"] == pytest.approx(10.0, rel=0.01)
-    assert after["goodput_tok_s"] == pytest.approx(5.0, rel=0.01)
+    assert after["goodput_tok_s"] == pytest.approx(5.0 + 0.1, rel=0.01)

@@ -39,6 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--acceptance", choices=ACCEPTANCE_MODELS, default="geometric",
                         help="the acceptance model the controller plans with (the truth is "
                         "the scenario's)")
+    parser.add_argument("--warmup", type=float, default=0.0, metavar="S",
+                        help="also score the run from S simulated seconds on")
     parser.add_argument("--replay-drafts", action="store_true",
                         help="acceptance from the recorded real drafts, not the scenario's")
     add_scheduler_arguments(parser)
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         traces = default_traces() if args.replay_drafts else None
         report = simulate_scenario(scenario, args.policy, args.seconds, args.seed,
                                    args.acceptance, progress, args.scheduler,
-                                   args.predraft_len, traces)
+                                   args.predraft_len, traces, args.warmup)
     except (ScenarioError, ValueError) as err:
         print(f"edge-controller simulate: {err}", file=sys.stderr)
         return 2
@@ -96,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"goodput {report['goodput_tok_s']:.2f} tok/s, oracle "
           f"{report['oracle_goodput_tok_s']:.2f} tok/s, ratio "
           f"{'n/a' if ratio is None else f'{ratio:.3f}'}")
+    if args.warmup > 0:
+        after = report["ratio_after_warmup"]
+        print(f"after the {args.warmup:g} s warm-up: ratio "
+              f"{'n/a' if after is None else f'{after:.3f}'}")
     print(f"tokens per {rounds[:-1]} {report['tokens_per_round']:.2f}; draft tokens "
           f"{report['draft_tokens']:.0f}, wasted (rejected) {report['wasted_draft_tokens']:.0f}")
     if "replayed_drafts" in report:

@@ -25,7 +25,8 @@ max of expectations instead (optimistic wherever lengths vary) chose thresholds 
 lost 5-6% against the plain plan in the simulator (docs/results.md).
 
 Plan: from the heterogeneous plan (h = 0 everywhere), each device in turn takes the
-(h, L) that maximises G with the others held, until a sweep changes nothing (a best
+(h, L) that maximises G with the others held (every cap at its threshold, every threshold
+at caps within one of its cap), until a sweep changes nothing or after MAX_SWEEPS (a best
 response, as ``threshold``; in the model it never scores below its start).
 """
 
@@ -34,17 +35,18 @@ from __future__ import annotations
 import numpy as np
 
 from edge_controller.control.model import Plan, SystemParams, UserParams, equalised_finish_time
+from edge_controller.protocol import CONFIDENCE_SCALE
 
 BINS = 10  # of the top-1 probability: [0, 0.1), [0.1, 0.2), ..., [0.9, 1]
 THRESHOLDS = np.arange(BINS) / BINS  # h candidates: the bins' lower edges (0: never stop)
-MAX_SWEEPS = 8
+MAX_SWEEPS = 4
 
 
-def confidence_bins(confidence: bytes | np.ndarray) -> np.ndarray:
-    """Bin index of each top-1 probability, given as wire bytes (round(255 p)) or floats."""
-    probs = (np.frombuffer(confidence, dtype=np.uint8) / 255.0
-             if isinstance(confidence, bytes | bytearray) else np.asarray(confidence, float))
-    return np.minimum((probs * BINS).astype(int), BINS - 1)
+def confidence_bins(confidence: bytes) -> np.ndarray:
+    """Bin index of each top-1 probability of a ``draft.confidence`` (protocol bytes: a
+    bin is 25 of them, its lower edge a threshold exactly)."""
+    raw = np.frombuffer(confidence, dtype=np.uint8).astype(int)
+    return np.minimum(raw * BINS // CONFIDENCE_SCALE, BINS - 1)
 
 
 def _tail(counts: np.ndarray) -> np.ndarray:
@@ -132,15 +134,18 @@ def confidence_plan(system: SystemParams, users: UserParams, p: np.ndarray, q: n
     cap = np.minimum(np.asarray(start_len, dtype=int), n_len - 1)
     users_idx = np.arange(k_users)
     best = float(round_goodput(system, users, p[users_idx, h], q[users_idx, h], cap)[0])
-    grid_h, grid_len = np.meshgrid([only] if only else np.arange(n_h), np.arange(n_len),
-                                   indexing="ij")
-    grid_h, grid_len = grid_h.ravel(), grid_len.ravel()
+    thresholds = [only] if only else range(n_h)
     for _ in range(MAX_SWEEPS):
         moved = False
         for k in range(k_users):
-            rows_p = np.broadcast_to(p[users_idx, h], (grid_h.size, k_users)).copy()
-            rows_q = np.broadcast_to(q[users_idx, h], (grid_h.size, k_users)).copy()
-            rows_cap = np.broadcast_to(cap, (grid_h.size, k_users)).copy()
+            # Every cap at the device's threshold, every threshold at caps near its cap.
+            pairs = {(int(h[k]), length) for length in range(n_len)} | {
+                (j, length) for j in thresholds
+                for length in range(max(cap[k] - 1, 0), min(cap[k] + 2, n_len))}
+            grid_h, grid_len = np.array(sorted(pairs)).T
+            rows_p = np.repeat(p[users_idx, h][None], grid_h.size, axis=0)
+            rows_q = np.repeat(q[users_idx, h][None], grid_h.size, axis=0)
+            rows_cap = np.repeat(cap[None], grid_h.size, axis=0)
             rows_p[:, k], rows_q[:, k], rows_cap[:, k] = p[k, grid_h], q[k, grid_h], grid_len
             goodput, _ = round_goodput(system, users, rows_p, rows_q, rows_cap)
             pick = int(np.argmax(goodput))

@@ -99,15 +99,21 @@ class ConfidenceEstimate:
     accepted: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
     drafts: int = 0  # drafts reported, never forgotten: how much data exists
 
-    def update(self, confidence: bytes, drafted: int, accepted: int) -> None:
+    def update(self, confidence: bytes, drafted: int, accepted: int,
+               stop_confidence: float = 0.0) -> None:
         """One verified draft of ``drafted`` tokens, ``accepted`` of them, whose
-        ``draft.confidence`` holds a byte per token and one for a declined token."""
+        ``draft.confidence`` holds a byte per token and one for a declined token, drafted
+        while the device stopped below ``stop_confidence``: the acceptance of bins below
+        it is not observed, so not forgotten either."""
         if len(confidence) not in (drafted, drafted + 1) or not 0 <= accepted <= drafted:
             return
         bins = confidence_bins(confidence)
         tried = min(accepted + 1, drafted)
-        for counts in (self.seen, self.reached, self.tried, self.accepted):
-            counts *= self.forget
+        observed = np.arange(BINS) >= round(stop_confidence * BINS)
+        self.seen *= self.forget
+        self.reached *= self.forget
+        self.tried[observed] *= self.forget
+        self.accepted[observed] *= self.forget
         self.seen += np.bincount(bins, minlength=BINS)
         self.reached += np.bincount(bins[:accepted + 1], minlength=BINS)
         self.tried += np.bincount(bins[:tried], minlength=BINS)

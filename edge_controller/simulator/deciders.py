@@ -107,9 +107,10 @@ class Controlled:
     def after_round(self, now: float, record: RoundRecord) -> Decisions | None:
         controller = self.controller
         for i, device in enumerate(self.ids):
+            declined = bool(record.confidence) and len(record.confidence[i]) > record.draft_len[i]
             controller.on_draft(device, int(record.draft_len[i]), float(record.draft_s[i]),
                                 int(np.ceil(record.upload_bits[i] / 8)),
-                                float(record.arrived[i] - record.started))
+                                float(record.arrived[i] - record.started), declined=declined)
             accepted = int(record.accepted[i])
             asked = controller.decisions[device].report_confidence and record.confidence
             controller.on_verdict(device, accepted, int(record.draft_len[i]), accepted + 1, now,

@@ -48,6 +48,7 @@ from typing import Protocol
 import numpy as np
 
 from edge_controller.control.model import SystemParams, UserParams
+from edge_controller.protocol import confidence_byte
 
 DRAFTED, ARRIVED, VERIFIED, DRIFT = "drafted", "arrived", "verified", "drift"
 FORWARDED, LAUNCH = "forwarded", "launch"
@@ -254,8 +255,7 @@ class _Simulation:
             below = np.flatnonzero(row[:cap[k]] < h)
             if below.size:
                 drafted[k], evaluated[k] = below[0], below[0] + 1
-            shown = row[:evaluated[k]]
-            reported.append(bytes(np.rint(255 * shown).astype(np.uint8)))
+            reported.append(bytes(confidence_byte(p) for p in row[:evaluated[k]]))
         return drafted, evaluated, tuple(reported)
 
     def _upload_s(self, users: UserParams, decisions: Decisions, device: int,

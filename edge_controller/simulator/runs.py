@@ -58,8 +58,8 @@ def _simulation(system: SystemParams, users_at: Callable[[float], UserParams],
 class DraftReplay:
     """Recorded real drafts (models/traces) in place of a scenario's acceptance: each
     device replays the draft model whose acceptance is nearest its own (on the first
-    phase; later acceptance drifts are not replayed), round by round in a shuffled order,
-    with the draft's confidences. ``curve`` is the truth the oracle plans with."""
+    phase; later acceptance drifts are not replayed), round by round in an order of its
+    own (the seed's), with the draft's confidences. ``curve`` is the truth the oracle plans with."""
 
     trace: AcceptanceTrace
     curve: PositionAcceptance
@@ -67,7 +67,6 @@ class DraftReplay:
 
     @classmethod
     def of(cls, users: UserParams, traces: TraceSet, depth: int, seed: int = 0) -> DraftReplay:
-        rng = np.random.default_rng(seed)
         pool = {}
         for draft in sorted({t.draft for t in traces.traces}):
             runs, confidence = [], []
@@ -76,16 +75,20 @@ class DraftReplay:
                     match = np.equal(t.drafts[p][:depth], t.truth[p:p + depth])
                     runs.append(int(np.cumprod(match).sum()))
                     confidence.append(t.confidences[p][:depth])
-            order = rng.permutation(len(runs))
-            runs_a, conf_a = np.array(runs)[order], np.array(confidence)[order]
-            tried = np.minimum(runs_a + 1, depth).sum()
-            pool[draft] = (runs_a, conf_a, runs_a.sum() / tried)
+            runs_a = np.array(runs)
+            pool[draft] = (runs_a, np.array(confidence),
+                           runs_a.sum() / np.minimum(runs_a + 1, depth).sum())
         if not pool:
             raise ValueError("no recorded drafts to replay")
         rates = users.acceptance.position_probs(depth).mean(axis=0)
         names = tuple(min(pool, key=lambda d, r=r: abs(pool[d][2] - r)) for r in rates)
-        trace = AcceptanceTrace(tuple(pool[d][0] for d in names), np.full(len(names), depth),
-                                tuple(pool[d][1] for d in names))
+        # each device its own order of the recorded drafts: devices replaying one draft
+        # model are independent, and the seed picks the orders
+        orders = [np.random.default_rng([seed, k]).permutation(pool[d][0].size)
+                  for k, d in enumerate(names)]
+        trace = AcceptanceTrace(tuple(pool[d][0][o] for d, o in zip(names, orders, strict=True)),
+                                np.full(len(names), depth),
+                                tuple(pool[d][1][o] for d, o in zip(names, orders, strict=True)))
         reached = [np.arange(depth)[None, :] <= r[:, None] for r in trace.runs]
         curve = np.array([[(r[:, i] & (runs > i)).sum() / max(r[:, i].sum(), 1)
                            for r, runs in zip(reached, trace.runs, strict=True)]
@@ -172,7 +175,7 @@ def simulate_scenario(scenario: Scenario, policy: str, seconds: float, seed: int
         raise ValueError("the confidence policy needs drafts' confidences: replay recorded "
                          "drafts (--replay-drafts)")
     replay = traces and DraftReplay.of(scenario.users_at(0.0), traces,
-                                       scenario.system.max_draft_len)
+                                       scenario.system.max_draft_len, seed)
     if scheduler == "sync":
         decider, extra = _decider(scenario, policy, acceptance)
     else:

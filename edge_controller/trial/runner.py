@@ -253,17 +253,20 @@ def commits(events: list[dict], started: float) -> dict[str, list[tuple[float, i
 def phase_goodput(device_commits: dict[str, list[tuple[float, int]]],
                   faults: list[dict]) -> list[dict]:
     """Committed tokens per second, all devices together, between the faults' starts
-    (the drift trial's before and after): from the first commit to the first fault, then
-    from each fault's start to the next one's, the last to the last commit. Faults that
-    start within a second of each other (one step on every link) start one phase."""
-    times = sorted(t for device in device_commits.values() for t, _ in device)
-    if not times:
+    (the drift trial's before and after), while every device was generating: from the
+    latest first commit to the first fault, then from each fault's start to the next
+    one's, the last to the earliest last commit (a run's tail, where some devices are
+    done, would mix fewer devices into one phase). Faults that start within a second of
+    each other (one step on every link) start one phase."""
+    lists = [device for device in device_commits.values() if device]
+    if not lists:
         return []
+    first, last = max(d[0][0] for d in lists), min(d[-1][0] for d in lists)
     starts: list[float] = []
-    for at in sorted(f["at_s"] for f in faults if times[0] < f["at_s"] < times[-1]):
+    for at in sorted(f["at_s"] for f in faults if first < f["at_s"] < last):
         if not starts or at - starts[-1] >= 1.0:
             starts.append(at)
-    bounds = [times[0], *starts, times[-1]]
+    bounds = [first, *starts, last] if first < last else []
     phases = []
     for start, end in itertools.pairwise(bounds):
         tokens = sum(n for device in device_commits.values() for t, n in device
