@@ -155,6 +155,7 @@ class NetworkLab:
         }
         self.wire_cpus = wire_cpus
         self._wire: subprocess.Popen | None = None
+        self._wire_lock = threading.Lock()
         self._spawned: list[subprocess.Popen] = []
         self._created: list[str] = []
         self._saved_handlers: dict[int, object] = {}
@@ -294,11 +295,14 @@ class NetworkLab:
         _run(["ip", "-n", netns, "link", "set", iface, "up"])
 
     def _wire_command(self, command: dict) -> dict:
-        if self._wire is None or self._wire.poll() is not None:
-            raise LabError("the wire process is not running")
-        self._wire.stdin.write(json.dumps(command) + "\n")
-        self._wire.stdin.flush()
-        return self._wire_reply()
+        # One command and its reply at a time: chaos timers change links and read
+        # counters from threads of their own, and replies carry no id.
+        with self._wire_lock:
+            if self._wire is None or self._wire.poll() is not None:
+                raise LabError("the wire process is not running")
+            self._wire.stdin.write(json.dumps(command) + "\n")
+            self._wire.stdin.flush()
+            return self._wire_reply()
 
     def _wire_reply(self) -> dict:
         ready, _, _ = select.select([self._wire.stdout], [], [], COMMAND_TIMEOUT_S)
