@@ -105,7 +105,7 @@ def main() -> int:
             "draft_tokens_per_round": t["drafted"] / t["rounds"],
             "wasted_per_round": (t["drafted"] - t["accepted"]) / t["rounds"],
             "acceptance": t["accepted"] / max(t["drafted"], 1),
-            "stopped_early": t["stopped_early"] / t["rounds"],
+            "stopped_per_round": t["stopped_early"] / t["rounds"],
             "goodput_tok_s": t["tokens"] / t["seconds"] * len(DRAFTS),
             **t,
         }
@@ -122,7 +122,7 @@ def main() -> int:
     for arm, r in rows.items():
         print(f"{arm:<16} {r['tokens_per_round']:>9.2f} {r['draft_tokens_per_round']:>13.2f} "
               f"{r['wasted_per_round']:>12.2f} {r['acceptance']:>6.3f} "
-              f"{r['stopped_early']:>7.2f} {r['goodput_tok_s']:>13.2f} "
+              f"{r['stopped_per_round']:>7.2f} {r['goodput_tok_s']:>13.2f} "
               f"{r['goodput_ratio']:>6.3f}")
     return 0
 
