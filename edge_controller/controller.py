@@ -449,9 +449,13 @@ class EdgeController:
                         session.device_id, outcome.margin, draft.position)
         decision = self.draft_control.decisions[session.device_id]
         if not session.server_decode:
-            self.draft_control.on_verdict(session.device_id, outcome.accepted,
-                                          len(draft.tokens), len(tokens), time.monotonic(),
-                                          draft.confidence)
+            try:
+                self.draft_control.on_verdict(session.device_id, outcome.accepted,
+                                              len(draft.tokens), len(tokens), time.monotonic(),
+                                              draft.confidence)
+            except Exception as exc:  # an estimate is worth less than the verdict
+                self._warnings("draft control", "verdict estimate failed: %r", exc,
+                               exc_info=True)
             self._show(session.device_id)
         verdict = P.Verdict(request.request_id, draft.round, outcome.accepted, tokens, done,
                             decision.draft_len)

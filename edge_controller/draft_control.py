@@ -53,6 +53,7 @@ from edge_controller.control.estimators import (
 )
 from edge_controller.control.serving import DEFAULT_PREDRAFT_LEN, plan_for
 from edge_controller.control.solvers import WARM_STARTED, equal_share_plan
+from edge_controller.protocol import CONFIDENCE_SCALE
 from edge_controller.verifier.slots import SamplingParams, VerifyItem
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 FIXED_POLICY = "fixed"  # the configured draft_len for everyone, unpaced uploads
 MIN_JUDGED = 8  # draft positions judged before a device's acceptance estimate is used
 MIN_CONFIDENCE_DRAFTS = 8  # drafts with confidences before a device is given a threshold
+# devices x (L_max + 1) the confidence plan takes: its E[max] costs the square of it
+# (~0.4 s a solve at 16 devices x 17 lengths, on the controller's loop)
+MAX_CONFIDENCE_SUPPORT = 16 * 17
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class DeviceEstimates:
     # the last draft's reported drafting time and the time its per-token bits took at the
     # paced rate (online policies' round credit)
     last_draft: tuple[float, float] | None = None
+    drafted_under: tuple[int, float] = (0, 0.0)  # the last draft's cap and h in force
     bandits: dict[int, LengthBandit] = field(default_factory=dict)  # online*: per bucket
     confidence: ConfidenceEstimate = field(default_factory=ConfidenceEstimate)
 
@@ -168,9 +173,13 @@ class DraftController:
         spent on the rest. A draft that stopped on low confidence (``declined``) spent an
         evaluation on the token it declined too."""
         est = self.devices[device_id]
+        decision = self.decisions[device_id]
+        est.drafted_under = (decision.draft_len, decision.stop_confidence)
         est.upload_bits.update(draft_len, 8 * frame_bytes)
         if first_round:
             return
+        # only a draft that could have stopped did (below its cap, with an h in force)
+        declined = declined and draft_len < decision.draft_len and decision.stop_confidence > 0
         evaluated = draft_len - predrafted + declined
         if evaluated > 0 and draft_s >= 0:
             est.draft_s_per_token.update(draft_s / evaluated)
@@ -185,12 +194,9 @@ class DraftController:
         """A verdict went out; ``confidence``: the draft's (draft.confidence), if any."""
         est = self.devices[device_id]
         est.acceptance.update(accepted, drafted)
-        decision = self.decisions[device_id]
-        # A draft cannot have stopped below h at its cap, nor with no h at all: a report
-        # that says so is not learnt from (a device shapes only its own estimates).
-        if confidence and (len(confidence) == drafted or (
-                drafted < decision.draft_len and decision.stop_confidence > 0)):
-            est.confidence.update(confidence, drafted, accepted, decision.stop_confidence)
+        if confidence and self.decisions[device_id].report_confidence and _consistent(
+                confidence, drafted, *est.drafted_under):
+            est.confidence.update(confidence, drafted, accepted, est.drafted_under[1])
         est.tokens_per_round.update(committed)
         if est.last_verdict_at is not None:
             est.round_period_s.update(now - est.last_verdict_at)
@@ -320,7 +326,8 @@ class DraftController:
             return []
         est = self.devices[device_id].confidence
         p, q = stopping_rates(est.seen[None], est.reached[None], est.accept_rate()[None])
-        return [*p[0], *q[0]]
+        # offset so that moves in rarely reached bins (p, q near 0) do not count as large
+        return [*(p[0] + 1.0), *(q[0] + 1.0)]
 
     def _confidence_plan(self, ids: list[str], problem: tuple[SystemParams, UserParams],
                          warm: Plan | None) -> tuple[Plan, np.ndarray]:
@@ -329,6 +336,11 @@ class DraftController:
         nothing) is planned as one that never stops, at its acceptance estimate, h = 0
         (control.stop_confidence, where set, fixes one h for everyone)."""
         plan = plan_for("sync", "heterogeneous", *problem, warm=warm)
+        if len(ids) * (self.config.max_draft_len + 1) > MAX_CONFIDENCE_SUPPORT:
+            log.warning("draft control: %d devices x %d lengths is beyond the confidence "
+                        "plan's size (%d); planning without stopping", len(ids),
+                        self.config.max_draft_len + 1, MAX_CONFIDENCE_SUPPORT)
+            return plan, np.zeros(len(ids))
         estimates = [self.devices[d].confidence for d in ids]
         p, q = stopping_rates(np.array([e.seen for e in estimates]),
                               np.array([e.reached for e in estimates]),
@@ -418,6 +430,18 @@ class DraftController:
         share = 1.0 / max(len(self.active), 1)
         rate = share * self.config.bandwidth_hz * self.devices[device_id].spectral_efficiency
         return Decision(self.config.draft_len, share, rate, report_confidence=confidence)
+
+
+def _consistent(confidence: bytes, drafted: int, cap: int, stop_confidence: float) -> bool:
+    """Could a device told (cap, h) have reported these confidences for ``drafted``
+    tokens? Every drafted token at or above h, a declined one only below h and below the
+    cap. Reports that could not be true are not learnt from (a pre-draft made under an
+    older h may fail this honestly: it is only not learnt from either)."""
+    edge = round(stop_confidence * CONFIDENCE_SCALE)
+    drafted_ok = all(b >= edge for b in confidence[:drafted])
+    if len(confidence) == drafted:
+        return drafted_ok
+    return drafted_ok and drafted < cap and confidence[drafted] < edge
 
 
 MODEL_INPUTS = ("draft_s_per_token", "acceptance", "spectral_efficiency", "delay_s",

@@ -4,6 +4,8 @@ confidences, and a live run on the default models."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,7 @@ from edge_controller.control.confidence import (
 from edge_controller.control.estimators import AffineFit, ConfidenceEstimate
 from edge_controller.control.scenario import load_scenario
 from edge_controller.control.solvers import solve
-from edge_controller.draft_control import DraftController
+from edge_controller.draft_control import DraftController, _consistent
 from edge_controller.simulator import simulate_scenario
 from edge_controller.simulator.engine import Decisions, SyncSimulation
 from edge_controller.simulator.runs import DraftReplay
@@ -161,6 +163,7 @@ def test_the_controller_asks_for_confidences_and_plans_h_only_for_devices_that_s
 
 def test_an_impossible_report_is_not_learnt_from():
     control = _controller()
+    control.on_draft("sure", 2, 0.04, 100, gap_s=0.3)  # the draft's (cap, h): (4, 0)
     cap = control.decisions["sure"].draft_len
     # a decline at the cap, and a decline with no threshold in force: both impossible
     control.on_verdict("sure", 1, cap, 2, 0.0, bytes([200] * cap + [10]))
@@ -172,8 +175,25 @@ def test_an_impossible_report_is_not_learnt_from():
 
 def test_a_stopped_drafts_speed_counts_the_declined_evaluation():
     control = _controller()
+    control.on_draft("sure", 3, 0.04, 100, gap_s=0.3, declined=True)  # no h: no decline
+    assert control.devices["sure"].draft_s_per_token.value == pytest.approx(0.04 / 3)
+    control = _controller()
+    control.decisions["sure"] = replace(control.decisions["sure"], stop_confidence=0.5)
     control.on_draft("sure", 3, 0.04, 100, gap_s=0.3, declined=True)  # 4 evaluations
     assert control.devices["sure"].draft_s_per_token.value == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(("confidence", "drafted", "cap", "h", "consistent"), [
+    (bytes([200, 130]), 2, 4, 0.5, True),  # both at or above 0.5 (byte 125)
+    (bytes([200, 120]), 2, 4, 0.5, False),  # a drafted token below h
+    (bytes([200, 130, 100]), 2, 4, 0.5, True),  # declined below h, below the cap
+    (bytes([200, 130, 125]), 2, 4, 0.5, False),  # "declined" at h
+    (bytes([200, 130, 100]), 2, 2, 0.5, False),  # declined at the cap
+    (bytes([200, 130, 0]), 2, 4, 0.0, False),  # declined with no h
+])
+def test_reports_a_device_could_not_have_made_are_told_apart(confidence, drafted, cap, h,
+                                                             consistent):
+    assert _consistent(confidence, drafted, cap, h) is consistent
 
 
 def test_bins_below_the_threshold_keep_their_acceptance():
