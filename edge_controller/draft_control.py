@@ -183,7 +183,7 @@ class DraftController:
         evaluated = draft_len - predrafted + declined
         if evaluated > 0 and draft_s >= 0:
             est.draft_s_per_token.update(draft_s / evaluated)
-        rate = self.decisions[device_id].uplink_rate_bps
+        rate = decision.uplink_rate_bps
         upload_s = 8 * frame_bytes / rate if rate > 0 else 0.0
         est.delay_s.update(max(gap_s - draft_s - upload_s, 0.0))
         _, per_token_bits = est.upload_law(self.config.overhead_bits, self.config.bits_per_token)

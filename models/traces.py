@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 TRACE_FORMAT = 3  # 3: confidences
 MAX_DRAFT = 16  # the controller's default max_draft_len: the longest draft ever asked
 TRACES_DIR = Path(__file__).resolve().parent / "traces"
@@ -41,6 +43,13 @@ class Trace:
                              "per truth token")
         if any(len(c) != len(d) for c, d in zip(self.confidences, self.drafts, strict=True)):
             raise ValueError(f"trace of {self.draft}: a confidence per draft token")
+
+    def runs(self, depth: int = MAX_DRAFT) -> np.ndarray:
+        """Leading draft tokens the target accepts, at every position with a whole draft
+        of ``depth`` tokens of truth ahead (greedy verification of the recorded draft)."""
+        return np.array([int(np.cumprod(np.equal(self.drafts[p][:depth],
+                                                 self.truth[p:p + depth])).sum())
+                         for p in range(len(self.truth) - depth + 1)], dtype=int)
 
 
 @dataclass(frozen=True)

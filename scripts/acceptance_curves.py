@@ -49,16 +49,6 @@ def task_of(prompt: str) -> str:
     return "chat"
 
 
-def runs_of(trace) -> np.ndarray:
-    """Leading accepted drafts at every position with a full 16-token continuation ahead."""
-    truth = trace.truth
-    runs = []
-    for p in range(len(truth) - MAX_DRAFT + 1):
-        match = np.array(trace.drafts[p][:MAX_DRAFT]) == np.array(truth[p:p + MAX_DRAFT])
-        runs.append(int(np.cumprod(match).sum()))
-    return np.array(runs)
-
-
 def fitted(runs: np.ndarray) -> AcceptanceEstimate:
     est = AcceptanceEstimate(forget=1.0, depth=MAX_DRAFT)
     for run in runs:
@@ -101,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: dict[tuple[str, str], list[np.ndarray]] = {}
     for trace in traces.traces:
         task = task_of(prompts[order.index(tuple(trace.prompt_ids))])
-        cells.setdefault((trace.draft, task), []).append(runs_of(trace))
+        cells.setdefault((trace.draft, task), []).append(trace.runs(MAX_DRAFT))
 
     lengths = np.arange(1, MAX_DRAFT + 1)
     errors = {"geometric": [], "curve": []}

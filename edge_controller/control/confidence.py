@@ -94,10 +94,11 @@ def round_goodput(system: SystemParams, users: UserParams, p: np.ndarray, q: np.
     drafted, evaluated, committed = expected_draft(p, q, cap)
     t, d = users.draft_s_per_token, users.delay_s
     full_band = system.bandwidth_hz * users.spectral_efficiency
-    tau = equalised_finish_time(evaluated * t + d, system.upload_bits(drafted) / full_band)
+    compute, upload_full_band = evaluated * t + d, system.upload_bits(drafted) / full_band
+    tau = equalised_finish_time(compute, upload_full_band)
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(system.upload_bits(drafted) > 0, system.upload_bits(drafted)
-                         / full_band / (tau[..., None] - (evaluated * t + d)), 0.0)
+        share = np.where(upload_full_band > 0,
+                         upload_full_band / (tau[..., None] - compute), 0.0)
     # P(l = i) for i = 0..L_max: (1 - p) p^i below the cap, p^L at it.
     lengths = np.arange(system.max_draft_len + 1)
     below = lengths < cap[..., None]

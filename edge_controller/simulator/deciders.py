@@ -112,9 +112,8 @@ class Controlled:
                                 int(np.ceil(record.upload_bits[i] / 8)),
                                 float(record.arrived[i] - record.started), declined=declined)
             accepted = int(record.accepted[i])
-            asked = controller.decisions[device].report_confidence and record.confidence
             controller.on_verdict(device, accepted, int(record.draft_len[i]), accepted + 1, now,
-                                  record.confidence[i] if asked else b"")
+                                  record.confidence[i] if record.confidence else b"")
         controller.on_round(int(np.sum(record.draft_len + 1)), record.verify_s)
         learnt = controller.on_round_result(
             {device: (int(record.draft_len[i]), int(record.accepted[i]) + 1,

@@ -69,15 +69,11 @@ class DraftReplay:
     def of(cls, users: UserParams, traces: TraceSet, depth: int, seed: int = 0) -> DraftReplay:
         pool = {}
         for draft in sorted({t.draft for t in traces.traces}):
-            runs, confidence = [], []
-            for t in traces.of_draft(draft):
-                for p in range(len(t.truth) - depth + 1):  # a whole draft's truth recorded
-                    match = np.equal(t.drafts[p][:depth], t.truth[p:p + depth])
-                    runs.append(int(np.cumprod(match).sum()))
-                    confidence.append(t.confidences[p][:depth])
-            runs_a = np.array(runs)
-            pool[draft] = (runs_a, np.array(confidence),
-                           runs_a.sum() / np.minimum(runs_a + 1, depth).sum())
+            recorded = traces.of_draft(draft)
+            runs = np.concatenate([t.runs(depth) for t in recorded])
+            confidence = np.array([c[:depth] for t in recorded
+                                   for c in t.confidences[:len(t.truth) - depth + 1]])
+            pool[draft] = (runs, confidence, runs.sum() / np.minimum(runs + 1, depth).sum())
         if not pool:
             raise ValueError("no recorded drafts to replay")
         rates = users.acceptance.position_probs(depth).mean(axis=0)
@@ -89,9 +85,8 @@ class DraftReplay:
         trace = AcceptanceTrace(tuple(pool[d][0][o] for d, o in zip(names, orders, strict=True)),
                                 np.full(len(names), depth),
                                 tuple(pool[d][1][o] for d, o in zip(names, orders, strict=True)))
-        reached = [np.arange(depth)[None, :] <= r[:, None] for r in trace.runs]
-        curve = np.array([[(r[:, i] & (runs > i)).sum() / max(r[:, i].sum(), 1)
-                           for r, runs in zip(reached, trace.runs, strict=True)]
+        # P(position i accepted | the i before it were): of the runs reaching i, longer
+        curve = np.array([[(runs > i).sum() / max((runs >= i).sum(), 1) for runs in trace.runs]
                           for i in range(depth)])
         return cls(trace, PositionAcceptance(curve), names)
 
